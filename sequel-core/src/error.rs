@@ -1,0 +1,80 @@
+//! Typed errors of sequel-core. Each variant carries what a user needs to fix the problem.
+
+use std::path::PathBuf;
+
+/// Every fallible operation in sequel-core returns this error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A config file or override is invalid. `path` is the key path (e.g. `benchmark.tasks`).
+    #[error("{file}: {path}: {message}")]
+    Config {
+        file: String,
+        path: String,
+        message: String,
+    },
+
+    /// A dataset could not be found in any search location.
+    #[error("dataset `{dataset}` not found: expected files {expected} in one of {searched}; {hint}")]
+    DatasetNotFound {
+        dataset: String,
+        expected: String,
+        searched: String,
+        hint: String,
+    },
+
+    /// A data file exists but is malformed (bad magic, truncated, label out of range).
+    #[error("{}: {message}", path.display())]
+    DataFormat { path: PathBuf, message: String },
+
+    /// The benchmark cannot be built from the dataset as configured.
+    #[error("benchmark: {0}")]
+    Benchmark(String),
+
+    /// Training diverged: the loss stopped being finite.
+    #[error("loss became {value} at task {task}, epoch {epoch}, step {step}; lower optimizer.lr or check the data")]
+    NonFiniteLoss {
+        value: f32,
+        task: usize,
+        epoch: usize,
+        step: usize,
+    },
+
+    /// An unknown name was given for a registered component.
+    #[error("unknown {kind} `{name}`; valid: {valid}")]
+    UnknownName {
+        kind: &'static str,
+        name: String,
+        valid: String,
+    },
+
+    /// An I/O operation failed on a named path.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Errors from the tensor library.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// Anything else, with a message that says what went wrong.
+    #[error("{0}")]
+    Msg(String),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn msg(m: impl Into<String>) -> Self {
+        Error::Msg(m.into())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
