@@ -1,1 +1,224 @@
-fn main(){}
+//! `sequel`: run, validate and list continual-learning experiments.
+
+mod display;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use sequel_algos::run::{execute, prepare};
+use sequel_algos::Registry;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "sequel",
+    version,
+    about = "Continual-learning experiments: run, validate, list"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train the stream of tasks a config describes and write its run directory.
+    Run {
+        /// Experiment YAML file.
+        config: PathBuf,
+        /// Override any key, e.g. `--set optimizer.lr=0.1 --set model.hidden=[256,256]`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Experiment seed (same as --set seed=N).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Root folder for run directories (same as --set output.dir=DIR).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Compute threads (default: chosen by measurement, see docs/PERFORMANCE.md).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print only the final table.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Check a config (keys, types, values, algorithm parameters) without training.
+    Validate {
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// List the available algorithms, consolidation strategies, datasets or models.
+    List {
+        #[arg(value_enum, default_value = "all")]
+        what: ListWhat,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ListWhat {
+    All,
+    Algorithms,
+    Consolidation,
+    Datasets,
+    Models,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_config(path: &PathBuf) -> Result<(String, String)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
+    Ok((text, path.display().to_string()))
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    let registry = Registry::builtin();
+    match cli.command {
+        Command::Run {
+            config,
+            mut set,
+            seed,
+            out,
+            threads,
+            quiet,
+        } => {
+            configure_threads(threads);
+            let (text, origin) = read_config(&config)?;
+            if let Some(s) = seed {
+                set.push(format!("seed={s}"));
+            }
+            if let Some(o) = out {
+                set.push(format!(
+                    "output.dir={}",
+                    serde_yaml::to_string(&o.display().to_string())?.trim()
+                ));
+            }
+            let prepared = prepare(&text, &origin, &set, &registry)?;
+            let interactive = std::io::stderr().is_terminal() && !quiet;
+            let mut progress = display::ProgressView::new(interactive, quiet);
+            let hash = option_env!("SEQUEL_GIT_HASH")
+                .filter(|h| !h.is_empty())
+                .map(String::from);
+            let finished = execute(prepared, &mut progress, hash)?;
+            progress.finish();
+            print!("{}", display::report(&finished.outcome));
+            println!("run directory: {}", finished.dir.display());
+            Ok(())
+        }
+        Command::Validate { config, set } => {
+            let (text, origin) = read_config(&config)?;
+            let p = prepare(&text, &origin, &set, &registry)?;
+            println!(
+                "{origin}: ok ({} on {} {:?}, {} tasks)",
+                p.config.name,
+                p.config.benchmark.dataset,
+                p.config.benchmark.kind,
+                p.config.benchmark.tasks
+            );
+            Ok(())
+        }
+        Command::List { what } => {
+            let show = |title: &str, rows: Vec<(String, String)>| {
+                println!("{title}:");
+                for (n, s) in rows {
+                    println!("  {n:<16} {s}");
+                }
+            };
+            let all = matches!(what, ListWhat::All);
+            if all || matches!(what, ListWhat::Algorithms) {
+                show(
+                    "algorithms",
+                    registry
+                        .algorithms()
+                        .into_iter()
+                        .map(|(n, s)| (n.into(), s.into()))
+                        .collect(),
+                );
+            }
+            if all || matches!(what, ListWhat::Consolidation) {
+                show(
+                    "consolidation",
+                    registry
+                        .consolidators()
+                        .into_iter()
+                        .map(|(n, s)| (n.into(), s.into()))
+                        .collect(),
+                );
+            }
+            if all || matches!(what, ListWhat::Datasets) {
+                show(
+                    "datasets",
+                    sequel_core::data::discovery::DATASETS
+                        .iter()
+                        .map(|d| (d.to_string(), dataset_note(d).into()))
+                        .collect(),
+                );
+            }
+            if all || matches!(what, ListWhat::Models) {
+                show(
+                    "models",
+                    sequel_core::model::MODELS
+                        .iter()
+                        .map(|m| (m.to_string(), model_note(m).into()))
+                        .collect(),
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn dataset_note(name: &str) -> &'static str {
+    match name {
+        "fmnist-mini" => "embedded Fashion-MNIST subset, 300 train + 100 test per class",
+        "fashion-mnist" => "Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist)",
+        "mnist" => "MNIST IDX files",
+        "cifar10" => "CIFAR-10 binary version",
+        "cifar100" => "CIFAR-100 binary version",
+        _ => "",
+    }
+}
+
+fn model_note(name: &str) -> &'static str {
+    match name {
+        "mlp" => "multi-layer perceptron (model.hidden, model.activation, model.dropout)",
+        "cnn" => "conv3x3-relu-maxpool blocks + linear head (model.channels)",
+        "resnet18" => "reduced ResNet-18 without stem pooling (model.width)",
+        _ => "",
+    }
+}
+
+/// Thread counts must be in the environment before candle's pools start.
+fn configure_threads(threads: Option<usize>) {
+    if let Some(n) = threads {
+        // SAFETY: called at start-up, before any other thread exists.
+        unsafe {
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        }
+    }
+}

@@ -1,7 +1,24 @@
-//! sequel-core: the mechanisms of sequel-rs.
+//! sequel-core: the mechanisms of sequel-rs — data and task streams, backbones, optimizers, the
+//! unified continual-learning trainer with its `Algorithm` and `Consolidator` hooks, metrics,
+//! configuration and the run directory. It never names a concrete algorithm; those live in
+//! sequel-algos.
 
+pub mod algorithm;
+pub mod config;
+pub mod consolidation;
 pub mod data;
 pub mod error;
+pub mod experiment;
+pub mod loss;
+pub mod metrics;
+pub mod model;
+pub mod optim;
 pub mod rng;
+pub mod run;
+pub mod trainer;
 
+pub use algorithm::{Algorithm, EvalCtx, StepCtx, TaskCtx};
+pub use config::ExperimentConfig;
+pub use consolidation::{ConsolidationCtx, Consolidator};
 pub use error::{Error, Result};
+pub use trainer::{Progress, RunOutcome, Trainer};

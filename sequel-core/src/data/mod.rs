@@ -1,10 +1,11 @@
 //! Datasets, readers and continual-learning task streams.
 
+pub mod cifar;
 mod dataset;
 pub mod discovery;
 pub mod idx;
-pub mod cifar;
 pub mod mini;
+pub mod stream;
 
 pub use dataset::{Dataset, ImageSet};
-
+pub use stream::{Batch, GatherBuf, SampleRef, Split, Task, TaskStream, Transform};

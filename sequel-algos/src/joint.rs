@@ -1,0 +1,35 @@
+//! Joint training, cumulative variant (upper bound): at task t train on the union of the training
+//! sets of tasks 1..t, continuing from the current weights; `training.epochs` counts passes over
+//! that union per task. After the last task the model has seen all data jointly, which is the
+//! usual "joint" reference (Avalanche `Cumulative`, SequeL `Joint`).
+
+use sequel_core::algorithm::task_samples;
+use sequel_core::data::SampleRef;
+use sequel_core::{Algorithm, Result, TaskCtx};
+use serde::{Deserialize, Serialize};
+
+/// `joint` has no parameters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JointConfig {}
+
+#[derive(Debug, Default)]
+pub struct Joint;
+
+impl Joint {
+    pub fn new(_cfg: JointConfig) -> Self {
+        Self
+    }
+}
+
+impl Algorithm for Joint {
+    fn name(&self) -> &str {
+        "joint"
+    }
+
+    fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
+        Ok((0..=ctx.task)
+            .flat_map(|t| task_samples(ctx.stream, t))
+            .collect())
+    }
+}

@@ -1,0 +1,205 @@
+//! Name → constructor registry for algorithms and consolidation strategies.
+//!
+//! The YAML keys of `algorithm:` are exactly the fields of the algorithm's config struct (plus
+//! `name`), parsed with `deny_unknown_fields`, so a typo is an error that names the key. User
+//! crates add their own entries with [`Registry::register_algorithm`] — no fork needed.
+
+use sequel_core::config::{closest, from_value};
+use sequel_core::{Algorithm, Consolidator, Error, Result};
+use serde::{de::DeserializeOwned, Serialize};
+use serde_yaml::{Mapping, Value};
+
+type Build<T> = Box<dyn Fn(Value, &str) -> Result<(Box<T>, Value)> + Send + Sync>;
+
+struct Entry<T: ?Sized> {
+    name: String,
+    summary: String,
+    build: Build<T>,
+}
+
+/// Every algorithm and consolidation strategy the CLI can name.
+pub struct Registry {
+    algorithms: Vec<Entry<dyn Algorithm>>,
+    consolidators: Vec<Entry<dyn Consolidator>>,
+}
+
+fn typed<C, T: ?Sized>(
+    section: &'static str,
+    make: impl Fn(C) -> Result<Box<T>> + Send + Sync + 'static,
+) -> Build<T>
+where
+    C: DeserializeOwned + Serialize,
+{
+    Box::new(move |params: Value, origin: &str| {
+        let cfg: C = from_value(params, origin, section)?;
+        let resolved = serde_yaml::to_value(&cfg).map_err(|e| Error::msg(e.to_string()))?;
+        Ok((make(cfg)?, resolved))
+    })
+}
+
+/// Split `{ name: x, ...params }` into the name and the remaining parameters.
+fn split_spec(spec: &Value, origin: &str, section: &str) -> Result<(String, Value)> {
+    let err = |message: String| Error::Config {
+        file: origin.to_string(),
+        path: section.to_string(),
+        message,
+    };
+    let map = match spec {
+        Value::Mapping(m) => m.clone(),
+        Value::String(s) => {
+            let mut m = Mapping::new();
+            m.insert("name".into(), Value::String(s.clone()));
+            m
+        }
+        _ => return Err(err("expected a mapping like `{ name: naive }`".into())),
+    };
+    let mut params = map;
+    let name = match params.remove("name") {
+        Some(Value::String(s)) => s,
+        Some(_) => return Err(err("`name` must be a string".into())),
+        None => return Err(err("missing key `name`".into())),
+    };
+    Ok((name, Value::Mapping(params)))
+}
+
+fn lookup<'a, T: ?Sized>(
+    entries: &'a [Entry<T>],
+    name: &str,
+    kind: &'static str,
+    origin: &str,
+    section: &str,
+) -> Result<&'a Entry<T>> {
+    entries.iter().find(|e| e.name == name).ok_or_else(|| {
+        let names: Vec<String> = entries.iter().map(|e| e.name.clone()).collect();
+        let hint = closest(name, &names)
+            .map(|c| format!("did you mean `{c}`? "))
+            .unwrap_or_default();
+        Error::Config {
+            file: origin.to_string(),
+            path: format!("{section}.name"),
+            message: format!("unknown {kind} `{name}`; {hint}valid: {}", names.join(", ")),
+        }
+    })
+}
+
+fn with_name(name: &str, params: Value) -> Value {
+    let mut m = Mapping::new();
+    m.insert("name".into(), name.into());
+    if let Value::Mapping(p) = params {
+        m.extend(p);
+    }
+    Value::Mapping(m)
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn empty() -> Self {
+        Self {
+            algorithms: Vec::new(),
+            consolidators: Vec::new(),
+        }
+    }
+
+    /// Every algorithm and strategy shipped with sequel-algos.
+    pub fn builtin() -> Self {
+        let mut r = Self::empty();
+        r.register_algorithm(
+            "naive",
+            "fine-tuning on the current task only (lower bound)",
+            |c| Ok(Box::new(crate::naive::Naive::new(c)) as Box<dyn Algorithm>),
+        );
+        r.register_algorithm(
+            "joint",
+            "cumulative training on all tasks seen so far (upper bound)",
+            |c| Ok(Box::new(crate::joint::Joint::new(c)) as Box<dyn Algorithm>),
+        );
+        r
+    }
+
+    /// Register an algorithm whose YAML parameters deserialize into `C`.
+    pub fn register_algorithm<C: DeserializeOwned + Serialize + 'static>(
+        &mut self,
+        name: &str,
+        summary: &str,
+        make: impl Fn(C) -> Result<Box<dyn Algorithm>> + Send + Sync + 'static,
+    ) {
+        self.algorithms.retain(|e| e.name != name);
+        self.algorithms.push(Entry {
+            name: name.to_string(),
+            summary: summary.to_string(),
+            build: typed("algorithm", make),
+        });
+    }
+
+    /// Register a consolidation strategy whose YAML parameters deserialize into `C`.
+    pub fn register_consolidator<C: DeserializeOwned + Serialize + 'static>(
+        &mut self,
+        name: &str,
+        summary: &str,
+        make: impl Fn(C) -> Result<Box<dyn Consolidator>> + Send + Sync + 'static,
+    ) {
+        self.consolidators.retain(|e| e.name != name);
+        self.consolidators.push(Entry {
+            name: name.to_string(),
+            summary: summary.to_string(),
+            build: typed("consolidation", make),
+        });
+    }
+
+    /// `(name, summary)` of every algorithm, sorted by name.
+    pub fn algorithms(&self) -> Vec<(&str, &str)> {
+        let mut v: Vec<_> = self
+            .algorithms
+            .iter()
+            .map(|e| (e.name.as_str(), e.summary.as_str()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn consolidators(&self) -> Vec<(&str, &str)> {
+        let mut v: Vec<_> = self
+            .consolidators
+            .iter()
+            .map(|e| (e.name.as_str(), e.summary.as_str()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Build the algorithm of a config's `algorithm:` section; also returns the section with every
+    /// default filled in.
+    pub fn build_algorithm(
+        &self,
+        spec: &Value,
+        origin: &str,
+    ) -> Result<(Box<dyn Algorithm>, Value)> {
+        let (name, params) = split_spec(spec, origin, "algorithm")?;
+        let entry = lookup(&self.algorithms, &name, "algorithm", origin, "algorithm")?;
+        let (algo, resolved) = (entry.build)(params, origin)?;
+        Ok((algo, with_name(&name, resolved)))
+    }
+
+    pub fn build_consolidator(
+        &self,
+        spec: &Value,
+        origin: &str,
+    ) -> Result<(Box<dyn Consolidator>, Value)> {
+        let (name, params) = split_spec(spec, origin, "consolidation")?;
+        let entry = lookup(
+            &self.consolidators,
+            &name,
+            "consolidation strategy",
+            origin,
+            "consolidation",
+        )?;
+        let (c, resolved) = (entry.build)(params, origin)?;
+        Ok((c, with_name(&name, resolved)))
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::builtin()
+    }
+}

@@ -1,0 +1,63 @@
+//! Run an experiment config end to end: resolve the algorithm through the registry, train, and
+//! write the run directory. The CLI and tests both go through here.
+
+use sequel_core::config::{parse_config, ExperimentConfig};
+use sequel_core::experiment::{run_experiment, Finished};
+use sequel_core::{Progress, Result};
+
+use crate::Registry;
+
+/// A config with its algorithm (and consolidator) resolved.
+pub struct Prepared {
+    pub config: ExperimentConfig,
+    pub algorithm: Box<dyn sequel_core::Algorithm>,
+    pub consolidator: Option<Box<dyn sequel_core::Consolidator>>,
+    /// The config with every default filled in, as YAML.
+    pub resolved_yaml: String,
+}
+
+/// Parse, override and validate a config, and build its algorithm — everything short of loading
+/// data. `origin` names the file in errors.
+pub fn prepare(
+    text: &str,
+    origin: &str,
+    overrides: &[String],
+    registry: &Registry,
+) -> Result<Prepared> {
+    let mut config = parse_config(text, origin, overrides)?;
+    config.validate(origin)?;
+    let (algorithm, algo_resolved) = registry.build_algorithm(&config.algorithm, origin)?;
+    config.algorithm = algo_resolved;
+    let consolidator = match &config.consolidation {
+        Some(spec) => {
+            let (c, resolved) = registry.build_consolidator(spec, origin)?;
+            config.consolidation = Some(resolved);
+            Some(c)
+        }
+        None => None,
+    };
+    let resolved_yaml =
+        serde_yaml::to_string(&config).map_err(|e| sequel_core::Error::msg(e.to_string()))?;
+    Ok(Prepared {
+        config,
+        algorithm,
+        consolidator,
+        resolved_yaml,
+    })
+}
+
+/// Train a prepared experiment and write its run directory.
+pub fn execute(
+    p: Prepared,
+    progress: &mut dyn Progress,
+    git_hash: Option<String>,
+) -> Result<Finished> {
+    run_experiment(
+        &p.config,
+        &p.resolved_yaml,
+        p.algorithm,
+        p.consolidator,
+        progress,
+        git_hash,
+    )
+}

@@ -1,0 +1,668 @@
+//! Experiment configuration: typed serde structs that mirror the YAML file.
+//!
+//! Every struct denies unknown keys, and every default is documented here and in docs/config.md.
+//! The `algorithm` and `consolidation` sections are kept as raw YAML here because their keys belong
+//! to the chosen algorithm; the registry in sequel-algos parses them with the algorithm's own typed
+//! (and equally strict) config.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+
+/// The whole experiment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// Run name; the run directory is `<output.dir>/<name>/seed-<seed>`.
+    pub name: String,
+    /// Experiment seed. Every random draw derives from it. Default 0.
+    #[serde(default)]
+    pub seed: u64,
+    pub benchmark: BenchmarkConfig,
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    #[serde(default)]
+    pub training: TrainingConfig,
+    /// `{ name: <algorithm>, <its parameters>... }`. Default `{ name: naive }`.
+    #[serde(default = "default_algorithm")]
+    pub algorithm: serde_yaml::Value,
+    /// Optional post-task consolidation strategy `{ name: <strategy>, ... }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consolidation: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub output: OutputConfig,
+}
+
+fn default_algorithm() -> serde_yaml::Value {
+    let mut m = serde_yaml::Mapping::new();
+    m.insert("name".into(), "naive".into());
+    serde_yaml::Value::Mapping(m)
+}
+
+/// How the task stream is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StreamKind {
+    /// Disjoint groups of classes per task.
+    Split,
+    /// Every task applies its own seeded pixel permutation to the whole dataset.
+    Permuted,
+    /// Every task rotates the whole dataset by its own angle.
+    Rotated,
+}
+
+/// What the model is told at test time (van de Ven & Tolias, 2019).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// The task id is given: predictions are restricted to the task's output units.
+    TaskIl,
+    /// No task id: one head over every class of every task.
+    ClassIl,
+    /// Same label space in every task; no task id.
+    DomainIl,
+}
+
+/// How task-IL restricts the head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskIlHead {
+    /// One shared head, masked to the task's classes at evaluation only (Mammoth).
+    Masked,
+    /// Logits restricted to the task's units in training and evaluation: the rows of the output
+    /// layer of each task form a separate head (Avalanche's multi-head).
+    Multi,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClassOrder {
+    /// Classes 0,1 | 2,3 | ... (Mammoth, SequeL).
+    Fixed,
+    /// A permutation drawn from the experiment seed (Avalanche's default).
+    Seeded,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvalSplit {
+    Test,
+    Validation,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BenchmarkConfig {
+    /// `fmnist-mini` (embedded), `fashion-mnist`, `mnist`, `cifar10`, `cifar100`.
+    pub dataset: String,
+    /// `split`, `permuted` or `rotated`.
+    pub kind: StreamKind,
+    /// Number of tasks.
+    pub tasks: usize,
+    /// `task-il`, `class-il` or `domain-il`.
+    pub scenario: Scenario,
+    /// Split only: classes per task. Default: all classes divided evenly by `tasks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes_per_task: Option<usize>,
+    /// Split only: `fixed` (default) or `seeded`.
+    #[serde(default = "default_class_order")]
+    pub class_order: ClassOrder,
+    /// Split only: an explicit class order (overrides `class_order`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<u16>>,
+    /// Task-IL only: `masked` (default; single head masked at evaluation) or `multi`.
+    #[serde(default = "default_head")]
+    pub task_il_head: TaskIlHead,
+    /// Permuted only: whether task 1 is permuted too (default true, as Mammoth; SequeL keeps it unpermuted).
+    #[serde(default = "yes")]
+    pub permute_first_task: bool,
+    /// Rotated only: angle of each task in degrees. Default (t−1)·180/T.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub angles: Option<Vec<f32>>,
+    /// Use at most this many training samples per task (seeded subset). Default: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_subset: Option<usize>,
+    /// Fraction of each task's training samples held out for validation (seeded). Default 0.
+    #[serde(default)]
+    pub validation_fraction: f32,
+    /// Which split the accuracy matrix is measured on: `test` (default) or `validation`.
+    #[serde(default = "default_eval_split")]
+    pub eval_on: EvalSplit,
+    /// Standardise inputs with the per-channel training mean and std. Default false (Mammoth's MNIST).
+    #[serde(default)]
+    pub normalize: bool,
+    /// First folder searched for dataset files (then `$SEQUEL_DATA`, `./data`, system folders).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+}
+
+fn default_class_order() -> ClassOrder {
+    ClassOrder::Fixed
+}
+fn default_head() -> TaskIlHead {
+    TaskIlHead::Masked
+}
+fn default_eval_split() -> EvalSplit {
+    EvalSplit::Test
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    Mlp,
+    Cnn,
+    Resnet18,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActivationKind {
+    Relu,
+    Tanh,
+    Sigmoid,
+    Gelu,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// `mlp` (default), `cnn` or `resnet18`.
+    #[serde(default = "default_model_kind")]
+    pub kind: ModelKind,
+    /// MLP hidden widths. Default [100, 100] (Mammoth's seq-mnist MLP).
+    #[serde(default = "default_hidden")]
+    pub hidden: Vec<usize>,
+    /// MLP hidden activation. Default relu.
+    #[serde(default = "default_activation")]
+    pub activation: ActivationKind,
+    /// Dropout probability after each MLP hidden layer (seeded masks). Default 0.
+    #[serde(default)]
+    pub dropout: f32,
+    /// CNN channels of its conv blocks. Default [32, 64].
+    #[serde(default = "default_channels")]
+    pub channels: Vec<usize>,
+    /// ResNet-18 base width (64 = the standard network, 20 = the reduced one of GEM). Default 20.
+    #[serde(default = "default_width")]
+    pub width: usize,
+}
+
+fn default_model_kind() -> ModelKind {
+    ModelKind::Mlp
+}
+fn default_hidden() -> Vec<usize> {
+    vec![100, 100]
+}
+fn default_activation() -> ActivationKind {
+    ActivationKind::Relu
+}
+fn default_channels() -> Vec<usize> {
+    vec![32, 64]
+}
+fn default_width() -> usize {
+    20
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            kind: default_model_kind(),
+            hidden: default_hidden(),
+            activation: default_activation(),
+            dropout: 0.0,
+            channels: default_channels(),
+            width: default_width(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerKind {
+    Sgd,
+    Adam,
+    Adamw,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Schedule {
+    /// Constant learning rate.
+    Constant,
+    /// Multiply by `gamma` at each epoch in `milestones` (epochs counted within a task).
+    Step { milestones: Vec<usize>, gamma: f32 },
+    /// Cosine decay from lr to `min_lr` over each task's steps.
+    Cosine {
+        #[serde(default)]
+        min_lr: f32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerConfig {
+    /// `sgd` (default), `adam` or `adamw`.
+    #[serde(default = "default_opt")]
+    pub kind: OptimizerKind,
+    /// Learning rate. Default 0.03 (Mammoth's best for seq-mnist SGD).
+    #[serde(default = "default_lr")]
+    pub lr: f32,
+    /// SGD momentum. Default 0.
+    #[serde(default)]
+    pub momentum: f32,
+    /// SGD Nesterov momentum. Default false.
+    #[serde(default)]
+    pub nesterov: bool,
+    /// L2 weight decay (coupled for SGD and Adam, decoupled for AdamW). Default 0 (AdamW: 0.01).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f32>,
+    /// Adam betas. Default [0.9, 0.999].
+    #[serde(default = "default_betas")]
+    pub betas: [f32; 2],
+    /// Adam epsilon. Default 1e-8.
+    #[serde(default = "default_eps")]
+    pub eps: f32,
+    /// Rebuild optimizer state at each task start (Mammoth: true; Avalanche keeps it). Default true.
+    #[serde(default = "yes")]
+    pub reset_each_task: bool,
+    /// Learning-rate schedule within each task. Default constant.
+    #[serde(default = "default_schedule")]
+    pub schedule: Schedule,
+}
+
+fn default_opt() -> OptimizerKind {
+    OptimizerKind::Sgd
+}
+fn default_lr() -> f32 {
+    0.03
+}
+fn default_betas() -> [f32; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f32 {
+    1e-8
+}
+fn default_schedule() -> Schedule {
+    Schedule::Constant
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            kind: default_opt(),
+            lr: default_lr(),
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: None,
+            betas: default_betas(),
+            eps: default_eps(),
+            reset_each_task: true,
+            schedule: default_schedule(),
+        }
+    }
+}
+
+impl OptimizerConfig {
+    pub fn weight_decay(&self) -> f32 {
+        self.weight_decay.unwrap_or(match self.kind {
+            OptimizerKind::Adamw => 0.01,
+            _ => 0.0,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    /// Epochs per task. Default 1.
+    #[serde(default = "one")]
+    pub epochs: usize,
+    /// Minibatch size of the incoming stream. Default 10.
+    #[serde(default = "default_bs")]
+    pub batch_size: usize,
+    /// Batch size for evaluation. Default 1000.
+    #[serde(default = "default_ebs")]
+    pub eval_batch_size: usize,
+    /// Write the loss to train_log.csv every this many steps (0 = never). Default 50.
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
+}
+
+fn one() -> usize {
+    1
+}
+fn default_bs() -> usize {
+    10
+}
+fn default_ebs() -> usize {
+    1000
+}
+fn default_log_every() -> usize {
+    50
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            batch_size: default_bs(),
+            eval_batch_size: default_ebs(),
+            log_every: default_log_every(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Root of run directories. Default `runs`.
+    #[serde(default = "default_dir")]
+    pub dir: PathBuf,
+}
+
+fn default_dir() -> PathBuf {
+    PathBuf::from("runs")
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self { dir: default_dir() }
+    }
+}
+
+/// Parse YAML text into a config, applying `key=value` overrides first.
+/// `origin` names the file in error messages.
+pub fn parse_config(text: &str, origin: &str, overrides: &[String]) -> Result<ExperimentConfig> {
+    let mut value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| Error::Config {
+        file: origin.to_string(),
+        path: location(&e),
+        message: format!("invalid YAML: {e}"),
+    })?;
+    for o in overrides {
+        apply_override(&mut value, o).map_err(|message| Error::Config {
+            file: origin.to_string(),
+            path: o.split('=').next().unwrap_or("").to_string(),
+            message,
+        })?;
+    }
+    from_value(value, origin, "")
+}
+
+fn location(e: &serde_yaml::Error) -> String {
+    e.location()
+        .map(|l| format!("line {} column {}", l.line(), l.column()))
+        .unwrap_or_else(|| "(document)".into())
+}
+
+/// Deserialize a YAML value into `T`, turning serde's message into one that names the key path,
+/// what was expected, and the closest valid key for a typo. `prefix` is prepended to the path
+/// (e.g. `algorithm` for an algorithm's own config).
+pub fn from_value<T: serde::de::DeserializeOwned>(
+    value: serde_yaml::Value,
+    origin: &str,
+    prefix: &str,
+) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let inner = e.inner().to_string();
+        let mut path = e.path().to_string();
+        if path == "." {
+            path.clear();
+        }
+        let full = match (prefix.is_empty(), path.is_empty()) {
+            (true, _) => path,
+            (false, true) => prefix.to_string(),
+            (false, false) => format!("{prefix}.{path}"),
+        };
+        Error::Config {
+            file: origin.to_string(),
+            path: if full.is_empty() {
+                "(top level)".into()
+            } else {
+                full
+            },
+            message: improve_message(&inner),
+        }
+    })
+}
+
+/// serde says "unknown field `lr_deacy`, expected one of `a`, `b`"; add the nearest candidate.
+fn improve_message(msg: &str) -> String {
+    let candidates = |m: &str| -> Vec<String> {
+        m.split('`')
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 1)
+            .map(|(_, s)| s.to_string())
+            .collect()
+    };
+    for kind in ["unknown field", "unknown variant"] {
+        if let Some(rest) = msg.strip_prefix(kind) {
+            let names = candidates(rest);
+            if let Some((given, valid)) = names.split_first() {
+                let list = valid.join(", ");
+                return match closest(given, valid) {
+                    Some(best) => {
+                        format!("{kind} `{given}`; did you mean `{best}`? (valid: {list})")
+                    }
+                    None => format!("{kind} `{given}`; valid: {list}"),
+                };
+            }
+        }
+    }
+    msg.to_string()
+}
+
+/// The candidate closest to `given` by edit distance, if it is plausibly a typo of it.
+pub fn closest<'a>(given: &str, candidates: &'a [String]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (strsim::damerau_levenshtein(given, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c.as_str())
+}
+
+/// Apply one `a.b.c=value` override; the value is parsed as YAML (so `0.1`, `true`, `[1, 2]` work).
+pub fn apply_override(root: &mut serde_yaml::Value, spec: &str) -> std::result::Result<(), String> {
+    let (key, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("override `{spec}` must look like key.path=value"))?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(format!("override `{spec}` has an empty key"));
+    }
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(raw).map_err(|e| format!("cannot parse value `{raw}`: {e}"))?;
+    let mut node = root;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        if node.is_null() {
+            *node = serde_yaml::Value::Mapping(Default::default());
+        }
+        let map = node
+            .as_mapping_mut()
+            .ok_or_else(|| format!("`{}` is not a mapping", parts[..i].join(".")))?;
+        let k = serde_yaml::Value::String(part.to_string());
+        if i + 1 == parts.len() {
+            map.insert(k, value);
+            return Ok(());
+        }
+        node = map
+            .entry(k)
+            .or_insert(serde_yaml::Value::Mapping(Default::default()));
+    }
+    Ok(())
+}
+
+impl ExperimentConfig {
+    /// Check cross-field constraints that serde cannot express.
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let err = |path: &str, message: String| Error::Config {
+            file: origin.to_string(),
+            path: path.to_string(),
+            message,
+        };
+        let b = &self.benchmark;
+        if b.tasks == 0 {
+            return Err(err("benchmark.tasks", "must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&b.validation_fraction) {
+            return Err(err(
+                "benchmark.validation_fraction",
+                format!("must be in [0, 1), found {}", b.validation_fraction),
+            ));
+        }
+        if b.eval_on == EvalSplit::Validation && b.validation_fraction == 0.0 {
+            return Err(err(
+                "benchmark.eval_on",
+                "`validation` needs benchmark.validation_fraction > 0".into(),
+            ));
+        }
+        if b.kind != StreamKind::Split
+            && b.scenario == Scenario::TaskIl
+            && b.task_il_head == TaskIlHead::Masked
+        {
+            // Permuted/rotated tasks share their classes, so a masked shared head cannot separate them.
+            return Err(err(
+                "benchmark.task_il_head",
+                format!(
+                    "{:?} task-IL needs `multi` (every task reuses the same classes)",
+                    b.kind
+                )
+                .to_lowercase(),
+            ));
+        }
+        if let Some(a) = &b.angles {
+            if a.len() != b.tasks {
+                return Err(err(
+                    "benchmark.angles",
+                    format!(
+                        "has {} angles for {} tasks; give one per task",
+                        a.len(),
+                        b.tasks
+                    ),
+                ));
+            }
+        }
+        let o = &self.optimizer;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return Err(err(
+                "optimizer.lr",
+                format!("must be a positive number, found {}", o.lr),
+            ));
+        }
+        if !(0.0..1.0).contains(&o.momentum) {
+            return Err(err(
+                "optimizer.momentum",
+                format!("must be in [0, 1), found {}", o.momentum),
+            ));
+        }
+        if o.nesterov && o.momentum == 0.0 {
+            return Err(err(
+                "optimizer.nesterov",
+                "needs optimizer.momentum > 0".into(),
+            ));
+        }
+        let t = &self.training;
+        if t.epochs == 0 {
+            return Err(err("training.epochs", "must be at least 1".into()));
+        }
+        if t.batch_size == 0 {
+            return Err(err("training.batch_size", "must be at least 1".into()));
+        }
+        if t.eval_batch_size == 0 {
+            return Err(err("training.eval_batch_size", "must be at least 1".into()));
+        }
+        let m = &self.model;
+        if !(0.0..1.0).contains(&m.dropout) {
+            return Err(err(
+                "model.dropout",
+                format!("must be in [0, 1), found {}", m.dropout),
+            ));
+        }
+        if m.kind == ModelKind::Resnet18 && m.width == 0 {
+            return Err(err("model.width", "must be at least 1".into()));
+        }
+        if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name == ".." {
+            return Err(err(
+                "name",
+                format!("`{}` must be a non-empty name without slashes", self.name),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str =
+        "name: t\nbenchmark: { dataset: fmnist-mini, kind: split, tasks: 5, scenario: class-il }\n";
+
+    fn err_of(text: &str, overrides: &[&str]) -> String {
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        parse_config(text, "exp.yaml", &o).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = parse_config(MIN, "exp.yaml", &[]).unwrap();
+        assert_eq!(c.seed, 0);
+        assert_eq!(c.model.hidden, vec![100, 100]);
+        assert_eq!(c.training.batch_size, 10);
+        assert_eq!(c.optimizer.lr, 0.03);
+        assert!(c.optimizer.reset_each_task);
+        assert_eq!(c.algorithm["name"].as_str(), Some("naive"));
+    }
+
+    #[test]
+    fn unknown_key_names_file_path_and_suggestion() {
+        let m = err_of(&format!("{MIN}optimizer: {{ lr_deacy: 0.1 }}\n"), &[]);
+        assert!(m.starts_with("exp.yaml: optimizer"), "{m}");
+        assert!(m.contains("unknown field `lr_deacy`"), "{m}");
+        let m = err_of(&format!("{MIN}trainig: {{ epochs: 2 }}\n"), &[]);
+        assert!(m.contains("did you mean `training`"), "{m}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let m = err_of(MIN, &["training.epochs=many"]);
+        assert!(m.contains("training.epochs"), "{m}");
+        assert!(m.contains("invalid type"), "{m}");
+    }
+
+    #[test]
+    fn unknown_variant_lists_valid_values() {
+        let m = err_of(MIN, &["benchmark.scenario=class_il"]);
+        assert!(m.contains("benchmark.scenario"), "{m}");
+        assert!(m.contains("did you mean `class-il`"), "{m}");
+    }
+
+    #[test]
+    fn overrides_set_nested_keys() {
+        let c = parse_config(
+            MIN,
+            "x",
+            &["optimizer.lr=0.5".into(), "model.hidden=[10]".into()],
+        )
+        .unwrap();
+        assert_eq!(c.optimizer.lr, 0.5);
+        assert_eq!(c.model.hidden, vec![10]);
+        assert!(err_of(MIN, &["optimizer.lr"]).contains("key.path=value"));
+    }
+
+    #[test]
+    fn validation_catches_cross_field_errors() {
+        let c = parse_config(MIN, "x", &["optimizer.lr=-1".into()]).unwrap();
+        assert!(c
+            .validate("x")
+            .unwrap_err()
+            .to_string()
+            .contains("optimizer.lr"));
+    }
+}

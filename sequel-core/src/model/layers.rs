@@ -1,0 +1,214 @@
+//! Small layers with seeded initialisation and named, depth-tagged parameters.
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use super::init;
+use super::params::{ParamSet, Role};
+use crate::config::ActivationKind;
+use crate::error::Result;
+use crate::rng::SeededRng;
+
+/// `y = x·Wᵀ + b`, `W: out × in`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Var,
+    pub bias: Var,
+}
+
+impl Linear {
+    pub fn new(
+        params: &mut ParamSet,
+        name: &str,
+        depth: usize,
+        role: Role,
+        (fan_in, fan_out): (usize, usize),
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Result<Self> {
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let weight = init::uniform((fan_out, fan_in), bound, rng, device)?;
+        let bias = init::uniform(fan_out, bound, rng, device)?;
+        params.push(format!("{name}.weight"), depth, role, weight.clone());
+        params.push(format!("{name}.bias"), depth, role, bias.clone());
+        Ok(Self { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.weight.as_tensor().t()?)?
+            .broadcast_add(self.bias.as_tensor())?)
+    }
+}
+
+/// 2-D convolution, `W: out × in × k × k`, optional bias.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    pub weight: Var,
+    pub bias: Option<Var>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        params: &mut ParamSet,
+        name: &str,
+        depth: usize,
+        (c_in, c_out, k): (usize, usize, usize),
+        stride: usize,
+        padding: usize,
+        bias: bool,
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Result<Self> {
+        let bound = 1.0 / ((c_in * k * k) as f32).sqrt();
+        let weight = init::uniform((c_out, c_in, k, k), bound, rng, device)?;
+        params.push(format!("{name}.weight"), depth, Role::Body, weight.clone());
+        let bias = if bias {
+            let b = init::uniform(c_out, bound, rng, device)?;
+            params.push(format!("{name}.bias"), depth, Role::Body, b.clone());
+            Some(b)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(self.weight.as_tensor(), self.padding, self.stride, 1, 1)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?)?,
+            None => y,
+        })
+    }
+}
+
+/// Batch normalisation over `N × C × H × W` with running statistics (momentum 0.1, unbiased
+/// running variance, ε = 1e-5, as PyTorch).
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    pub gamma: Var,
+    pub beta: Var,
+    pub running_mean: Var,
+    pub running_var: Var,
+    momentum: f64,
+    eps: f64,
+}
+
+impl BatchNorm2d {
+    pub fn new(
+        params: &mut ParamSet,
+        name: &str,
+        depth: usize,
+        c: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let gamma = init::constant(c, 1.0, device)?;
+        let beta = init::constant(c, 0.0, device)?;
+        let running_mean = init::constant(c, 0.0, device)?;
+        let running_var = init::constant(c, 1.0, device)?;
+        params.push(format!("{name}.weight"), depth, Role::Body, gamma.clone());
+        params.push(format!("{name}.bias"), depth, Role::Body, beta.clone());
+        params.push(
+            format!("{name}.running_mean"),
+            depth,
+            Role::NormStat,
+            running_mean.clone(),
+        );
+        params.push(
+            format!("{name}.running_var"),
+            depth,
+            Role::NormStat,
+            running_var.clone(),
+        );
+        Ok(Self {
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            momentum: 0.1,
+            eps: 1e-5,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let c = self.gamma.dim(0)?;
+        let (mean, var) = if train {
+            let n = x.elem_count() / c;
+            let xt = x.transpose(0, 1)?.reshape((c, n))?;
+            let mean = xt.mean(D::Minus1)?;
+            let centered = xt.broadcast_sub(&mean.unsqueeze(1)?)?;
+            let var = centered.sqr()?.mean(D::Minus1)?;
+            let m = self.momentum;
+            let unbiased = (var.detach() * (n as f64 / (n.max(2) - 1) as f64))?;
+            self.running_mean
+                .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach() * m)?)?)?;
+            self.running_var
+                .set(&((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?)?;
+            (mean, var)
+        } else {
+            (
+                self.running_mean.as_tensor().clone(),
+                self.running_var.as_tensor().clone(),
+            )
+        };
+        let shape = (1, c, 1, 1);
+        let inv = (var + self.eps)?.sqrt()?.recip()?;
+        let scale = (inv * self.gamma.as_tensor())?.reshape(shape)?;
+        let shift = mean.reshape(shape)?;
+        Ok(x.broadcast_sub(&shift)?
+            .broadcast_mul(&scale)?
+            .broadcast_add(&self.beta.as_tensor().reshape(shape)?)?)
+    }
+}
+
+pub fn activate(x: &Tensor, kind: ActivationKind) -> Result<Tensor> {
+    Ok(match kind {
+        ActivationKind::Relu => x.relu()?,
+        ActivationKind::Tanh => x.tanh()?,
+        ActivationKind::Sigmoid => candle_nn::ops::sigmoid(x)?,
+        ActivationKind::Gelu => x.gelu_erf()?,
+    })
+}
+
+/// Inverted dropout with masks drawn from our seeded stream (candle's CPU masks are unseeded).
+#[derive(Debug)]
+pub struct Dropout {
+    p: f32,
+    rng: Mutex<SeededRng>,
+}
+
+impl Dropout {
+    pub fn new(p: f32, rng: SeededRng) -> Self {
+        Self {
+            p,
+            rng: Mutex::new(rng),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.p;
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if rng.uniform_f32() < keep {
+                    1.0 / keep
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(DType::F32)?;
+        Ok(x.mul(&mask)?)
+    }
+}

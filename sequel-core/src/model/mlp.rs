@@ -1,0 +1,83 @@
+//! Multi-layer perceptron: `input → [Linear → activation → dropout]* → Linear head`.
+
+use candle_core::{Device, Tensor};
+
+use super::layers::{activate, Dropout, Linear};
+use super::params::{ParamSet, Role};
+use super::{Model, ModelOutput};
+use crate::config::ActivationKind;
+use crate::error::Result;
+use crate::rng::SeededRng;
+
+#[derive(Debug)]
+pub struct Mlp {
+    hidden: Vec<Linear>,
+    head: Linear,
+    activation: ActivationKind,
+    dropout: Dropout,
+    params: ParamSet,
+}
+
+impl Mlp {
+    /// `widths` are the hidden layer sizes; layer `i` (1-based) has depth `i`, the head depth `L`.
+    pub fn new(
+        input: usize,
+        widths: &[usize],
+        outputs: usize,
+        activation: ActivationKind,
+        dropout: Dropout,
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut params = ParamSet::new();
+        let mut hidden = Vec::with_capacity(widths.len());
+        let mut fan_in = input;
+        for (i, &w) in widths.iter().enumerate() {
+            hidden.push(Linear::new(
+                &mut params,
+                &format!("fc{}", i + 1),
+                i + 1,
+                Role::Body,
+                (fan_in, w),
+                rng,
+                device,
+            )?);
+            fan_in = w;
+        }
+        let head = Linear::new(
+            &mut params,
+            "head",
+            widths.len() + 1,
+            Role::Head,
+            (fan_in, outputs),
+            rng,
+            device,
+        )?;
+        Ok(Self {
+            hidden,
+            head,
+            activation,
+            dropout,
+            params,
+        })
+    }
+}
+
+impl Model for Mlp {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<ModelOutput> {
+        let mut h = x.flatten_from(1)?;
+        for layer in &self.hidden {
+            h = activate(&layer.forward(&h)?, self.activation)?;
+            h = self.dropout.forward(&h, train)?;
+        }
+        let logits = self.head.forward(&h)?;
+        Ok(ModelOutput {
+            features: h,
+            logits,
+        })
+    }
+
+    fn params(&self) -> &ParamSet {
+        &self.params
+    }
+}

@@ -1,0 +1,152 @@
+//! Backbones. A model maps a batch `B × C × H × W` to features and logits over the stream's units.
+//!
+//! The trait is deliberately small so that a fused or hand-written kernel can replace a backbone
+//! without touching the trainer or any algorithm.
+
+pub mod cnn;
+mod init;
+pub mod layers;
+pub mod mlp;
+pub mod params;
+pub mod resnet;
+
+use candle_core::{Device, Tensor};
+
+pub use params::{Param, ParamSet, Role, Snapshot};
+
+use crate::config::{ModelConfig, ModelKind};
+use crate::error::Result;
+use crate::rng::{SeededRng, Stream};
+
+/// What a forward pass returns: penultimate features (for iCaRL, DER, …) and logits.
+#[derive(Debug, Clone)]
+pub struct ModelOutput {
+    pub features: Tensor,
+    pub logits: Tensor,
+}
+
+pub trait Model: Send + Sync {
+    /// Forward pass; `train` enables dropout and batch-statistics normalisation.
+    fn forward(&self, x: &Tensor, train: bool) -> Result<ModelOutput>;
+    /// Every tensor of the model, in a fixed order.
+    fn params(&self) -> &ParamSet;
+}
+
+pub const MODELS: &[&str] = &["mlp", "cnn", "resnet18"];
+
+/// Build the configured backbone with parameters drawn from the `init` stream of `seed`.
+pub fn build_model(
+    cfg: &ModelConfig,
+    input: [usize; 3],
+    outputs: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<Box<dyn Model>> {
+    let mut rng = SeededRng::new(seed, Stream::Init);
+    Ok(match cfg.kind {
+        ModelKind::Mlp => Box::new(mlp::Mlp::new(
+            input.iter().product(),
+            &cfg.hidden,
+            outputs,
+            cfg.activation,
+            layers::Dropout::new(cfg.dropout, SeededRng::new(seed, Stream::Dropout)),
+            &mut rng,
+            device,
+        )?),
+        ModelKind::Cnn => Box::new(cnn::Cnn::new(
+            input,
+            &cfg.channels,
+            outputs,
+            &mut rng,
+            device,
+        )?),
+        ModelKind::Resnet18 => Box::new(resnet::ResNet18::new(
+            input, cfg.width, outputs, &mut rng, device,
+        )?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+
+    fn cfg(kind: ModelKind) -> ModelConfig {
+        ModelConfig {
+            kind,
+            channels: vec![4, 8],
+            width: 4,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn same_seed_same_weights_other_seed_other_weights() {
+        let dev = Device::Cpu;
+        let flat = |m: &dyn Model| -> Vec<f32> {
+            m.params()
+                .iter()
+                .flat_map(|p| p.var.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .collect()
+        };
+        let a = build_model(&cfg(ModelKind::Mlp), [1, 28, 28], 10, 5, &dev).unwrap();
+        let b = build_model(&cfg(ModelKind::Mlp), [1, 28, 28], 10, 5, &dev).unwrap();
+        let c = build_model(&cfg(ModelKind::Mlp), [1, 28, 28], 10, 6, &dev).unwrap();
+        assert_eq!(flat(a.as_ref()), flat(b.as_ref()));
+        assert_ne!(flat(a.as_ref()), flat(c.as_ref()));
+    }
+
+    #[test]
+    fn every_backbone_has_named_depth_tagged_params_and_right_output_shape() {
+        let dev = Device::Cpu;
+        for (kind, shape) in [
+            (ModelKind::Mlp, [1, 28, 28]),
+            (ModelKind::Cnn, [1, 28, 28]),
+            (ModelKind::Resnet18, [3, 32, 32]),
+        ] {
+            let m = build_model(&cfg(kind), shape, 7, 0, &dev).unwrap();
+            let x = Tensor::zeros(
+                (2, shape[0], shape[1], shape[2]),
+                candle_core::DType::F32,
+                &dev,
+            )
+            .unwrap();
+            let out = m.forward(&x, true).unwrap();
+            assert_eq!(out.logits.dims(), &[2, 7], "{kind:?}");
+            let p = m.params();
+            let l = p.max_depth();
+            let mut names: Vec<&str> = p.iter().map(|q| q.name.as_str()).collect();
+            names.sort();
+            names.dedup();
+            assert_eq!(names.len(), p.len(), "{kind:?}: names must be unique");
+            assert!(p.iter().all(|q| (1..=l).contains(&q.depth)));
+            assert!(p
+                .iter()
+                .filter(|q| q.role == Role::Head)
+                .all(|q| q.depth == l));
+            if kind == ModelKind::Resnet18 {
+                assert_eq!(l, 18);
+                assert!(p.iter().any(|q| q.role == Role::NormStat));
+            }
+        }
+    }
+
+    #[test]
+    fn batchnorm_updates_running_stats_only_in_training() {
+        let dev = Device::Cpu;
+        let m = build_model(&cfg(ModelKind::Resnet18), [3, 8, 8], 2, 0, &dev).unwrap();
+        let stat = m
+            .params()
+            .iter()
+            .find(|p| p.name == "stem.bn.running_mean")
+            .unwrap()
+            .var
+            .clone();
+        let before = stat.to_vec1::<f32>().unwrap();
+        let x = Tensor::ones((2, 3, 8, 8), candle_core::DType::F32, &dev).unwrap();
+        m.forward(&x, false).unwrap();
+        assert_eq!(stat.to_vec1::<f32>().unwrap(), before);
+        m.forward(&x, true).unwrap();
+        assert_ne!(stat.to_vec1::<f32>().unwrap(), before);
+    }
+}

@@ -1,0 +1,145 @@
+//! Named parameters with layer depth and role, in a fixed order.
+//!
+//! candle's `VarMap` iterates in HashMap order, which would make flattened-gradient methods,
+//! global top-k merging and checkpoints depend on the run. Here parameters live in a `Vec` in
+//! construction order, each with a stable dotted name, the depth `l ∈ 1..=L` of its layer (input
+//! side = 1), and a role.
+
+use std::collections::HashMap;
+
+use candle_core::{backprop::GradStore, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// What a tensor is for; merging and regularisers treat roles differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Trainable weights of the feature extractor.
+    Body,
+    /// Trainable weights of the classifier head.
+    Head,
+    /// Running statistics of a normalisation layer: state, never trained by gradient.
+    NormStat,
+}
+
+#[derive(Debug, Clone)]
+pub struct Param {
+    pub name: String,
+    pub depth: usize,
+    pub role: Role,
+    pub var: Var,
+}
+
+impl Param {
+    pub fn trainable(&self) -> bool {
+        self.role != Role::NormStat
+    }
+}
+
+/// The ordered parameters of a model.
+#[derive(Debug, Clone, Default)]
+pub struct ParamSet {
+    params: Vec<Param>,
+}
+
+/// Detached copies of every tensor of a [`ParamSet`], in its order.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub tensors: Vec<Tensor>,
+}
+
+impl ParamSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, name: impl Into<String>, depth: usize, role: Role, var: Var) {
+        self.params.push(Param {
+            name: name.into(),
+            depth,
+            role,
+            var,
+        });
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Param> {
+        self.params.iter()
+    }
+
+    /// Parameters that receive gradients.
+    pub fn trainable(&self) -> impl Iterator<Item = &Param> {
+        self.params.iter().filter(|p| p.trainable())
+    }
+
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+
+    /// The number of layers `L` (largest depth).
+    pub fn max_depth(&self) -> usize {
+        self.params.iter().map(|p| p.depth).max().unwrap_or(0)
+    }
+
+    /// Number of scalar trainable weights.
+    pub fn num_trainable(&self) -> usize {
+        self.trainable().map(|p| p.var.elem_count()).sum()
+    }
+
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let tensors = self
+            .params
+            .iter()
+            .map(|p| p.var.as_tensor().copy().map(|t| t.detach()))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Snapshot { tensors })
+    }
+
+    /// Write a snapshot's values back into the parameters.
+    pub fn restore(&self, s: &Snapshot) -> Result<()> {
+        if s.tensors.len() != self.params.len() {
+            return Err(Error::msg(format!(
+                "snapshot has {} tensors, model has {}",
+                s.tensors.len(),
+                self.params.len()
+            )));
+        }
+        for (p, t) in self.params.iter().zip(&s.tensors) {
+            p.var.set(t)?;
+        }
+        Ok(())
+    }
+
+    /// Name → tensor, for safetensors files.
+    pub fn to_named(&self) -> HashMap<String, Tensor> {
+        self.params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+            .collect()
+    }
+
+    /// Load named tensors; every parameter must be present with its shape.
+    pub fn load_named(&self, map: &HashMap<String, Tensor>) -> Result<()> {
+        for p in &self.params {
+            let t = map
+                .get(&p.name)
+                .ok_or_else(|| Error::msg(format!("missing tensor `{}`", p.name)))?;
+            p.var.set(t)?;
+        }
+        Ok(())
+    }
+
+    /// Gradients of the trainable parameters, in order; `None` for a parameter the loss does not reach.
+    pub fn grads<'a>(
+        &'a self,
+        grads: &'a GradStore,
+    ) -> impl Iterator<Item = (&'a Param, Option<&'a Tensor>)> {
+        self.trainable()
+            .map(move |p| (p, grads.get(p.var.as_tensor())))
+    }
+}

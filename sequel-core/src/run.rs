@@ -1,0 +1,198 @@
+//! The run directory (design.md):
+//!
+//! ```text
+//! <output.dir>/<name>/seed-<s>/
+//!   config.yaml  accuracy_matrix.csv  metrics.csv  summary.json  train_log.csv  checkpoints/
+//! ```
+//!
+//! A run writes into a hidden staging folder `<name>/.seed-<s>.partial` and moves it into place
+//! only at the end, so a crashed run never leaves a directory that looks finished. Every file is
+//! itself written to a temporary name and renamed.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::metrics::peak_rss_mb;
+use crate::trainer::RunOutcome;
+
+pub struct RunDir {
+    staging: PathBuf,
+    final_dir: PathBuf,
+}
+
+/// Write `bytes` to `path` atomically (temporary file in the same folder, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+impl RunDir {
+    /// Prepare `<root>/<name>/seed-<seed>` for writing; fails early, before any training, when
+    /// the location is not writable.
+    pub fn create(root: &Path, name: &str, seed: u64) -> Result<Self> {
+        let parent = root.join(name);
+        let final_dir = parent.join(format!("seed-{seed}"));
+        let staging = parent.join(format!(".seed-{seed}.partial"));
+        let unwritable = |p: &Path, e: std::io::Error| {
+            Error::Msg(format!(
+            "output directory {} is not writable ({e}); set output.dir in the config or pass --out DIR",
+            p.display()
+        ))
+        };
+        fs::create_dir_all(&parent).map_err(|e| unwritable(&parent, e))?;
+        if staging.exists() {
+            fs::remove_dir_all(&staging).map_err(|e| unwritable(&staging, e))?;
+        }
+        fs::create_dir_all(staging.join("checkpoints")).map_err(|e| unwritable(&staging, e))?;
+        let probe = staging.join(".probe");
+        fs::write(&probe, b"").map_err(|e| unwritable(&staging, e))?;
+        let _ = fs::remove_file(probe);
+        Ok(Self { staging, final_dir })
+    }
+
+    /// Where files go while the run is in progress.
+    pub fn staging(&self) -> &Path {
+        &self.staging
+    }
+
+    /// Where the run ends up.
+    pub fn final_dir(&self) -> &Path {
+        &self.final_dir
+    }
+
+    pub fn write(&self, rel: &str, bytes: &[u8]) -> Result<()> {
+        write_atomic(&self.staging.join(rel), bytes)
+    }
+
+    /// Move the staging folder into place, replacing an earlier run of the same name and seed.
+    pub fn finish(self) -> Result<PathBuf> {
+        if self.final_dir.exists() {
+            let old = self
+                .final_dir
+                .with_extension(format!("old-{}", std::process::id()));
+            fs::rename(&self.final_dir, &old).map_err(|e| Error::io(&self.final_dir, e))?;
+            fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
+        fs::rename(&self.staging, &self.final_dir).map_err(|e| Error::io(&self.final_dir, e))?;
+        Ok(self.final_dir)
+    }
+}
+
+/// Facts about the run recorded in summary.json.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    pub name: String,
+    pub seed: u64,
+    pub algorithm: String,
+    pub consolidation: Option<String>,
+    pub git_hash: Option<String>,
+    pub threads: usize,
+    pub wall_s: f64,
+    /// The protocol choices that move numbers (protocols.md §4), recorded explicitly.
+    pub protocol: serde_json::Value,
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.6}")).unwrap_or_default()
+}
+
+/// metrics.csv: one row per finished task.
+pub fn metrics_csv(outcome: &RunOutcome) -> String {
+    let mut s = String::from(
+        "task,avg_acc,avg_acc_pooled,avg_inc_acc,learning_acc,forgetting,bwt,fwt,train_s,eval_s,peak_rss_mb\n",
+    );
+    for (i, t) in outcome.times.iter().enumerate() {
+        let m = outcome.matrix.metrics_after(i + 1);
+        let _ = writeln!(
+            s,
+            "{},{:.6},{:.6},{:.6},{:.6},{},{},{},{:.3},{:.3},{}",
+            m.task,
+            m.avg_acc,
+            m.avg_acc_pooled,
+            m.avg_inc_acc,
+            m.learning_acc,
+            opt(m.forgetting),
+            opt(m.bwt),
+            opt(m.fwt),
+            t.train_s,
+            t.eval_s,
+            t.peak_rss_mb.map(|v| format!("{v:.1}")).unwrap_or_default()
+        );
+    }
+    s
+}
+
+/// train_log.csv: the sampled steps.
+pub fn train_log_csv(outcome: &RunOutcome) -> String {
+    let mut s = String::from("task,epoch,step,loss,batch_acc,lr\n");
+    for r in &outcome.log {
+        let _ = writeln!(
+            s,
+            "{},{},{},{:.6},{:.4},{}",
+            r.task, r.epoch, r.step, r.loss, r.batch_acc, r.lr
+        );
+    }
+    s
+}
+
+pub fn summary_json(outcome: &RunOutcome, info: &RunInfo) -> serde_json::Value {
+    let done = outcome.matrix.rows.len();
+    let last = (done > 0).then(|| outcome.matrix.metrics_after(done));
+    let status = match &outcome.failure {
+        None => "completed".to_string(),
+        Some(e) => format!("failed: {e}"),
+    };
+    json!({
+        "name": info.name,
+        "status": status,
+        "seed": info.seed,
+        "algorithm": info.algorithm,
+        "consolidation": info.consolidation,
+        "tasks_total": outcome.matrix.num_tasks(),
+        "tasks_completed": done,
+        "final": last,
+        "train_s": outcome.times.iter().map(|t| t.train_s).sum::<f64>(),
+        "eval_s": outcome.init_eval_s + outcome.times.iter().map(|t| t.eval_s).sum::<f64>(),
+        "steps": outcome.times.iter().map(|t| t.steps).sum::<usize>(),
+        "wall_s": info.wall_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "protocol": info.protocol,
+        "versions": {
+            "sequel": env!("CARGO_PKG_VERSION"),
+            "git": info.git_hash,
+        },
+        "machine": {
+            "os": std::env::consts::OS,
+            "arch": std::env::consts::ARCH,
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "threads": info.threads,
+        },
+    })
+}
+
+/// Write every result file of `outcome` into the run's staging folder.
+pub fn write_results(
+    dir: &RunDir,
+    config_yaml: &str,
+    outcome: &RunOutcome,
+    info: &RunInfo,
+) -> Result<()> {
+    dir.write("config.yaml", config_yaml.as_bytes())?;
+    dir.write("accuracy_matrix.csv", outcome.matrix.to_csv().as_bytes())?;
+    dir.write("metrics.csv", metrics_csv(outcome).as_bytes())?;
+    dir.write("train_log.csv", train_log_csv(outcome).as_bytes())?;
+    let summary = serde_json::to_string_pretty(&summary_json(outcome, info))
+        .map_err(|e| Error::msg(format!("summary.json: {e}")))?;
+    dir.write("summary.json", summary.as_bytes())
+}

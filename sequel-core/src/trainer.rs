@@ -1,0 +1,301 @@
+//! The unified trainer: one loop for every algorithm, scenario and backbone (design.md).
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, D};
+
+use crate::algorithm::{Algorithm, EvalCtx, StepCtx, TaskCtx};
+use crate::config::ExperimentConfig;
+use crate::consolidation::{ConsolidationCtx, Consolidator};
+use crate::data::{GatherBuf, SampleRef, TaskStream};
+use crate::error::{Error, Result};
+use crate::metrics::{peak_rss_mb, AccuracyMatrix};
+use crate::model::Model;
+use crate::optim::{build_optimizer, LrSchedule, Optimizer};
+use crate::rng::{SeededRng, Stream};
+
+/// Receives progress events; every method has a no-op default.
+pub trait Progress {
+    fn task_start(&mut self, _task: usize, _tasks: usize, _steps: usize) {}
+    fn step(&mut self, _step: usize, _loss: f32) {}
+    fn task_end(&mut self, _task: usize, _row: &[f64], _times: &TaskTimes) {}
+}
+
+/// A `Progress` that ignores everything.
+pub struct Silent;
+impl Progress for Silent {}
+
+/// Wall-clock seconds spent on one task.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TaskTimes {
+    pub train_s: f64,
+    pub eval_s: f64,
+    pub steps: usize,
+    /// Peak RSS of the process so far, MiB.
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// One sampled training step of train_log.csv.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRow {
+    pub task: usize,
+    pub epoch: usize,
+    pub step: usize,
+    pub loss: f32,
+    pub batch_acc: f64,
+    pub lr: f32,
+}
+
+/// Everything a run produced. `failure` is set when training stopped early (e.g. a non-finite
+/// loss); the rows of the tasks finished before it are kept.
+pub struct RunOutcome {
+    pub matrix: AccuracyMatrix,
+    pub times: Vec<TaskTimes>,
+    pub init_eval_s: f64,
+    pub log: Vec<LogRow>,
+    pub failure: Option<Error>,
+}
+
+pub struct Trainer {
+    pub cfg: ExperimentConfig,
+    pub stream: TaskStream,
+    pub model: Box<dyn Model>,
+    pub algorithm: Box<dyn Algorithm>,
+    pub consolidator: Option<Box<dyn Consolidator>>,
+    optimizer: Box<dyn Optimizer>,
+    schedule: LrSchedule,
+    device: Device,
+    data_rng: SeededRng,
+    algo_rng: SeededRng,
+    consolidation_rng: SeededRng,
+}
+
+impl Trainer {
+    pub fn new(
+        cfg: ExperimentConfig,
+        stream: TaskStream,
+        model: Box<dyn Model>,
+        algorithm: Box<dyn Algorithm>,
+        consolidator: Option<Box<dyn Consolidator>>,
+        device: Device,
+    ) -> Self {
+        let seed = cfg.seed;
+        Self {
+            optimizer: build_optimizer(&cfg.optimizer),
+            schedule: LrSchedule::new(cfg.optimizer.lr, cfg.optimizer.schedule.clone()),
+            cfg,
+            stream,
+            model,
+            algorithm,
+            consolidator,
+            device,
+            data_rng: SeededRng::new(seed, Stream::DataOrder),
+            algo_rng: SeededRng::new(seed, Stream::Algorithm),
+            consolidation_rng: SeededRng::new(seed, Stream::Consolidation),
+        }
+    }
+
+    /// Run the whole stream.
+    pub fn run(&mut self, progress: &mut dyn Progress) -> Result<RunOutcome> {
+        let n_tasks = self.stream.len();
+        let t0 = Instant::now();
+        let init = self.evaluate_all(0)?;
+        let mut outcome = RunOutcome {
+            matrix: AccuracyMatrix {
+                init,
+                rows: Vec::new(),
+                counts: (0..n_tasks)
+                    .map(|j| self.stream.eval_indices(j).0.len())
+                    .collect(),
+            },
+            times: Vec::new(),
+            init_eval_s: t0.elapsed().as_secs_f64(),
+            log: Vec::new(),
+            failure: None,
+        };
+        let initial = self.model.params().snapshot()?;
+        for t in 0..n_tasks {
+            let start = Instant::now();
+            let before_task = self.model.params().snapshot()?;
+            let steps = match self.train_task(t, progress, &mut outcome.log) {
+                Ok(s) => s,
+                Err(e @ Error::NonFiniteLoss { .. }) => {
+                    outcome.failure = Some(e);
+                    return Ok(outcome);
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(c) = self.consolidator.as_mut() {
+                c.after_task(&mut ConsolidationCtx {
+                    task: t,
+                    params: self.model.params(),
+                    initial: &initial,
+                    before_task: &before_task,
+                    stream: &self.stream,
+                    rng: &mut self.consolidation_rng,
+                })?;
+            }
+            let train_s = start.elapsed().as_secs_f64();
+            let e0 = Instant::now();
+            let row = self.evaluate_all(t + 1)?;
+            let times = TaskTimes {
+                train_s,
+                eval_s: e0.elapsed().as_secs_f64(),
+                steps,
+                peak_rss_mb: peak_rss_mb(),
+            };
+            progress.task_end(t, &row, &times);
+            outcome.matrix.rows.push(row);
+            outcome.times.push(times);
+        }
+        Ok(outcome)
+    }
+
+    /// Train on task `t`; returns the number of optimizer steps.
+    fn train_task(
+        &mut self,
+        t: usize,
+        progress: &mut dyn Progress,
+        log: &mut Vec<LogRow>,
+    ) -> Result<usize> {
+        if t == 0 || self.cfg.optimizer.reset_each_task {
+            self.optimizer.reset();
+        }
+        let samples = {
+            let mut ctx = TaskCtx {
+                task: t,
+                stream: &self.stream,
+                model: self.model.as_ref(),
+                device: &self.device,
+                rng: &mut self.algo_rng,
+            };
+            self.algorithm.before_task(&mut ctx)?;
+            self.algorithm.training_samples(&mut ctx)?
+        };
+        let bs = self.cfg.training.batch_size;
+        let epochs = self.cfg.training.epochs;
+        let per_epoch = samples.len().div_ceil(bs);
+        let total = per_epoch * epochs;
+        progress.task_start(t, self.stream.len(), total);
+        let mut order: Vec<SampleRef> = samples;
+        let mut buf = GatherBuf::default();
+        let log_every = self.cfg.training.log_every;
+        let mut step = 0;
+        for epoch in 0..epochs {
+            self.data_rng.shuffle(&mut order);
+            for chunk in order.chunks(bs) {
+                let lr = self.schedule.lr(epoch, step, total);
+                self.optimizer.set_learning_rate(lr);
+                let batch =
+                    self.stream
+                        .gather(chunk, crate::data::Split::Train, &mut buf, &self.device)?;
+                let mut ctx = StepCtx {
+                    task: t,
+                    epoch,
+                    step,
+                    stream: &self.stream,
+                    model: self.model.as_ref(),
+                    device: &self.device,
+                    rng: &mut self.algo_rng,
+                };
+                let batch = self.algorithm.prepare_batch(batch, &mut ctx)?;
+                let out = self.model.forward(&batch.x, true)?;
+                let loss = self.algorithm.loss(&out, &batch, &mut ctx)?;
+                let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+                if !value.is_finite() {
+                    return Err(Error::NonFiniteLoss {
+                        value,
+                        task: t + 1,
+                        epoch: epoch + 1,
+                        step: step + 1,
+                    });
+                }
+                let mut grads = loss.backward()?;
+                self.algorithm.edit_gradients(&mut grads, &mut ctx)?;
+                self.optimizer.step(self.model.params(), &grads)?;
+                self.algorithm.after_step(&batch, &out, &mut ctx)?;
+                if log_every > 0 && step % log_every == 0 {
+                    log.push(LogRow {
+                        task: t + 1,
+                        epoch: epoch + 1,
+                        step: step + 1,
+                        loss: value,
+                        batch_acc: batch_accuracy(&out.logits, &batch.units)?,
+                        lr,
+                    });
+                }
+                progress.step(step, value);
+                step += 1;
+            }
+        }
+        let mut ctx = TaskCtx {
+            task: t,
+            stream: &self.stream,
+            model: self.model.as_ref(),
+            device: &self.device,
+            rng: &mut self.algo_rng,
+        };
+        self.algorithm.after_task(&mut ctx)?;
+        Ok(step)
+    }
+
+    /// Accuracy on every task, seen or not. `trained` = number of tasks trained so far.
+    pub fn evaluate_all(&self, trained: usize) -> Result<Vec<f64>> {
+        (0..self.stream.len())
+            .map(|j| self.evaluate(j, trained))
+            .collect()
+    }
+
+    /// Accuracy on task `j`'s evaluation split.
+    pub fn evaluate(&self, j: usize, trained: usize) -> Result<f64> {
+        let (indices, split) = self.stream.eval_indices(j);
+        if indices.is_empty() {
+            return Ok(0.0);
+        }
+        let mut buf = GatherBuf::default();
+        let mut correct = 0usize;
+        let refs: Vec<SampleRef> = indices
+            .iter()
+            .map(|&index| SampleRef {
+                task: j as u32,
+                index,
+            })
+            .collect();
+        let ctx = EvalCtx {
+            task: j,
+            trained_tasks: trained,
+            stream: &self.stream,
+            model: self.model.as_ref(),
+        };
+        for chunk in refs.chunks(self.cfg.training.eval_batch_size) {
+            let batch = self.stream.gather(chunk, split, &mut buf, &self.device)?;
+            let out = self.model.forward(&batch.x, false)?;
+            let scores = match self.algorithm.predict(&batch.x, &out, &ctx)? {
+                Some(s) => s,
+                None => out.logits,
+            };
+            let pred = if self.stream.mask_in_eval() {
+                let r = &self.stream.tasks[j].units;
+                let p: Vec<u32> = scores
+                    .narrow(1, r.start, r.len())?
+                    .argmax(D::Minus1)?
+                    .to_vec1()?;
+                p.into_iter().map(|u| u + r.start as u32).collect()
+            } else {
+                scores.argmax(D::Minus1)?.to_vec1::<u32>()?
+            };
+            correct += pred
+                .iter()
+                .zip(&batch.units)
+                .filter(|(p, y)| p == y)
+                .count();
+        }
+        Ok(correct as f64 / indices.len() as f64)
+    }
+}
+
+fn batch_accuracy(logits: &Tensor, units: &[u32]) -> Result<f64> {
+    let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+    let ok = pred.iter().zip(units).filter(|(p, y)| p == y).count();
+    Ok(ok as f64 / units.len().max(1) as f64)
+}
