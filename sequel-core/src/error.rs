@@ -14,7 +14,9 @@ pub enum Error {
     },
 
     /// A dataset could not be found in any search location.
-    #[error("dataset `{dataset}` not found: expected files {expected} in one of {searched}; {hint}")]
+    #[error(
+        "dataset `{dataset}` not found: expected files {expected} in one of {searched}; {hint}"
+    )]
     DatasetNotFound {
         dataset: String,
         expected: String,
