@@ -8,4 +8,5 @@ pub mod mini;
 pub mod stream;
 
 pub use dataset::{Dataset, ImageSet};
+pub use discovery::{load_dataset, DATASETS};
 pub use stream::{Batch, GatherBuf, SampleRef, Split, Task, TaskStream, Transform};
