@@ -70,7 +70,8 @@ fn lookup<'a, T: ?Sized>(
     section: &str,
 ) -> Result<&'a Entry<T>> {
     entries.iter().find(|e| e.name == name).ok_or_else(|| {
-        let names: Vec<String> = entries.iter().map(|e| e.name.clone()).collect();
+        let mut names: Vec<String> = entries.iter().map(|e| e.name.clone()).collect();
+        names.sort();
         let hint = closest(name, &names)
             .map(|c| format!("did you mean `{c}`? "))
             .unwrap_or_default();

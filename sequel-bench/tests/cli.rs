@@ -26,28 +26,41 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     p.display().to_string()
 }
 
-const BASE: &str = "name: t\nbenchmark: { dataset: fmnist-mini, kind: split, tasks: 5, scenario: class-il }\n";
+const BASE: &str =
+    "name: t\nbenchmark: { dataset: fmnist-mini, kind: split, tasks: 5, scenario: class-il }\n";
 
 #[test]
 fn quickstart_runs_and_prints_the_matrix() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = repo().join("configs/quickstart.yaml");
     let out = tmp.path().join("runs");
-    let o = sequel(&["run", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()], tmp.path());
+    let o = sequel(
+        &["run", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()],
+        tmp.path(),
+    );
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout.contains("accuracy matrix"), "{stdout}");
     for key in ["average accuracy", "forgetting", "BWT", "FWT"] {
         assert!(stdout.contains(key), "{key} missing:\n{stdout}");
     }
-    assert!(stderr(&o).contains("task 5/5"), "plain progress lines off a terminal");
+    assert!(
+        stderr(&o).contains("task 5/5"),
+        "plain progress lines off a terminal"
+    );
     assert!(out.join("quickstart/seed-0/accuracy_matrix.csv").is_file());
 }
 
 #[test]
 fn every_shipped_config_validates() {
     let mut n = 0;
-    for dir in ["configs", "configs/split-fmnist", "configs/permuted-fmnist", "configs/rotated-fmnist", "configs/split-cifar10"] {
+    for dir in [
+        "configs",
+        "configs/split-fmnist",
+        "configs/permuted-fmnist",
+        "configs/rotated-fmnist",
+        "configs/split-cifar10",
+    ] {
         for e in std::fs::read_dir(repo().join(dir)).unwrap() {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "yaml") {
@@ -64,13 +77,37 @@ fn every_shipped_config_validates() {
 fn bad_configs_fail_with_one_line_that_names_file_key_and_fix() {
     let tmp = tempfile::tempdir().unwrap();
     let cases: &[(&str, &[&str])] = &[
-        ("optimizer: { lr: 0.1, momentun: 0.9 }\n", &["optimizer", "unknown field `momentun`", "did you mean `momentum`"]),
-        ("training: { epochs: two }\n", &["training.epochs", "invalid type"]),
-        ("model: { kind: transformer }\n", &["model.kind", "unknown variant `transformer`", "mlp, cnn, resnet18"]),
-        ("algorithm: { name: ewk }\n", &["algorithm.name", "unknown algorithm `ewk`", "valid:"]),
+        (
+            "optimizer: { lr: 0.1, momentun: 0.9 }\n",
+            &[
+                "optimizer",
+                "unknown field `momentun`",
+                "did you mean `momentum`",
+            ],
+        ),
+        (
+            "training: { epochs: two }\n",
+            &["training.epochs", "invalid type"],
+        ),
+        (
+            "model: { kind: transformer }\n",
+            &[
+                "model.kind",
+                "unknown variant `transformer`",
+                "mlp, cnn, resnet18",
+            ],
+        ),
+        (
+            "algorithm: { name: ewk }\n",
+            &["algorithm.name", "unknown algorithm `ewk`", "valid:"],
+        ),
     ];
     for (i, (extra, needles)) in cases.iter().enumerate() {
-        let f = write(tmp.path(), &format!("bad{i}.yaml"), &format!("{BASE}{extra}"));
+        let f = write(
+            tmp.path(),
+            &format!("bad{i}.yaml"),
+            &format!("{BASE}{extra}"),
+        );
         let o = sequel(&["validate", &f], tmp.path());
         assert!(!o.status.success());
         let e = stderr(&o);
@@ -86,15 +123,31 @@ fn bad_configs_fail_with_one_line_that_names_file_key_and_fix() {
 fn unknown_dataset_and_indivisible_tasks_are_explained() {
     let tmp = tempfile::tempdir().unwrap();
     let f = write(tmp.path(), "c.yaml", BASE);
-    let o = sequel(&["run", &f, "--set", "benchmark.dataset=imagenet", "--out", "r"], tmp.path());
+    let o = sequel(
+        &[
+            "run",
+            &f,
+            "--set",
+            "benchmark.dataset=imagenet",
+            "--out",
+            "r",
+        ],
+        tmp.path(),
+    );
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(e.contains("imagenet") && e.contains("fashion-mnist"), "{e}");
-    let o = sequel(&["run", &f, "--set", "benchmark.tasks=3", "--out", "r"], tmp.path());
+    let o = sequel(
+        &["run", &f, "--set", "benchmark.tasks=3", "--out", "r"],
+        tmp.path(),
+    );
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(e.contains("3 tasks do not divide the 10 classes"), "{e}");
-    assert!(!tmp.path().join("r/t/seed-0").exists(), "no results for a failed run");
+    assert!(
+        !tmp.path().join("r/t/seed-0").exists(),
+        "no results for a failed run"
+    );
 }
 
 #[test]
@@ -102,7 +155,12 @@ fn truncated_data_file_is_reported_with_its_path() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     std::fs::create_dir(&data).unwrap();
-    for f in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"] {
+    for f in [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ] {
         // A valid header that promises 100 samples, then nothing.
         let magic: u32 = if f.contains("images") { 0x803 } else { 0x801 };
         let mut bytes = magic.to_be_bytes().to_vec();
@@ -115,7 +173,16 @@ fn truncated_data_file_is_reported_with_its_path() {
     }
     let f = write(tmp.path(), "c.yaml", BASE);
     let o = sequel(
-        &["run", &f, "--set", "benchmark.dataset=mnist", "--set", &format!("benchmark.data_dir={}", data.display()), "--out", "r"],
+        &[
+            "run",
+            &f,
+            "--set",
+            "benchmark.dataset=mnist",
+            "--set",
+            &format!("benchmark.data_dir={}", data.display()),
+            "--out",
+            "r",
+        ],
         tmp.path(),
     );
     assert!(!o.status.success());
@@ -128,7 +195,15 @@ fn list_names_algorithms_datasets_and_models() {
     let o = sequel(&["list"], repo());
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success());
-    for name in ["naive", "joint", "fmnist-mini", "fashion-mnist", "cifar10", "mlp", "resnet18"] {
+    for name in [
+        "naive",
+        "joint",
+        "fmnist-mini",
+        "fashion-mnist",
+        "cifar10",
+        "mlp",
+        "resnet18",
+    ] {
         assert!(s.contains(name), "{name} missing:\n{s}");
     }
 }
@@ -143,10 +218,22 @@ fn full_fashion_mnist_smoke_run() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = repo().join("configs/split-fmnist/naive.yaml");
     let o = sequel(
-        &["run", cfg.to_str().unwrap(), "--set", "benchmark.train_subset=300", "--quiet", "--out", tmp.path().to_str().unwrap()],
+        &[
+            "run",
+            cfg.to_str().unwrap(),
+            "--set",
+            "benchmark.train_subset=300",
+            "--quiet",
+            "--out",
+            tmp.path().to_str().unwrap(),
+        ],
         tmp.path(),
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let csv = std::fs::read_to_string(tmp.path().join("split-fmnist-naive/seed-0/accuracy_matrix.csv")).unwrap();
+    let csv = std::fs::read_to_string(
+        tmp.path()
+            .join("split-fmnist-naive/seed-0/accuracy_matrix.csv"),
+    )
+    .unwrap();
     assert_eq!(csv.lines().count(), 7);
 }

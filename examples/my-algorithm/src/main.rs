@@ -6,13 +6,13 @@
 
 use anyhow::Result;
 use candle_core::Tensor;
-use serde::{Deserialize, Serialize};
 use sequel_algos::run::{execute, prepare};
 use sequel_algos::Registry;
 use sequel_core::data::Batch;
 use sequel_core::model::{ModelOutput, Snapshot};
 use sequel_core::trainer::Silent;
 use sequel_core::{Algorithm, StepCtx, TaskCtx};
+use serde::{Deserialize, Serialize};
 
 /// YAML keys of `algorithm:` besides `name` are exactly these fields.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,9 +44,16 @@ impl Algorithm for L2Anchor {
         Ok(())
     }
 
-    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> sequel_core::Result<Tensor> {
+    fn loss(
+        &mut self,
+        out: &ModelOutput,
+        batch: &Batch,
+        ctx: &mut StepCtx,
+    ) -> sequel_core::Result<Tensor> {
         let ce = ctx.task_loss(out, batch)?;
-        let Some(anchor) = &self.anchor else { return Ok(ce) };
+        let Some(anchor) = &self.anchor else {
+            return Ok(ce);
+        };
         let mut penalty = Tensor::zeros((), candle_core::DType::F32, ctx.device)?;
         for (p, a) in ctx.model.params().iter().zip(&anchor.tensors) {
             if p.trainable() {
@@ -59,9 +66,16 @@ impl Algorithm for L2Anchor {
 
 fn main() -> Result<()> {
     let mut registry = Registry::builtin();
-    registry.register_algorithm("l2-anchor", "L2 pull towards the task-start weights", |c: L2AnchorConfig| {
-        Ok(Box::new(L2Anchor { lambda: c.lambda, anchor: None }) as Box<dyn Algorithm>)
-    });
+    registry.register_algorithm(
+        "l2-anchor",
+        "L2 pull towards the task-start weights",
+        |c: L2AnchorConfig| {
+            Ok(Box::new(L2Anchor {
+                lambda: c.lambda,
+                anchor: None,
+            }) as Box<dyn Algorithm>)
+        },
+    );
     let out = std::env::temp_dir().join(format!("sequel-example-{}", std::process::id()));
     let yaml = format!(
         "name: my-algorithm\n\
@@ -73,7 +87,10 @@ fn main() -> Result<()> {
     let prepared = prepare(&yaml, "inline", &[], &registry)?;
     let finished = execute(prepared, &mut Silent, None)?;
     let m = finished.outcome.matrix.metrics_after(5);
-    println!("l2-anchor on fmnist-mini (task-IL): average accuracy {:.2}%", m.avg_acc * 100.0);
+    println!(
+        "l2-anchor on fmnist-mini (task-IL): average accuracy {:.2}%",
+        m.avg_acc * 100.0
+    );
     std::fs::remove_dir_all(&out)?;
     Ok(())
 }
