@@ -40,7 +40,14 @@ fn a_run_writes_the_documented_run_directory() {
     ] {
         assert!(f.dir.join(file).is_file(), "{file} missing");
     }
-    assert!(f.dir.join("checkpoints").is_dir());
+    for t in 1..=5 {
+        assert!(
+            f.dir
+                .join(format!("checkpoints/task-{t}.safetensors"))
+                .is_file(),
+            "checkpoint {t}"
+        );
+    }
     // No staging leftovers.
     let names: Vec<String> = std::fs::read_dir(tmp.path().join("e2e"))
         .unwrap()
@@ -139,6 +146,47 @@ fn permuted_and_rotated_streams_train_in_domain_il() {
         let m = &f.outcome.matrix;
         assert_eq!(m.rows.len(), 3);
         assert!(m.rows[2][2] > 0.5, "{kind}: {:?}", m.rows);
+    }
+}
+
+#[test]
+fn cnn_and_resnet_backbones_train_through_the_trainer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = config(tmp.path(), "");
+    // Batch-norm running statistics lag behind fast-moving weights early on, so the ResNet gets
+    // more steps before its evaluation-mode accuracy means anything.
+    for (name, model, subset) in [
+        (
+            "cnn",
+            "model={kind: cnn, channels: [8, 16]}",
+            "benchmark.train_subset=100",
+        ),
+        (
+            "resnet",
+            "model={kind: resnet18, width: 4}",
+            "benchmark.train_subset=200",
+        ),
+    ] {
+        let f = run(
+            &text,
+            &[
+                model,
+                "benchmark.tasks=2",
+                "benchmark.classes_per_task=2",
+                subset,
+                "training.epochs=3",
+                &format!("name={name}"),
+            ],
+        )
+        .unwrap();
+        let m = &f.outcome.matrix;
+        assert_eq!(m.rows.len(), 2);
+        // Trained on two classes, the model must beat the 50 % of always answering one of them.
+        assert!(
+            m.rows[0][0] > 0.6 && m.rows[1][1] > 0.6,
+            "{name}: {:?}",
+            m.rows
+        );
     }
 }
 

@@ -53,6 +53,25 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Measure training-step throughput (steps/s) of a config's model and optimizer on synthetic
+    /// batches shaped like its dataset.
+    Bench {
+        /// Experiment YAML file (its benchmark, model and optimizer sections are used).
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Batch sizes to time (repeatable).
+        #[arg(long = "batch", default_values_t = [10usize, 128])]
+        batch: Vec<usize>,
+        /// Timed steps per batch size.
+        #[arg(long, default_value_t = 500)]
+        steps: usize,
+        /// Untimed warm-up steps.
+        #[arg(long, default_value_t = 50)]
+        warmup: usize,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// List the available algorithms, consolidation strategies, datasets or models.
     List {
         #[arg(value_enum, default_value = "all")]
@@ -127,6 +146,51 @@ fn dispatch(cli: Cli) -> Result<()> {
             progress.finish();
             print!("{}", display::report(&finished.outcome));
             println!("run directory: {}", finished.dir.display());
+            Ok(())
+        }
+        Command::Bench {
+            config,
+            set,
+            batch,
+            steps,
+            warmup,
+            threads,
+        } => {
+            configure_threads(threads);
+            let (text, origin) = read_config(&config)?;
+            let p = prepare(&text, &origin, &set, &registry)?;
+            let c = &p.config;
+            let trainer = sequel_core::experiment::build_trainer(c, p.algorithm, None)?;
+            let shape = trainer.stream.input_shape();
+            let units = trainer.stream.num_units;
+            println!(
+                "model {:?} on {}x{}x{} inputs, {} outputs, optimizer {:?}, threads {}",
+                c.model.kind,
+                shape[0],
+                shape[1],
+                shape[2],
+                units,
+                c.optimizer.kind,
+                std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into())
+            );
+            println!("{:>6} {:>10} {:>12}", "batch", "steps/s", "samples/s");
+            for b in batch {
+                let t = sequel_core::bench::time_train_steps(
+                    &c.model,
+                    &c.optimizer,
+                    shape,
+                    units,
+                    b,
+                    warmup,
+                    steps,
+                )?;
+                println!(
+                    "{:>6} {:>10.1} {:>12.0}",
+                    b,
+                    t.steps_per_s(),
+                    t.samples_per_s()
+                );
+            }
             Ok(())
         }
         Command::Validate { config, set } => {

@@ -68,6 +68,7 @@ pub fn run_experiment(
     let algo_name = algorithm.name().to_string();
     let cons_name = consolidator.as_ref().map(|c| c.name().to_string());
     let mut trainer = build_trainer(cfg, algorithm, consolidator)?;
+    trainer.checkpoint_dir = Some(dir.staging().join("checkpoints"));
     let mut outcome = trainer.run(progress)?;
     let info = RunInfo {
         name: cfg.name.clone(),
@@ -86,14 +87,6 @@ pub fn run_experiment(
         wall_s: start.elapsed().as_secs_f64(),
         protocol: protocol_facts(cfg),
     };
-    let params = trainer.model.params().to_named();
-    candle_core::safetensors::save(
-        &params,
-        dir.staging()
-            .join("checkpoints")
-            .join("model-final.safetensors"),
-    )
-    .map_err(Error::from)?;
     write_results(&dir, resolved_yaml, &outcome, &info)?;
     let failure = outcome.failure.take();
     let path = dir.finish()?;

@@ -4,6 +4,7 @@
 //! sequel-algos.
 
 pub mod algorithm;
+pub mod bench;
 pub mod config;
 pub mod consolidation;
 pub mod data;

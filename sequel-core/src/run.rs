@@ -177,6 +177,8 @@ pub fn summary_json(outcome: &RunOutcome, info: &RunInfo) -> serde_json::Value {
             "arch": std::env::consts::ARCH,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "threads": info.threads,
+            "cpu_model": cpu_model(),
+            "memory_mb": mem_total_mb(),
         },
     })
 }
@@ -195,4 +197,22 @@ pub fn write_results(
     let summary = serde_json::to_string_pretty(&summary_json(outcome, info))
         .map_err(|e| Error::msg(format!("summary.json: {e}")))?;
     dir.write("summary.json", summary.as_bytes())
+}
+
+fn cpu_model() -> Option<String> {
+    let info = fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("model name"))?;
+    Some(line.split_once(':')?.1.trim().to_string())
+}
+
+fn mem_total_mb() -> Option<u64> {
+    let info = fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = info
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024)
 }

@@ -62,6 +62,8 @@ pub struct Trainer {
     pub model: Box<dyn Model>,
     pub algorithm: Box<dyn Algorithm>,
     pub consolidator: Option<Box<dyn Consolidator>>,
+    /// When set, the model weights are saved to `task-<t>.safetensors` here after each task.
+    pub checkpoint_dir: Option<std::path::PathBuf>,
     optimizer: Box<dyn Optimizer>,
     schedule: LrSchedule,
     device: Device,
@@ -88,6 +90,7 @@ impl Trainer {
             model,
             algorithm,
             consolidator,
+            checkpoint_dir: None,
             device,
             data_rng: SeededRng::new(seed, Stream::DataOrder),
             algo_rng: SeededRng::new(seed, Stream::Algorithm),
@@ -144,11 +147,28 @@ impl Trainer {
                 steps,
                 peak_rss_mb: peak_rss_mb(),
             };
+            tracing::info!(
+                task = t + 1,
+                train_s,
+                eval_s = times.eval_s,
+                "task finished"
+            );
+            self.save_checkpoint(t)?;
             progress.task_end(t, &row, &times);
             outcome.matrix.rows.push(row);
             outcome.times.push(times);
         }
         Ok(outcome)
+    }
+
+    fn save_checkpoint(&self, t: usize) -> Result<()> {
+        let Some(dir) = &self.checkpoint_dir else {
+            return Ok(());
+        };
+        let path = dir.join(format!("task-{}.safetensors", t + 1));
+        let tmp = dir.join(format!(".task-{}.safetensors.tmp", t + 1));
+        candle_core::safetensors::save(&self.model.params().to_named(), &tmp)?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
     }
 
     /// Train on task `t`; returns the number of optimizer steps.
@@ -176,6 +196,12 @@ impl Trainer {
         let epochs = self.cfg.training.epochs;
         let per_epoch = samples.len().div_ceil(bs);
         let total = per_epoch * epochs;
+        tracing::info!(
+            task = t + 1,
+            samples = samples.len(),
+            steps = total,
+            "task started"
+        );
         progress.task_start(t, self.stream.len(), total);
         let mut order: Vec<SampleRef> = samples;
         let mut buf = GatherBuf::default();

@@ -149,4 +149,45 @@ mod tests {
         m.forward(&x, true).unwrap();
         assert_ne!(stat.to_vec1::<f32>().unwrap(), before);
     }
+
+    #[test]
+    fn batchnorm_eval_with_batch_statistics_equals_training_forward() {
+        let dev = Device::Cpu;
+        let mut ps = ParamSet::new();
+        let bn = layers::BatchNorm2d::new(&mut ps, "bn", 1, 3, &dev).unwrap();
+        bn.gamma
+            .set(&Tensor::new(&[1.5f32, 0.5, 2.0], &dev).unwrap())
+            .unwrap();
+        bn.beta
+            .set(&Tensor::new(&[0.1f32, -0.2, 0.3], &dev).unwrap())
+            .unwrap();
+        let mut rng = SeededRng::new(0, Stream::Init);
+        let data: Vec<f32> = (0..4 * 3 * 5 * 5)
+            .map(|_| rng.normal() * 3.0 + 1.0)
+            .collect();
+        let x = Tensor::from_vec(data, (4, 3, 5, 5), &dev).unwrap();
+        let train = bn.forward(&x, true).unwrap();
+        // Put the biased batch statistics into the running buffers: evaluation must then agree.
+        let xt = x.transpose(0, 1).unwrap().reshape((3, 100)).unwrap();
+        let mean = xt.mean(1).unwrap();
+        let var = xt
+            .broadcast_sub(&mean.unsqueeze(1).unwrap())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean(1)
+            .unwrap();
+        bn.running_mean.set(&mean).unwrap();
+        bn.running_var.set(&var).unwrap();
+        let eval = bn.forward(&x, false).unwrap();
+        let diff = (train - eval)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
 }

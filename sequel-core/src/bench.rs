@@ -1,0 +1,80 @@
+//! Micro-benchmark of the training step (forward, masked cross-entropy, backward, optimizer
+//! step) on synthetic data, used by `sequel bench` and docs/PERFORMANCE.md.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use crate::config::{ModelConfig, OptimizerConfig};
+use crate::error::Result;
+use crate::model::build_model;
+use crate::optim::build_optimizer;
+use crate::rng::{SeededRng, Stream};
+
+/// Result of [`time_train_steps`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepTiming {
+    pub batch_size: usize,
+    pub steps: usize,
+    pub seconds: f64,
+}
+
+impl StepTiming {
+    pub fn steps_per_s(&self) -> f64 {
+        self.steps as f64 / self.seconds
+    }
+
+    pub fn samples_per_s(&self) -> f64 {
+        self.steps_per_s() * self.batch_size as f64
+    }
+}
+
+/// Time `steps` training steps of the configured model at `batch_size` after `warmup` untimed
+/// steps. Inputs are 8 pre-generated batches cycled, so data loading is excluded.
+pub fn time_train_steps(
+    model_cfg: &ModelConfig,
+    opt_cfg: &OptimizerConfig,
+    input: [usize; 3],
+    outputs: usize,
+    batch_size: usize,
+    warmup: usize,
+    steps: usize,
+) -> Result<StepTiming> {
+    let device = Device::Cpu;
+    let model = build_model(model_cfg, input, outputs, 0, &device)?;
+    let mut opt = build_optimizer(opt_cfg);
+    let mut rng = SeededRng::new(0, Stream::DataOrder);
+    let d: usize = input.iter().product();
+    let batches: Vec<(Tensor, Tensor)> = (0..8)
+        .map(|_| {
+            let x: Vec<f32> = (0..batch_size * d).map(|_| rng.uniform_f32()).collect();
+            let y: Vec<u32> = (0..batch_size)
+                .map(|_| rng.below(outputs as u64) as u32)
+                .collect();
+            Ok((
+                Tensor::from_vec(x, (batch_size, input[0], input[1], input[2]), &device)?,
+                Tensor::from_vec(y, batch_size, &device)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let mut step = |i: usize| -> Result<()> {
+        let (x, y) = &batches[i % batches.len()];
+        let out = model.forward(x, true)?;
+        let loss = candle_nn::loss::cross_entropy(&out.logits, y)?;
+        let _ = loss.to_scalar::<f32>()?;
+        let grads = loss.backward()?;
+        opt.step(model.params(), &grads)
+    };
+    for i in 0..warmup {
+        step(i)?;
+    }
+    let start = Instant::now();
+    for i in 0..steps {
+        step(i)?;
+    }
+    Ok(StepTiming {
+        batch_size,
+        steps,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
