@@ -14,6 +14,8 @@ pub struct Prepared {
     pub consolidator: Option<Box<dyn sequel_core::Consolidator>>,
     /// The config with every default filled in, as YAML.
     pub resolved_yaml: String,
+    /// Where the config came from (a file name), for error messages.
+    pub origin: String,
 }
 
 /// Parse, override and validate a config, and build its algorithm — everything short of loading
@@ -26,6 +28,7 @@ pub fn prepare(
 ) -> Result<Prepared> {
     let mut config = parse_config(text, origin, overrides)?;
     config.validate(origin)?;
+    config.resolve_defaults();
     let (algorithm, algo_resolved) = registry.build_algorithm(&config.algorithm, origin)?;
     config.algorithm = algo_resolved;
     let consolidator = match &config.consolidation {
@@ -43,6 +46,7 @@ pub fn prepare(
         algorithm,
         consolidator,
         resolved_yaml,
+        origin: origin.to_string(),
     })
 }
 
@@ -54,6 +58,7 @@ pub fn execute(
 ) -> Result<Finished> {
     run_experiment(
         &p.config,
+        &p.origin,
         &p.resolved_yaml,
         p.algorithm,
         p.consolidator,

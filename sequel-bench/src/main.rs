@@ -2,7 +2,7 @@
 
 mod display;
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -160,17 +160,17 @@ fn dispatch(cli: Cli) -> Result<()> {
             let (text, origin) = read_config(&config)?;
             let p = prepare(&text, &origin, &set, &registry)?;
             let c = &p.config;
-            let trainer = sequel_core::experiment::build_trainer(c, p.algorithm, None)?;
+            let trainer = sequel_core::experiment::build_trainer(c, &origin, p.algorithm, None)?;
             let shape = trainer.stream.input_shape();
             let units = trainer.stream.num_units;
             println!(
-                "model {:?} on {}x{}x{} inputs, {} outputs, optimizer {:?}, threads {}",
-                c.model.kind,
+                "model {} on {}x{}x{} inputs, {} outputs, optimizer {}, threads {}",
+                yaml_name(&c.model.kind),
                 shape[0],
                 shape[1],
                 shape[2],
                 units,
-                c.optimizer.kind,
+                yaml_name(&c.optimizer.kind),
                 std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into())
             );
             println!("{:>6} {:>10} {:>12}", "batch", "steps/s", "samples/s");
@@ -206,10 +206,15 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::List { what } => {
-            let show = |title: &str, rows: Vec<(String, String)>| {
-                println!("{title}:");
+            // Write errors (a closed pipe, as in `sequel list | head`) end the listing quietly.
+            let mut out = std::io::stdout().lock();
+            let mut show = |title: &str, rows: Vec<(String, String)>| {
+                let _ = writeln!(out, "{title}:");
+                if rows.is_empty() {
+                    let _ = writeln!(out, "  (none yet)");
+                }
                 for (n, s) in rows {
-                    println!("  {n:<16} {s}");
+                    let _ = writeln!(out, "  {n:<16} {s}");
                 }
             };
             let all = matches!(what, ListWhat::All);
@@ -254,6 +259,13 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A config enum as the YAML spells it (`class-il`, `mlp`, ...).
+fn yaml_name<T: serde::Serialize>(v: &T) -> String {
+    serde_yaml::to_string(v)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn dataset_note(name: &str) -> &'static str {

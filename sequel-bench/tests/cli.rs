@@ -136,7 +136,10 @@ fn unknown_dataset_and_indivisible_tasks_are_explained() {
     );
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("imagenet") && e.contains("fashion-mnist"), "{e}");
+    assert!(
+        e.contains(&f) && e.contains("imagenet") && e.contains("fashion-mnist"),
+        "{e}"
+    );
     let o = sequel(
         &["run", &f, "--set", "benchmark.tasks=3", "--out", "r"],
         tmp.path(),

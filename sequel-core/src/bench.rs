@@ -1,5 +1,5 @@
-//! Micro-benchmark of the training step (forward, masked cross-entropy, backward, optimizer
-//! step) on synthetic data, used by `sequel bench` and docs/PERFORMANCE.md.
+//! Micro-benchmark of the training step (forward, cross-entropy over all units, backward,
+//! optimizer step at the base learning rate) on synthetic data, used by `sequel bench` and docs/PERFORMANCE.md.
 
 use std::time::Instant;
 

@@ -105,13 +105,13 @@ pub struct BenchmarkConfig {
     /// `task-il`, `class-il` or `domain-il`.
     pub scenario: Scenario,
     /// Split only: classes per task. Default: all classes divided evenly by `tasks`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub classes_per_task: Option<usize>,
     /// Split only: `fixed` (default) or `seeded`.
     #[serde(default = "default_class_order")]
     pub class_order: ClassOrder,
     /// Split only: an explicit class order (overrides `class_order`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub classes: Option<Vec<u16>>,
     /// Task-IL only: `masked` (default; single head masked at evaluation) or `multi`.
     #[serde(default = "default_head")]
@@ -120,10 +120,10 @@ pub struct BenchmarkConfig {
     #[serde(default = "yes")]
     pub permute_first_task: bool,
     /// Rotated only: angle of each task in degrees. Default (t−1)·180/T.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub angles: Option<Vec<f32>>,
     /// Use at most this many training samples per task (seeded subset). Default: all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub train_subset: Option<usize>,
     /// Fraction of each task's training samples held out for validation (seeded). Default 0.
     #[serde(default)]
@@ -135,7 +135,7 @@ pub struct BenchmarkConfig {
     #[serde(default)]
     pub normalize: bool,
     /// First folder searched for dataset files (then `$SEQUEL_DATA`, `./data`, system folders).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub data_dir: Option<PathBuf>,
 }
 
@@ -259,7 +259,7 @@ pub struct OptimizerConfig {
     #[serde(default)]
     pub nesterov: bool,
     /// L2 weight decay (coupled for SGD and Adam, decoupled for AdamW). Default 0 (AdamW: 0.01).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub weight_decay: Option<f32>,
     /// Adam betas. Default [0.9, 0.999].
     #[serde(default = "default_betas")]
@@ -430,7 +430,8 @@ pub fn from_value<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// serde says "unknown field `lr_deacy`, expected one of `a`, `b`"; add the nearest candidate.
+/// serde says "unknown field `momentun`, expected one of `lr`, `momentum`, ..."; add the nearest
+/// candidate, and say so plainly when a section takes no keys at all.
 fn improve_message(msg: &str) -> String {
     let candidates = |m: &str| -> Vec<String> {
         m.split('`')
@@ -443,6 +444,9 @@ fn improve_message(msg: &str) -> String {
         if let Some(rest) = msg.strip_prefix(kind) {
             let names = candidates(rest);
             if let Some((given, valid)) = names.split_first() {
+                if valid.is_empty() {
+                    return format!("{kind} `{given}`: this section takes no keys");
+                }
                 let list = valid.join(", ");
                 return match closest(given, valid) {
                     Some(best) => {
@@ -499,6 +503,11 @@ pub fn apply_override(root: &mut serde_yaml::Value, spec: &str) -> std::result::
 }
 
 impl ExperimentConfig {
+    /// Fill defaults that depend on other keys, so the resolved config states them.
+    pub fn resolve_defaults(&mut self) {
+        self.optimizer.weight_decay = Some(self.optimizer.weight_decay());
+    }
+
     /// Check cross-field constraints that serde cannot express.
     pub fn validate(&self, origin: &str) -> Result<()> {
         let err = |path: &str, message: String| Error::Config {
@@ -555,6 +564,16 @@ impl ExperimentConfig {
                 format!("must be a positive number, found {}", o.lr),
             ));
         }
+        if o.kind != OptimizerKind::Sgd && (o.momentum != 0.0 || o.nesterov) {
+            return Err(err(
+                "optimizer.momentum",
+                format!(
+                    "momentum/nesterov apply to sgd only; {:?} has betas",
+                    o.kind
+                )
+                .to_lowercase(),
+            ));
+        }
         if !(0.0..1.0).contains(&o.momentum) {
             return Err(err(
                 "optimizer.momentum",
@@ -566,6 +585,14 @@ impl ExperimentConfig {
                 "optimizer.nesterov",
                 "needs optimizer.momentum > 0".into(),
             ));
+        }
+        if let Some(w) = o.weight_decay {
+            if !(w.is_finite() && w >= 0.0) {
+                return Err(err(
+                    "optimizer.weight_decay",
+                    format!("must be ≥ 0, found {w}"),
+                ));
+            }
         }
         let t = &self.training;
         if t.epochs == 0 {
@@ -587,7 +614,7 @@ impl ExperimentConfig {
         if m.kind == ModelKind::Resnet18 && m.width == 0 {
             return Err(err("model.width", "must be at least 1".into()));
         }
-        if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name == ".." {
+        if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
             return Err(err(
                 "name",
                 format!("`{}` must be a non-empty name without slashes", self.name),

@@ -29,7 +29,7 @@ pub enum Error {
     DataFormat { path: PathBuf, message: String },
 
     /// The benchmark cannot be built from the dataset as configured.
-    #[error("benchmark: {0}")]
+    #[error("{0}")]
     Benchmark(String),
 
     /// Training diverged: the loss stopped being finite.

@@ -15,25 +15,32 @@ use crate::model::build_model;
 use crate::run::{write_results, RunDir, RunInfo};
 use crate::trainer::{Progress, RunOutcome, Trainer};
 
-/// Build the trainer that `cfg` describes around an already-built algorithm.
+/// Build the trainer that `cfg` describes around an already-built algorithm: load the data, build
+/// the task stream and the seeded model. `origin` (the config file) prefixes errors that a config
+/// change fixes.
 pub fn build_trainer(
     cfg: &ExperimentConfig,
+    origin: &str,
     algorithm: Box<dyn Algorithm>,
     consolidator: Option<Box<dyn Consolidator>>,
 ) -> Result<Trainer> {
     let device = Device::Cpu;
-    let dataset = Arc::new(load_dataset(
-        &cfg.benchmark.dataset,
-        cfg.benchmark.data_dir.as_deref(),
-    )?);
-    let stream = TaskStream::build(dataset, &cfg.benchmark, cfg.seed)?;
+    let in_file = |e: Error| match e {
+        Error::UnknownName { .. } | Error::Benchmark(_) => Error::Msg(format!("{origin}: {e}")),
+        Error::Msg(m) if m.starts_with("model.") => Error::Msg(format!("{origin}: {m}")),
+        e => e,
+    };
+    let dataset =
+        load_dataset(&cfg.benchmark.dataset, cfg.benchmark.data_dir.as_deref()).map_err(in_file)?;
+    let stream = TaskStream::build(Arc::new(dataset), &cfg.benchmark, cfg.seed).map_err(in_file)?;
     let model = build_model(
         &cfg.model,
         stream.input_shape(),
         stream.num_units,
         cfg.seed,
         &device,
-    )?;
+    )
+    .map_err(in_file)?;
     Ok(Trainer::new(
         cfg.clone(),
         stream,
@@ -56,6 +63,7 @@ pub struct Finished {
 /// tasks' results, then returns the error.
 pub fn run_experiment(
     cfg: &ExperimentConfig,
+    origin: &str,
     resolved_yaml: &str,
     algorithm: Box<dyn Algorithm>,
     consolidator: Option<Box<dyn Consolidator>>,
@@ -63,11 +71,12 @@ pub fn run_experiment(
     git_hash: Option<String>,
 ) -> Result<Finished> {
     let start = Instant::now();
-    // Fail on an unwritable output folder before spending any time on training.
-    let dir = RunDir::create(&cfg.output.dir, &cfg.name, cfg.seed)?;
     let algo_name = algorithm.name().to_string();
     let cons_name = consolidator.as_ref().map(|c| c.name().to_string());
-    let mut trainer = build_trainer(cfg, algorithm, consolidator)?;
+    // Data and model errors come first so that they leave no run folder behind; an unwritable
+    // output folder is still reported before any training.
+    let mut trainer = build_trainer(cfg, origin, algorithm, consolidator)?;
+    let dir = RunDir::create(&cfg.output.dir, &cfg.name, cfg.seed)?;
     trainer.checkpoint_dir = Some(dir.staging().join("checkpoints"));
     let mut outcome = trainer.run(progress)?;
     let info = RunInfo {

@@ -2,6 +2,8 @@
 
 use candle_core::{Tensor, D};
 
+use std::ops::Range;
+
 use crate::data::{Batch, TaskStream};
 use crate::error::Result;
 
@@ -33,4 +35,18 @@ pub fn unit_mask(batch: &Batch, stream: &TaskStream, units: usize) -> Result<Ten
         m[row * units + r.start..row * units + r.end].fill(0.0);
     }
     Ok(Tensor::from_vec(m, (batch.len(), units), batch.x.device())?)
+}
+
+/// Predicted output unit per row: the argmax over `units` when given (task-IL), else over all.
+pub fn predict_units(scores: &Tensor, units: Option<&Range<usize>>) -> Result<Vec<u32>> {
+    Ok(match units {
+        Some(r) => scores
+            .narrow(D::Minus1, r.start, r.len())?
+            .argmax(D::Minus1)?
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(|u| u + r.start as u32)
+            .collect(),
+        None => scores.argmax(D::Minus1)?.to_vec1()?,
+    })
 }

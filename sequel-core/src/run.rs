@@ -194,8 +194,9 @@ pub fn write_results(
     dir.write("accuracy_matrix.csv", outcome.matrix.to_csv().as_bytes())?;
     dir.write("metrics.csv", metrics_csv(outcome).as_bytes())?;
     dir.write("train_log.csv", train_log_csv(outcome).as_bytes())?;
-    let summary = serde_json::to_string_pretty(&summary_json(outcome, info))
+    let mut summary = serde_json::to_string_pretty(&summary_json(outcome, info))
         .map_err(|e| Error::msg(format!("summary.json: {e}")))?;
+    summary.push('\n');
     dir.write("summary.json", summary.as_bytes())
 }
 

@@ -246,7 +246,7 @@ impl Trainer {
                         epoch: epoch + 1,
                         step: step + 1,
                         loss: value,
-                        batch_acc: batch_accuracy(&out.logits, &batch.units)?,
+                        batch_acc: self.batch_accuracy(&out.logits, &batch)?,
                         lr,
                     });
                 }
@@ -320,8 +320,24 @@ impl Trainer {
     }
 }
 
-fn batch_accuracy(logits: &Tensor, units: &[u32]) -> Result<f64> {
-    let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
-    let ok = pred.iter().zip(units).filter(|(p, y)| p == y).count();
-    Ok(ok as f64 / units.len().max(1) as f64)
+impl Trainer {
+    /// Training accuracy of a batch under the training mask (per sample in multi-head task-IL).
+    fn batch_accuracy(&self, logits: &Tensor, batch: &crate::data::Batch) -> Result<f64> {
+        let pred = if self.stream.mask_in_training() {
+            let masked = logits.broadcast_add(&crate::loss::unit_mask(
+                batch,
+                &self.stream,
+                logits.dim(D::Minus1)?,
+            )?)?;
+            crate::loss::predict_units(&masked, None)?
+        } else {
+            crate::loss::predict_units(logits, None)?
+        };
+        let ok = pred
+            .iter()
+            .zip(&batch.units)
+            .filter(|(p, y)| p == y)
+            .count();
+        Ok(ok as f64 / batch.len().max(1) as f64)
+    }
 }

@@ -170,7 +170,7 @@ impl TaskStream {
         let kind = cfg.kind;
         let bad = |m: String| Error::Benchmark(m);
         if t == 0 {
-            return Err(bad("tasks must be at least 1".into()));
+            return Err(bad("benchmark.tasks: must be at least 1".into()));
         }
         let [c, h, w] = dataset.train.shape;
 
@@ -183,7 +183,7 @@ impl TaskStream {
                     sorted.dedup();
                     if sorted.len() != list.len() || list.iter().any(|&k| k as usize >= nc) {
                         return Err(bad(format!(
-                            "benchmark.classes must list distinct classes in 0..{nc}, found {list:?}"
+                            "benchmark.classes: must list distinct classes in 0..{nc}, found {list:?}"
                         )));
                     }
                     list.clone()
@@ -198,7 +198,7 @@ impl TaskStream {
                     Some(k) => {
                         if k == 0 || k * t > order.len() {
                             return Err(bad(format!(
-                                "{t} tasks × {k} classes per task need {} classes, but {} has {}; lower benchmark.tasks or benchmark.classes_per_task",
+                                "benchmark.classes_per_task: {t} tasks × {k} classes per task need {} classes, but {} has {}; lower benchmark.tasks or benchmark.classes_per_task",
                                 t * k, dataset.name, order.len()
                             )));
                         }
@@ -317,7 +317,10 @@ impl TaskStream {
                 valid.sort_unstable();
             }
             if train.is_empty() {
-                return Err(bad(format!("task {} has no training samples", i + 1)));
+                return Err(bad(format!(
+                    "benchmark: task {} has no training samples; raise benchmark.train_subset or lower benchmark.validation_fraction",
+                    i + 1
+                )));
             }
             tasks.push(Task {
                 id: i,

@@ -9,6 +9,7 @@
 
 use candle_core::{backprop::GradStore, Tensor};
 
+use super::kernels::{adam_update, state_buffer};
 use super::Optimizer;
 use crate::error::Result;
 use crate::model::ParamSet;
@@ -45,33 +46,41 @@ impl Optimizer for Adam {
             self.moments = vec![None; n];
         }
         self.t += 1;
-        let [b1, b2] = [self.betas[0] as f64, self.betas[1] as f64];
-        let c1 = 1.0 - b1.powi(self.t as i32);
-        let c2 = 1.0 - b2.powi(self.t as i32);
-        let lr = self.lr as f64;
+        let c1 = 1.0 - (self.betas[0] as f64).powi(self.t as i32);
+        let c2 = 1.0 - (self.betas[1] as f64).powi(self.t as i32);
         for (i, (p, g)) in params.grads(grads).enumerate() {
             let Some(g) = g else { continue };
-            let mut theta = p.var.as_tensor().clone();
+            let theta = p.var.as_tensor();
             let g = if self.weight_decay != 0.0 && !self.decoupled {
-                (g + (&theta * self.weight_decay as f64)?)?
+                (g + (theta * self.weight_decay as f64)?)?
             } else {
                 g.clone()
             };
-            if self.weight_decay != 0.0 && self.decoupled {
-                theta = (theta * (1.0 - lr * self.weight_decay as f64))?;
-            }
-            let (m, v) = match self.moments[i].take() {
-                Some((m, v)) => (
-                    (m * b1)? + (&g * (1.0 - b1))?,
-                    (v * b2)? + (g.sqr()? * (1.0 - b2))?,
-                ),
-                None => (&g * (1.0 - b1), g.sqr()? * (1.0 - b2)),
+            let decay = if self.decoupled {
+                1.0 - self.lr * self.weight_decay
+            } else {
+                1.0
             };
-            let (m, v) = (m?, v?);
-            let denom = ((&v / c2)?.sqrt()? + self.eps as f64)?;
-            let update = ((&m / c1)? / denom)?;
-            p.var.set(&(&theta - (update * lr)?)?)?;
-            self.moments[i] = Some((m, v));
+            let (m, v) = match &self.moments[i] {
+                Some(mv) => mv.clone(),
+                None => {
+                    let z = g.zeros_like()?;
+                    let mv = (state_buffer(&z)?, state_buffer(&z)?);
+                    self.moments[i] = Some(mv.clone());
+                    mv
+                }
+            };
+            adam_update(
+                theta,
+                decay,
+                &m,
+                &v,
+                &g,
+                self.betas,
+                self.lr,
+                (c1 as f32, c2 as f32),
+                self.eps,
+            )?;
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! at task boundaries.
 
 pub mod adam;
+pub mod kernels;
 pub mod schedule;
 pub mod sgd;
 

@@ -9,6 +9,7 @@
 
 use candle_core::{backprop::GradStore, Tensor};
 
+use super::kernels::{axpby, state_buffer};
 use super::Optimizer;
 use crate::error::Result;
 use crate::model::ParamSet;
@@ -40,27 +41,36 @@ impl Optimizer for Sgd {
         if self.buffers.len() != n {
             self.buffers = vec![None; n];
         }
+        let (lr, mu) = (self.lr, self.momentum);
         for (i, (p, g)) in params.grads(grads).enumerate() {
             let Some(g) = g else { continue };
             let theta = p.var.as_tensor();
-            let mut g = if self.weight_decay != 0.0 {
+            let g = if self.weight_decay != 0.0 {
                 (g + (theta * self.weight_decay as f64)?)?
             } else {
                 g.clone()
             };
-            if self.momentum != 0.0 {
-                let b = match self.buffers[i].take() {
-                    Some(b) => ((b * self.momentum as f64)? + &g)?,
-                    None => g.clone(),
-                };
-                g = if self.nesterov {
-                    (g + (&b * self.momentum as f64)?)?
-                } else {
-                    b.clone()
-                };
-                self.buffers[i] = Some(b);
+            if mu == 0.0 {
+                axpby(theta, 1.0, -lr, &g)?;
+                continue;
             }
-            p.var.set(&(theta - (g * self.lr as f64)?)?)?;
+            let b = match &self.buffers[i] {
+                Some(b) => {
+                    axpby(b, mu, 1.0, &g)?;
+                    b.clone()
+                }
+                None => {
+                    let b = state_buffer(&g)?;
+                    self.buffers[i] = Some(b.clone());
+                    b
+                }
+            };
+            if self.nesterov {
+                axpby(theta, 1.0, -lr, &g)?;
+                axpby(theta, 1.0, -lr * mu, &b)?;
+            } else {
+                axpby(theta, 1.0, -lr, &b)?;
+            }
         }
         Ok(())
     }
