@@ -25,6 +25,10 @@ print("| run | n | avg acc (%) | forgetting (%) | BWT (%) | FWT (%) | train s |"
 print("|---|---|---|---|---|---|---|")
 for exp in sorted(p for p in root.iterdir() if p.is_dir()):
     rows = [json.loads((s / "summary.json").read_text()) for s in sorted(exp.glob("seed-*"))]
+    failed = [r["seed"] for r in rows if r["status"] != "completed"]
+    if failed:
+        print(f"| {exp.name} | failed seeds {failed}: see their summary.json | | | | | |")
+        continue
     def ms(key, scale=100.0):
         xs = [r["final"][key] * scale for r in rows if r["final"].get(key) is not None]
         if not xs:

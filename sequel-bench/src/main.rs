@@ -40,7 +40,8 @@ enum Command {
         /// Root folder for run directories (same as --set output.dir=DIR).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Compute threads (default: chosen by measurement, see docs/PERFORMANCE.md).
+        /// Compute threads. Default: $RAYON_NUM_THREADS if set, else 1 for MLPs and all cores for
+        /// convolutional models (measured, see docs/PERFORMANCE.md).
         #[arg(long)]
         threads: Option<usize>,
         /// Print only the final table.
@@ -69,6 +70,7 @@ enum Command {
         /// Untimed warm-up steps.
         #[arg(long, default_value_t = 50)]
         warmup: usize,
+        /// Compute threads (default as for `run`).
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -125,7 +127,6 @@ fn dispatch(cli: Cli) -> Result<()> {
             threads,
             quiet,
         } => {
-            configure_threads(threads);
             let (text, origin) = read_config(&config)?;
             if let Some(s) = seed {
                 set.push(format!("seed={s}"));
@@ -137,6 +138,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 ));
             }
             let prepared = prepare(&text, &origin, &set, &registry)?;
+            configure_threads(threads, prepared.config.model.kind);
             let interactive = std::io::stderr().is_terminal() && !quiet;
             let mut progress = display::ProgressView::new(interactive, quiet);
             let hash = option_env!("SEQUEL_GIT_HASH")
@@ -156,9 +158,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             warmup,
             threads,
         } => {
-            configure_threads(threads);
             let (text, origin) = read_config(&config)?;
             let p = prepare(&text, &origin, &set, &registry)?;
+            configure_threads(threads, p.config.model.kind);
             let c = &p.config;
             let trainer = sequel_core::experiment::build_trainer(c, &origin, p.algorithm, None)?;
             let shape = trainer.stream.input_shape();
@@ -288,13 +290,22 @@ fn model_note(name: &str) -> &'static str {
     }
 }
 
-/// Thread counts must be in the environment before candle's pools start.
-fn configure_threads(threads: Option<usize>) {
-    if let Some(n) = threads {
-        // SAFETY: called at start-up, before any other thread exists.
-        unsafe {
-            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-            std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
-        }
+/// Thread counts must be in the environment before candle's pools start (no tensor exists yet
+/// when this runs). Without `--threads` or `RAYON_NUM_THREADS`, the count is chosen by the
+/// measurements in docs/PERFORMANCE.md: MLP steps are too small to gain from a second thread and
+/// lose 30–60 % to synchronisation, convolutional models gain from every core.
+fn configure_threads(threads: Option<usize>, model: sequel_core::config::ModelKind) {
+    let n = match threads {
+        Some(n) => n.max(1),
+        None if std::env::var_os("RAYON_NUM_THREADS").is_some() => return,
+        None => match model {
+            sequel_core::config::ModelKind::Mlp => 1,
+            _ => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        },
+    };
+    // SAFETY: called on the main thread before any other thread has been started.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
     }
 }
