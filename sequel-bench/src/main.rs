@@ -11,6 +11,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 use sequel_algos::run::{execute, prepare};
 use sequel_algos::Registry;
 
+/// `println!` that ignores a closed stdout (`sequel list | head`) instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -146,8 +153,11 @@ fn dispatch(cli: Cli) -> Result<()> {
                 .map(String::from);
             let finished = execute(prepared, &mut progress, hash)?;
             progress.finish();
-            print!("{}", display::report(&finished.outcome));
-            println!("run directory: {}", finished.dir.display());
+            say!(
+                "{}run directory: {}",
+                display::report(&finished.outcome),
+                finished.dir.display()
+            );
             Ok(())
         }
         Command::Bench {
@@ -165,7 +175,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             let trainer = sequel_core::experiment::build_trainer(c, &origin, p.algorithm, None)?;
             let shape = trainer.stream.input_shape();
             let units = trainer.stream.num_units;
-            println!(
+            say!(
                 "model {} on {}x{}x{} inputs, {} outputs, optimizer {}, threads {}",
                 yaml_name(&c.model.kind),
                 shape[0],
@@ -175,7 +185,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 yaml_name(&c.optimizer.kind),
                 std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into())
             );
-            println!("{:>6} {:>10} {:>12}", "batch", "steps/s", "samples/s");
+            say!("{:>6} {:>10} {:>12}", "batch", "steps/s", "samples/s");
             for b in batch {
                 let t = sequel_core::bench::time_train_steps(
                     &c.model,
@@ -186,7 +196,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     warmup,
                     steps,
                 )?;
-                println!(
+                say!(
                     "{:>6} {:>10.1} {:>12.0}",
                     b,
                     t.steps_per_s(),
@@ -198,12 +208,21 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Validate { config, set } => {
             let (text, origin) = read_config(&config)?;
             let p = prepare(&text, &origin, &set, &registry)?;
-            println!(
-                "{origin}: ok ({} on {} {:?}, {} tasks)",
-                p.config.name,
-                p.config.benchmark.dataset,
-                p.config.benchmark.kind,
-                p.config.benchmark.tasks
+            let c = p.config.clone();
+            // Load the data and build the stream and model too: that is where a missing file,
+            // an unknown dataset or tasks that do not divide the classes show up.
+            let trainer =
+                sequel_core::experiment::build_trainer(&c, &origin, p.algorithm, p.consolidator)?;
+            say!(
+                "{origin}: ok ({}: {} {} {}, {} tasks, {} output units, {} with {} parameters)",
+                c.name,
+                yaml_name(&c.benchmark.kind),
+                c.benchmark.dataset,
+                yaml_name(&c.benchmark.scenario),
+                trainer.stream.len(),
+                trainer.stream.num_units,
+                yaml_name(&c.model.kind),
+                trainer.model.params().num_trainable()
             );
             Ok(())
         }
@@ -300,7 +319,9 @@ fn configure_threads(threads: Option<usize>, model: sequel_core::config::ModelKi
         None if std::env::var_os("RAYON_NUM_THREADS").is_some() => return,
         None => match model {
             sequel_core::config::ModelKind::Mlp => 1,
-            _ => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            _ => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
         },
     };
     // SAFETY: called on the main thread before any other thread has been started.
