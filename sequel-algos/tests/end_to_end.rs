@@ -190,6 +190,83 @@ fn cnn_and_resnet_backbones_train_through_the_trainer() {
     }
 }
 
+/// Records the weights of task 1's head around task 2.
+#[derive(Default)]
+struct HeadWatch {
+    before: Option<Vec<Vec<f32>>>,
+    after: Option<Vec<Vec<f32>>>,
+}
+
+fn head_values(ctx: &sequel_core::TaskCtx, head: usize) -> Vec<Vec<f32>> {
+    ctx.model
+        .params()
+        .iter()
+        .filter(|p| p.head == Some(head))
+        .map(|p| p.var.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
+}
+
+impl Algorithm for HeadWatch {
+    fn name(&self) -> &str {
+        "head-watch"
+    }
+    fn before_task(&mut self, ctx: &mut sequel_core::TaskCtx) -> sequel_core::Result<()> {
+        if ctx.task == 1 {
+            self.before = Some(head_values(ctx, 0));
+        }
+        Ok(())
+    }
+    fn after_task(&mut self, ctx: &mut sequel_core::TaskCtx) -> sequel_core::Result<()> {
+        if ctx.task == 1 {
+            self.after = Some(head_values(ctx, 0));
+            assert_eq!(
+                self.before.as_ref().unwrap().len(),
+                2,
+                "weight and bias of head 0"
+            );
+            assert_eq!(
+                self.before, self.after,
+                "task 1's head must not move while training task 2"
+            );
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn multi_head_task_il_leaves_other_tasks_heads_untouched_even_with_weight_decay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut reg = Registry::builtin();
+    reg.register_algorithm("head-watch", "test", |_: NoParams| {
+        Ok(Box::new(HeadWatch::default()) as Box<dyn Algorithm>)
+    });
+    for opt in [
+        "{kind: sgd, lr: 0.03, momentum: 0.9, weight_decay: 0.01}",
+        "{kind: adam, lr: 0.001, weight_decay: 0.01}",
+    ] {
+        let p = prepare(
+            &config(tmp.path(), "algorithm: { name: head-watch }\n"),
+            "t.yaml",
+            &[
+                "benchmark.scenario=task-il".into(),
+                "benchmark.task_il_head=multi".into(),
+                "benchmark.tasks=2".into(),
+                "benchmark.classes_per_task=2".into(),
+                format!("optimizer={opt}"),
+                "optimizer.reset_each_task=false".into(),
+            ],
+            &reg,
+        )
+        .unwrap();
+        let f = execute(p, &mut Silent, None).unwrap();
+        assert!(
+            f.outcome.matrix.rows[1][0] > 0.6,
+            "task 1 still solved: {:?}",
+            f.outcome.matrix.rows
+        );
+    }
+}
+
 /// An algorithm that makes the loss non-finite during task 2.
 struct Diverge;
 impl Algorithm for Diverge {

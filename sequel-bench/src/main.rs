@@ -60,6 +60,9 @@ enum Command {
         config: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Check the config only; do not load the dataset or build the stream and model.
+        #[arg(long)]
+        no_data: bool,
     },
     /// Measure training-step throughput (steps/s) of a config's model and optimizer on synthetic
     /// batches shaped like its dataset.
@@ -205,10 +208,18 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Validate { config, set } => {
+        Command::Validate {
+            config,
+            set,
+            no_data,
+        } => {
             let (text, origin) = read_config(&config)?;
             let p = prepare(&text, &origin, &set, &registry)?;
             let c = p.config.clone();
+            if no_data {
+                say!("{origin}: config ok ({}; data not checked)", c.name);
+                return Ok(());
+            }
             // Load the data and build the stream and model too: that is where a missing file,
             // an unknown dataset or tasks that do not divide the classes show up.
             let trainer =

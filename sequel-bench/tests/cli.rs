@@ -64,8 +64,17 @@ fn every_shipped_config_validates() {
         for e in std::fs::read_dir(repo().join(dir)).unwrap() {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "yaml") {
-                let o = sequel(&["validate", p.to_str().unwrap()], repo());
+                let o = sequel(&["validate", "--no-data", p.to_str().unwrap()], repo());
                 assert!(o.status.success(), "{}: {}", p.display(), stderr(&o));
+                // With data at hand, the stream and model must build too.
+                let text = std::fs::read_to_string(&p).unwrap();
+                let fmnist =
+                    Path::new("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+                        .exists();
+                if text.contains("fmnist-mini") || (text.contains("fashion-mnist") && fmnist) {
+                    let o = sequel(&["validate", p.to_str().unwrap()], repo());
+                    assert!(o.status.success(), "{}: {}", p.display(), stderr(&o));
+                }
                 n += 1;
             }
         }

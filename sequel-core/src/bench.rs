@@ -41,7 +41,7 @@ pub fn time_train_steps(
     steps: usize,
 ) -> Result<StepTiming> {
     let device = Device::Cpu;
-    let model = build_model(model_cfg, input, outputs, 0, &device)?;
+    let model = build_model(model_cfg, input, &[outputs], 0, &device)?;
     let mut opt = build_optimizer(opt_cfg);
     let mut rng = SeededRng::new(0, Stream::DataOrder);
     let d: usize = input.iter().product();

@@ -545,6 +545,22 @@ impl ExperimentConfig {
                 .to_lowercase(),
             ));
         }
+        let split_only = [
+            ("benchmark.classes_per_task", b.classes_per_task.is_some()),
+            ("benchmark.classes", b.classes.is_some()),
+            ("benchmark.class_order", b.class_order != ClassOrder::Fixed),
+        ];
+        for (key, given) in split_only {
+            if given && b.kind != StreamKind::Split {
+                return Err(err(key, "applies to `kind: split` only; remove it".into()));
+            }
+        }
+        if b.angles.is_some() && b.kind != StreamKind::Rotated {
+            return Err(err(
+                "benchmark.angles",
+                "applies to `kind: rotated` only; remove it".into(),
+            ));
+        }
         if let Some(a) = &b.angles {
             if a.len() != b.tasks {
                 return Err(err(
@@ -585,6 +601,37 @@ impl ExperimentConfig {
                 "optimizer.nesterov",
                 "needs optimizer.momentum > 0".into(),
             ));
+        }
+        if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return Err(err(
+                "optimizer.betas",
+                format!("each must be in [0, 1), found {:?}", o.betas),
+            ));
+        }
+        if !(o.eps.is_finite() && o.eps > 0.0) {
+            return Err(err(
+                "optimizer.eps",
+                format!("must be > 0, found {}", o.eps),
+            ));
+        }
+        match &o.schedule {
+            Schedule::Constant => {}
+            Schedule::Step { gamma, .. } => {
+                if !(gamma.is_finite() && *gamma > 0.0) {
+                    return Err(err(
+                        "optimizer.schedule.gamma",
+                        format!("must be > 0, found {gamma}"),
+                    ));
+                }
+            }
+            Schedule::Cosine { min_lr } => {
+                if !(0.0..=o.lr).contains(min_lr) {
+                    return Err(err(
+                        "optimizer.schedule.min_lr",
+                        format!("must be in [0, optimizer.lr = {}], found {min_lr}", o.lr),
+                    ));
+                }
+            }
         }
         if let Some(w) = o.weight_decay {
             if !(w.is_finite() && w >= 0.0) {
@@ -691,5 +738,42 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("optimizer.lr"));
+    }
+
+    #[test]
+    fn optimizer_and_stream_specific_keys_are_checked() {
+        let bad = |o: &[&str], key: &str| {
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            let c = parse_config(MIN, "x", &o).unwrap();
+            let e = c.validate("x").unwrap_err().to_string();
+            assert!(e.contains(key), "{o:?}: {e}");
+        };
+        bad(
+            &["optimizer.kind=adam", "optimizer.betas=[1.0, 0.999]"],
+            "optimizer.betas",
+        );
+        bad(&["optimizer.eps=0"], "optimizer.eps");
+        bad(
+            &["optimizer.schedule={kind: step, milestones: [1], gamma: -0.1}"],
+            "optimizer.schedule.gamma",
+        );
+        bad(
+            &["optimizer.schedule={kind: cosine, min_lr: 1.0}"],
+            "optimizer.schedule.min_lr",
+        );
+        bad(
+            &["optimizer.kind=adam", "optimizer.momentum=0.9"],
+            "optimizer.momentum",
+        );
+        bad(
+            &[
+                "benchmark.kind=permuted",
+                "benchmark.scenario=domain-il",
+                "benchmark.classes_per_task=2",
+            ],
+            "benchmark.classes_per_task",
+        );
+        bad(&["benchmark.angles=[0, 1, 2, 3, 4]"], "benchmark.angles");
+        bad(&["name=.hidden"], "name");
     }
 }

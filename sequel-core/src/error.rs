@@ -41,6 +41,10 @@ pub enum Error {
         step: usize,
     },
 
+    /// Training diverged: the weights stopped being finite after a task's last step.
+    #[error("weights became non-finite during task {task}; lower optimizer.lr or check the data")]
+    NonFiniteWeights { task: usize },
+
     /// An unknown name was given for a registered component.
     #[error("unknown {kind} `{name}`; valid: {valid}")]
     UnknownName {

@@ -36,7 +36,7 @@ pub fn build_trainer(
     let model = build_model(
         &cfg.model,
         stream.input_shape(),
-        stream.num_units,
+        &stream.head_sizes(),
         cfg.seed,
         &device,
     )

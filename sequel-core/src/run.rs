@@ -23,6 +23,7 @@ use crate::trainer::RunOutcome;
 pub struct RunDir {
     staging: PathBuf,
     final_dir: PathBuf,
+    lock: PathBuf,
 }
 
 /// Write `bytes` to `path` atomically (temporary file in the same folder, then rename).
@@ -51,6 +52,21 @@ impl RunDir {
         ))
         };
         fs::create_dir_all(&parent).map_err(|e| unwritable(&parent, e))?;
+        // One writer per run directory: a second run with the same name and seed would delete
+        // this one's staging folder. A lock left by a process that no longer exists is taken over.
+        let lock = parent.join(format!(".seed-{seed}.lock"));
+        if let Ok(text) = fs::read_to_string(&lock) {
+            let pid = text.trim();
+            let alive = Path::new("/proc").join(pid).exists();
+            if alive && pid != std::process::id().to_string() {
+                return Err(Error::Msg(format!(
+                    "another run (pid {pid}) is writing {}; wait for it, or delete {} if that process is gone",
+                    final_dir.display(),
+                    lock.display()
+                )));
+            }
+        }
+        fs::write(&lock, std::process::id().to_string()).map_err(|e| unwritable(&parent, e))?;
         if staging.exists() {
             fs::remove_dir_all(&staging).map_err(|e| unwritable(&staging, e))?;
         }
@@ -58,7 +74,11 @@ impl RunDir {
         let probe = staging.join(".probe");
         fs::write(&probe, b"").map_err(|e| unwritable(&staging, e))?;
         let _ = fs::remove_file(probe);
-        Ok(Self { staging, final_dir })
+        Ok(Self {
+            staging,
+            final_dir,
+            lock,
+        })
     }
 
     /// Where files go while the run is in progress.
@@ -76,16 +96,25 @@ impl RunDir {
     }
 
     /// Move the staging folder into place, replacing an earlier run of the same name and seed.
+    /// The earlier run is deleted only once the new one is in place.
     pub fn finish(self) -> Result<PathBuf> {
-        if self.final_dir.exists() {
-            let old = self
-                .final_dir
-                .with_extension(format!("old-{}", std::process::id()));
+        let old = self
+            .final_dir
+            .with_extension(format!("old-{}", std::process::id()));
+        let had_old = self.final_dir.exists();
+        if had_old {
             fs::rename(&self.final_dir, &old).map_err(|e| Error::io(&self.final_dir, e))?;
-            fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
         }
-        fs::rename(&self.staging, &self.final_dir).map_err(|e| Error::io(&self.final_dir, e))?;
-        Ok(self.final_dir)
+        if let Err(e) = fs::rename(&self.staging, &self.final_dir) {
+            if had_old {
+                let _ = fs::rename(&old, &self.final_dir);
+            }
+            return Err(Error::io(&self.final_dir, e));
+        }
+        if had_old {
+            let _ = fs::remove_dir_all(&old);
+        }
+        Ok(self.final_dir.clone())
     }
 }
 
@@ -216,4 +245,43 @@ fn mem_total_mb() -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb / 1024)
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.lock);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finish_replaces_an_earlier_run_and_a_live_lock_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = RunDir::create(tmp.path(), "r", 0).unwrap();
+        d.write("a.txt", b"first").unwrap();
+        let path = d.finish().unwrap();
+        let d = RunDir::create(tmp.path(), "r", 0).unwrap();
+        d.write("a.txt", b"second").unwrap();
+        assert_eq!(d.finish().unwrap(), path);
+        assert_eq!(fs::read(path.join("a.txt")).unwrap(), b"second");
+        let names: Vec<String> = fs::read_dir(tmp.path().join("r"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            vec!["seed-0".to_string()],
+            "no leftovers, lock released"
+        );
+        // A lock held by a live process (pid 1 always exists) blocks a second writer.
+        fs::write(tmp.path().join("r/.seed-0.lock"), "1").unwrap();
+        let e = RunDir::create(tmp.path(), "r", 0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("another run (pid 1)"), "{e}");
+    }
 }

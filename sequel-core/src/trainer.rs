@@ -128,6 +128,12 @@ impl Trainer {
                 }
                 Err(e) => return Err(e),
             };
+            // The loss is checked before each step; the weights after the last one are not, and
+            // NaN logits would be scored as "class 0" by argmax.
+            if !self.weights_finite()? {
+                outcome.failure = Some(Error::NonFiniteWeights { task: t + 1 });
+                return Ok(outcome);
+            }
             if let Some(c) = self.consolidator.as_mut() {
                 c.after_task(&mut ConsolidationCtx {
                     task: t,
@@ -159,6 +165,21 @@ impl Trainer {
             outcome.times.push(times);
         }
         Ok(outcome)
+    }
+
+    fn weights_finite(&self) -> Result<bool> {
+        for p in self.model.params().iter() {
+            let s = p
+                .var
+                .as_tensor()
+                .sum_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_scalar::<f32>()?;
+            if !s.is_finite() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     fn save_checkpoint(&self, t: usize) -> Result<()> {
@@ -237,6 +258,15 @@ impl Trainer {
                     });
                 }
                 let mut grads = loss.backward()?;
+                if self.stream.mask_in_training() {
+                    // Heads of tasks absent from the batch get no gradient at all (not a zero
+                    // one), so weight decay and momentum leave them alone, as with separate heads.
+                    for p in self.model.params().iter() {
+                        if p.head.is_some_and(|h| !batch.tasks.contains(&(h as u32))) {
+                            grads.remove(p.var.as_tensor());
+                        }
+                    }
+                }
                 self.algorithm.edit_gradients(&mut grads, &mut ctx)?;
                 self.optimizer.step(self.model.params(), &grads)?;
                 self.algorithm.after_step(&batch, &out, &mut ctx)?;

@@ -286,6 +286,18 @@ impl TaskStream {
         };
         let train_by_class = by_class(&dataset.train.labels);
         let test_by_class = by_class(&dataset.test.labels);
+        let n_train = dataset.train.len();
+        let mut held_out = vec![false; n_train];
+        let shared_valid: Option<Vec<u32>> =
+            (kind != StreamKind::Split && cfg.validation_fraction > 0.0).then(|| {
+                let mut all: Vec<u32> = (0..n_train as u32).collect();
+                SeededRng::derived(seed, Stream::Subset, 1 << 20).shuffle(&mut all);
+                all.truncate(((n_train as f64) * cfg.validation_fraction as f64).round() as usize);
+                for &i in &all {
+                    held_out[i as usize] = true;
+                }
+                all
+            });
         let mut tasks = Vec::with_capacity(t);
         for (i, classes) in task_classes.into_iter().enumerate() {
             let gather = |groups: &[Vec<u32>]| {
@@ -298,6 +310,24 @@ impl TaskStream {
             };
             let mut train = gather(&train_by_class);
             let test = gather(&test_by_class);
+            // Held-out samples first, so that no task ever trains on another task's validation
+            // images (permuted/rotated tasks share their base images: one shared held-out set).
+            let fraction = cfg.validation_fraction as f64;
+            let mut valid: Vec<u32> = match &shared_valid {
+                Some(v) => {
+                    train.retain(|i| !held_out[*i as usize]);
+                    v.clone()
+                }
+                None if fraction > 0.0 => {
+                    let n_valid = ((train.len() as f64) * fraction).round() as usize;
+                    let mut rng = SeededRng::derived(seed, Stream::Subset, (1 << 20) + i as u64);
+                    rng.shuffle(&mut train);
+                    let v = train.split_off(train.len() - n_valid);
+                    train.sort_unstable();
+                    v
+                }
+                None => Vec::new(),
+            };
             if let Some(n) = cfg.train_subset {
                 if n < train.len() {
                     let mut rng = SeededRng::derived(seed, Stream::Subset, i as u64);
@@ -305,16 +335,16 @@ impl TaskStream {
                     train.truncate(n);
                     train.sort_unstable();
                 }
+                // Keep the validation set in proportion to the training subset.
+                let cap = ((n as f64) * fraction / (1.0 - fraction)).round() as usize;
+                valid.truncate(cap.max(1));
             }
-            let mut valid = Vec::new();
-            if cfg.validation_fraction > 0.0 {
-                let n_valid =
-                    ((train.len() as f64) * cfg.validation_fraction as f64).round() as usize;
-                let mut rng = SeededRng::derived(seed, Stream::Subset, (1 << 20) + i as u64);
-                rng.shuffle(&mut train);
-                valid = train.split_off(train.len() - n_valid);
-                train.sort_unstable();
-                valid.sort_unstable();
+            valid.sort_unstable();
+            if fraction > 0.0 && valid.is_empty() {
+                return Err(bad(format!(
+                    "benchmark.validation_fraction: task {} gets no validation samples; raise benchmark.validation_fraction or benchmark.train_subset",
+                    i + 1
+                )));
             }
             if train.is_empty() {
                 return Err(bad(format!(
@@ -385,6 +415,16 @@ impl TaskStream {
         match self.eval_on {
             EvalSplit::Test => (&self.tasks[task].test, Split::Test),
             EvalSplit::Validation => (&self.tasks[task].valid, Split::Train),
+        }
+    }
+
+    /// Output units of each head of the model: one per task when logits are restricted to the
+    /// task's units in training (multi-head), else a single shared head.
+    pub fn head_sizes(&self) -> Vec<usize> {
+        if self.mask_in_training() {
+            self.tasks.iter().map(|t| t.units.len()).collect()
+        } else {
+            vec![self.num_units]
         }
     }
 
@@ -645,9 +685,45 @@ mod tests {
         c.validation_fraction = 0.5;
         let s = TaskStream::build(toy(), &c, 3).unwrap();
         let t = &s.tasks[0];
-        assert_eq!(t.train.len() + t.valid.len(), 6);
+        assert_eq!(
+            (t.train.len(), t.valid.len()),
+            (4, 4),
+            "8 samples: 4 held out, 4 left (< subset 6)"
+        );
         assert!(t.train.iter().all(|i| !t.valid.contains(i)));
         let again = TaskStream::build(toy(), &c, 3).unwrap();
         assert_eq!(again.tasks[0].train, t.train);
+        c.train_subset = Some(2);
+        let small = TaskStream::build(toy(), &c, 3).unwrap();
+        assert_eq!(
+            (small.tasks[0].train.len(), small.tasks[0].valid.len()),
+            (2, 2),
+            "validation kept in proportion"
+        );
+    }
+
+    #[test]
+    fn permuted_tasks_share_one_held_out_set() {
+        let mut c = cfg(StreamKind::Permuted, Scenario::DomainIl, 3);
+        c.validation_fraction = 0.25;
+        let s = TaskStream::build(toy(), &c, 0).unwrap();
+        assert_eq!(s.tasks[0].valid.len(), 10);
+        for t in &s.tasks {
+            assert_eq!(t.valid, s.tasks[0].valid);
+            for other in &s.tasks {
+                assert!(
+                    other.train.iter().all(|i| !t.valid.contains(i)),
+                    "validation image trained on"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn empty_validation_split_is_an_error() {
+        let mut c = cfg(StreamKind::Split, Scenario::ClassIl, 5);
+        c.validation_fraction = 0.01;
+        let e = TaskStream::build(toy(), &c, 0).unwrap_err().to_string();
+        assert!(e.contains("benchmark.validation_fraction"), "{e}");
     }
 }

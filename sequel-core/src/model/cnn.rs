@@ -1,10 +1,10 @@
 //! A small CNN: `[conv3×3 (pad 1) → ReLU → max-pool 2×2]*` then a linear head.
-//! Pooling uses kernel = stride, the only case candle can back-propagate.
+//! Pooling is our own 2×2 max-pool (candle's `max_pool2d` backward is wrong, see `layers.rs`).
 
 use candle_core::{Device, Tensor};
 
-use super::layers::{Conv2d, Linear};
-use super::params::{ParamSet, Role};
+use super::layers::{max_pool2x2, Conv2d, Head};
+use super::params::ParamSet;
 use super::{Model, ModelOutput};
 use crate::error::{Error, Result};
 use crate::rng::SeededRng;
@@ -12,7 +12,7 @@ use crate::rng::SeededRng;
 #[derive(Debug)]
 pub struct Cnn {
     convs: Vec<Conv2d>,
-    head: Linear,
+    head: Head,
     params: ParamSet,
 }
 
@@ -20,7 +20,7 @@ impl Cnn {
     pub fn new(
         input: [usize; 3],
         channels: &[usize],
-        outputs: usize,
+        heads: &[usize],
         rng: &mut SeededRng,
         device: &Device,
     ) -> Result<Self> {
@@ -51,12 +51,11 @@ impl Cnn {
                 )));
             }
         }
-        let head = Linear::new(
+        let head = Head::new(
             &mut params,
-            "head",
             channels.len() + 1,
-            Role::Head,
-            (c * h * w, outputs),
+            c * h * w,
+            heads,
             rng,
             device,
         )?;
@@ -72,7 +71,7 @@ impl Model for Cnn {
     fn forward(&self, x: &Tensor, _train: bool) -> Result<ModelOutput> {
         let mut h = x.clone();
         for conv in &self.convs {
-            h = conv.forward(&h)?.relu()?.max_pool2d(2)?;
+            h = max_pool2x2(&conv.forward(&h)?.relu()?)?;
         }
         let features = h.flatten_from(1)?;
         let logits = self.head.forward(&features)?;

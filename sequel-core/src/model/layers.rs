@@ -41,6 +41,66 @@ impl Linear {
     }
 }
 
+/// The classifier: one linear layer, or — for multi-head task-IL — one per task, whose outputs
+/// are concatenated in task order. Separate heads are separate parameters, so the trainer can
+/// drop the gradients of heads a batch does not use and the optimizer leaves them untouched
+/// (no weight decay or momentum drift on other tasks' heads).
+#[derive(Debug, Clone)]
+pub struct Head {
+    heads: Vec<Linear>,
+}
+
+impl Head {
+    /// `sizes[t]` = output units of head `t`; a single entry is an ordinary shared head.
+    pub fn new(
+        params: &mut ParamSet,
+        depth: usize,
+        fan_in: usize,
+        sizes: &[usize],
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut heads = Vec::with_capacity(sizes.len());
+        for (t, &k) in sizes.iter().enumerate() {
+            if sizes.len() == 1 {
+                heads.push(Linear::new(
+                    params,
+                    "head",
+                    depth,
+                    Role::Head,
+                    (fan_in, k),
+                    rng,
+                    device,
+                )?);
+            } else {
+                heads.push(Linear::new(
+                    params,
+                    &format!("head.{t}"),
+                    depth,
+                    Role::Head,
+                    (fan_in, k),
+                    rng,
+                    device,
+                )?);
+                params.tag_last_as_head(2, t);
+            }
+        }
+        Ok(Self { heads })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let [one] = self.heads.as_slice() {
+            return one.forward(x);
+        }
+        let outs = self
+            .heads
+            .iter()
+            .map(|h| h.forward(x))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&outs, 1)?)
+    }
+}
+
 /// 2-D convolution, `W: out × in × k × k`, optional bias.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -142,12 +202,17 @@ impl BatchNorm2d {
         let c = self.gamma.dim(0)?;
         let (mean, var) = if train {
             let n = x.elem_count() / c;
+            if n < 2 {
+                return Err(crate::error::Error::msg(
+                    "batch normalisation needs more than one value per channel in training; raise training.batch_size",
+                ));
+            }
             let xt = x.transpose(0, 1)?.reshape((c, n))?;
             let mean = xt.mean(D::Minus1)?;
             let centered = xt.broadcast_sub(&mean.unsqueeze(1)?)?;
             let var = centered.sqr()?.mean(D::Minus1)?;
             let m = self.momentum;
-            let unbiased = (var.detach() * (n as f64 / (n.max(2) - 1) as f64))?;
+            let unbiased = (var.detach() * (n as f64 / (n - 1) as f64))?;
             self.running_mean
                 .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach() * m)?)?)?;
             self.running_var
@@ -167,6 +232,22 @@ impl BatchNorm2d {
             .broadcast_mul(&scale)?
             .broadcast_add(&self.beta.as_tensor().reshape(shape)?)?)
     }
+}
+
+/// 2×2 max pooling with stride 2 (floor mode: an odd last row/column is dropped).
+///
+/// Written as a reshape and two max-reductions because candle 0.11.1's `max_pool2d` backward is
+/// wrong: it scales the gradient of each window's maximum by 1/4 (and mis-assigns it on odd map
+/// sizes), so every pooling layer silently divides the learning rate of the layers below it.
+pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (h2, w2) = (h / 2, w / 2);
+    let x = if h % 2 != 0 || w % 2 != 0 {
+        x.narrow(2, 0, 2 * h2)?.narrow(3, 0, 2 * w2)?
+    } else {
+        x.clone()
+    };
+    Ok(x.reshape((n, c, h2, 2, w2, 2))?.max(5)?.max(3)?)
 }
 
 pub fn activate(x: &Tensor, kind: ActivationKind) -> Result<Tensor> {
@@ -210,5 +291,48 @@ impl Dropout {
             .collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(DType::F32)?;
         Ok(x.mul(&mask)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Forward equals the window maxima; the gradient of Σ pool(x) is 1 at each window's maximum
+    /// and 0 elsewhere (including the dropped odd row and column).
+    #[test]
+    fn max_pool_forward_and_gradient_are_exact() {
+        let dev = Device::Cpu;
+        // 5×5 map with distinct values so every window has a unique maximum.
+        let vals: Vec<f32> = (0..25).map(|i| ((i * 7) % 25) as f32).collect();
+        let x =
+            Var::from_tensor(&Tensor::from_vec(vals.clone(), (1, 1, 5, 5), &dev).unwrap()).unwrap();
+        let y = max_pool2x2(x.as_tensor()).unwrap();
+        assert_eq!(y.dims(), &[1, 1, 2, 2]);
+        let out = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut expected_grad = vec![0f32; 25];
+        for (k, (wy, wx)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
+            let idx = [
+                (2 * wy) * 5 + 2 * wx,
+                (2 * wy) * 5 + 2 * wx + 1,
+                (2 * wy + 1) * 5 + 2 * wx,
+                (2 * wy + 1) * 5 + 2 * wx + 1,
+            ];
+            let best = *idx
+                .iter()
+                .max_by(|&&a, &&b| vals[a].total_cmp(&vals[b]))
+                .unwrap();
+            assert_eq!(out[k], vals[best]);
+            expected_grad[best] = 1.0;
+        }
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let grad = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(grad, expected_grad);
     }
 }

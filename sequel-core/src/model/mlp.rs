@@ -2,7 +2,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::layers::{activate, Dropout, Linear};
+use super::layers::{activate, Dropout, Head, Linear};
 use super::params::{ParamSet, Role};
 use super::{Model, ModelOutput};
 use crate::config::ActivationKind;
@@ -12,7 +12,7 @@ use crate::rng::SeededRng;
 #[derive(Debug)]
 pub struct Mlp {
     hidden: Vec<Linear>,
-    head: Linear,
+    head: Head,
     activation: ActivationKind,
     dropout: Dropout,
     params: ParamSet,
@@ -23,7 +23,7 @@ impl Mlp {
     pub fn new(
         input: usize,
         widths: &[usize],
-        outputs: usize,
+        heads: &[usize],
         activation: ActivationKind,
         dropout: Dropout,
         rng: &mut SeededRng,
@@ -44,15 +44,7 @@ impl Mlp {
             )?);
             fan_in = w;
         }
-        let head = Linear::new(
-            &mut params,
-            "head",
-            widths.len() + 1,
-            Role::Head,
-            (fan_in, outputs),
-            rng,
-            device,
-        )?;
+        let head = Head::new(&mut params, widths.len() + 1, fan_in, heads, rng, device)?;
         Ok(Self {
             hidden,
             head,

@@ -35,10 +35,12 @@ pub trait Model: Send + Sync {
 pub const MODELS: &[&str] = &["mlp", "cnn", "resnet18"];
 
 /// Build the configured backbone with parameters drawn from the `init` stream of `seed`.
+/// `heads` lists the output units of each head: one entry for a shared head, one per task for
+/// multi-head task-IL (see [`crate::data::TaskStream::head_sizes`]).
 pub fn build_model(
     cfg: &ModelConfig,
     input: [usize; 3],
-    outputs: usize,
+    heads: &[usize],
     seed: u64,
     device: &Device,
 ) -> Result<Box<dyn Model>> {
@@ -47,7 +49,7 @@ pub fn build_model(
         ModelKind::Mlp => Box::new(mlp::Mlp::new(
             input.iter().product(),
             &cfg.hidden,
-            outputs,
+            heads,
             cfg.activation,
             layers::Dropout::new(cfg.dropout, SeededRng::new(seed, Stream::Dropout)),
             &mut rng,
@@ -56,12 +58,12 @@ pub fn build_model(
         ModelKind::Cnn => Box::new(cnn::Cnn::new(
             input,
             &cfg.channels,
-            outputs,
+            heads,
             &mut rng,
             device,
         )?),
         ModelKind::Resnet18 => Box::new(resnet::ResNet18::new(
-            input, cfg.width, outputs, &mut rng, device,
+            input, cfg.width, heads, &mut rng, device,
         )?),
     })
 }
@@ -89,9 +91,9 @@ mod tests {
                 .flat_map(|p| p.var.flatten_all().unwrap().to_vec1::<f32>().unwrap())
                 .collect()
         };
-        let a = build_model(&cfg(ModelKind::Mlp), [1, 28, 28], 10, 5, &dev).unwrap();
-        let b = build_model(&cfg(ModelKind::Mlp), [1, 28, 28], 10, 5, &dev).unwrap();
-        let c = build_model(&cfg(ModelKind::Mlp), [1, 28, 28], 10, 6, &dev).unwrap();
+        let a = build_model(&cfg(ModelKind::Mlp), [1, 28, 28], &[10], 5, &dev).unwrap();
+        let b = build_model(&cfg(ModelKind::Mlp), [1, 28, 28], &[10], 5, &dev).unwrap();
+        let c = build_model(&cfg(ModelKind::Mlp), [1, 28, 28], &[10], 6, &dev).unwrap();
         assert_eq!(flat(a.as_ref()), flat(b.as_ref()));
         assert_ne!(flat(a.as_ref()), flat(c.as_ref()));
     }
@@ -104,7 +106,7 @@ mod tests {
             (ModelKind::Cnn, [1, 28, 28]),
             (ModelKind::Resnet18, [3, 32, 32]),
         ] {
-            let m = build_model(&cfg(kind), shape, 7, 0, &dev).unwrap();
+            let m = build_model(&cfg(kind), shape, &[7], 0, &dev).unwrap();
             let x = Tensor::zeros(
                 (2, shape[0], shape[1], shape[2]),
                 candle_core::DType::F32,
@@ -134,7 +136,7 @@ mod tests {
     #[test]
     fn batchnorm_updates_running_stats_only_in_training() {
         let dev = Device::Cpu;
-        let m = build_model(&cfg(ModelKind::Resnet18), [3, 8, 8], 2, 0, &dev).unwrap();
+        let m = build_model(&cfg(ModelKind::Resnet18), [3, 8, 8], &[2], 0, &dev).unwrap();
         let stat = m
             .params()
             .iter()

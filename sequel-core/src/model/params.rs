@@ -29,6 +29,8 @@ pub struct Param {
     pub name: String,
     pub depth: usize,
     pub role: Role,
+    /// For a multi-head model: the task whose head this tensor belongs to.
+    pub head: Option<usize>,
     pub var: Var,
 }
 
@@ -60,8 +62,17 @@ impl ParamSet {
             name: name.into(),
             depth,
             role,
+            head: None,
             var,
         });
+    }
+
+    /// Mark the last `count` tensors pushed as belonging to task `head`'s output head.
+    pub fn tag_last_as_head(&mut self, count: usize, head: usize) {
+        let n = self.params.len();
+        for p in &mut self.params[n.saturating_sub(count)..] {
+            p.head = Some(head);
+        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Param> {
@@ -109,6 +120,17 @@ impl ParamSet {
                 self.params.len()
             )));
         }
+        // Check every shape before writing anything, so a bad snapshot never half-loads.
+        for (p, t) in self.params.iter().zip(&s.tensors) {
+            if p.var.shape() != t.shape() {
+                return Err(Error::msg(format!(
+                    "snapshot tensor for `{}` has shape {:?}, expected {:?}",
+                    p.name,
+                    t.dims(),
+                    p.var.dims()
+                )));
+            }
+        }
         for (p, t) in self.params.iter().zip(&s.tensors) {
             p.var.set(t)?;
         }
@@ -125,10 +147,22 @@ impl ParamSet {
 
     /// Load named tensors; every parameter must be present with its shape.
     pub fn load_named(&self, map: &HashMap<String, Tensor>) -> Result<()> {
+        let mut found = Vec::with_capacity(self.params.len());
         for p in &self.params {
             let t = map
                 .get(&p.name)
                 .ok_or_else(|| Error::msg(format!("missing tensor `{}`", p.name)))?;
+            if t.shape() != p.var.shape() {
+                return Err(Error::msg(format!(
+                    "tensor `{}` has shape {:?}, expected {:?}",
+                    p.name,
+                    t.dims(),
+                    p.var.dims()
+                )));
+            }
+            found.push(t);
+        }
+        for (p, t) in self.params.iter().zip(found) {
             p.var.set(t)?;
         }
         Ok(())

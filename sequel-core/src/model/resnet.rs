@@ -8,8 +8,8 @@
 
 use candle_core::{Device, Tensor};
 
-use super::layers::{BatchNorm2d, Conv2d, Linear};
-use super::params::{ParamSet, Role};
+use super::layers::{BatchNorm2d, Conv2d, Head};
+use super::params::ParamSet;
 use super::{Model, ModelOutput};
 use crate::error::Result;
 use crate::rng::SeededRng;
@@ -102,7 +102,7 @@ pub struct ResNet18 {
     stem: Conv2d,
     stem_bn: BatchNorm2d,
     blocks: Vec<Block>,
-    head: Linear,
+    head: Head,
     params: ParamSet,
 }
 
@@ -110,7 +110,7 @@ impl ResNet18 {
     pub fn new(
         input: [usize; 3],
         nf: usize,
-        outputs: usize,
+        heads: &[usize],
         rng: &mut SeededRng,
         device: &Device,
     ) -> Result<Self> {
@@ -149,15 +149,7 @@ impl ResNet18 {
                 depth += 2;
             }
         }
-        let head = Linear::new(
-            &mut params,
-            "head",
-            depth,
-            Role::Head,
-            (c_in, outputs),
-            rng,
-            device,
-        )?;
+        let head = Head::new(&mut params, depth, c_in, heads, rng, device)?;
         Ok(Self {
             stem,
             stem_bn,

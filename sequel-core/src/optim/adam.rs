@@ -102,7 +102,8 @@ impl Optimizer for Adam {
         self.moments
             .iter()
             .flat_map(|m| match m {
-                Some((a, b)) => [Some(a.clone()), Some(b.clone())],
+                // Copies: the moments themselves are updated in place by later steps.
+                Some((a, b)) => [a.copy().ok(), b.copy().ok()],
                 None => [None, None],
             })
             .collect()

@@ -99,6 +99,9 @@ impl InplaceOp2 for AdamMoments {
         else {
             candle_core::bail!("adam: operands must be contiguous");
         };
+        if m1 - m0 != g1 - g0 {
+            candle_core::bail!("adam: length mismatch {} vs {}", m1 - m0, g1 - g0);
+        }
         let (b, c) = (self.beta, 1.0 - self.beta);
         for (m, &g) in m[m0..m1].iter_mut().zip(&g[g0..g1]) {
             *m = b * *m + c * if self.square { g * g } else { g };
@@ -139,6 +142,14 @@ impl InplaceOp3 for AdamStep {
         ) else {
             candle_core::bail!("adam: operands must be contiguous");
         };
+        if t1 - t0 != m1 - m0 || t1 - t0 != v1 - v0 {
+            candle_core::bail!(
+                "adam: length mismatch {} / {} / {}",
+                t1 - t0,
+                m1 - m0,
+                v1 - v0
+            );
+        }
         for ((t, &m), &v) in t[t0..t1].iter_mut().zip(&m[m0..m1]).zip(&v[v0..v1]) {
             *t = *t * self.decay - self.lr * (m / self.c1) / ((v / self.c2).sqrt() + self.eps);
         }

@@ -88,7 +88,11 @@ impl Optimizer for Sgd {
     }
 
     fn state(&self) -> Vec<Option<Tensor>> {
-        self.buffers.clone()
+        // Copies: the buffers themselves are updated in place by later steps.
+        self.buffers
+            .iter()
+            .map(|b| b.as_ref().and_then(|t| t.copy().ok()))
+            .collect()
     }
 }
 
