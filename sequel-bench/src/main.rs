@@ -84,11 +84,30 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Summarise finished runs: groups runs that differ only in the seed and prints mean ± std
+    /// (and n) of the final metrics as a table, best average accuracy first.
+    Compare {
+        /// Run directories, or folders containing them (searched recursively).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Group by the value of this config key instead (e.g. `algorithm.name`).
+        #[arg(long)]
+        by: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "md")]
+        format: TableFormat,
+    },
     /// List the available algorithms, consolidation strategies, datasets or models.
     List {
         #[arg(value_enum, default_value = "all")]
         what: ListWhat,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TableFormat {
+    Md,
+    Csv,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -234,6 +253,21 @@ fn dispatch(cli: Cli) -> Result<()> {
                 trainer.stream.num_units,
                 yaml_name(&c.model.kind),
                 trainer.model.params().num_trainable()
+            );
+            Ok(())
+        }
+        Command::Compare { runs, by, format } => {
+            let records = sequel_core::results::find_runs(&runs)?;
+            if records.is_empty() {
+                anyhow::bail!(
+                    "no run directories (with summary.json and config.yaml) under the given paths"
+                );
+            }
+            let rows = sequel_core::results::compare(&records, by.as_deref());
+            say!(
+                "{}",
+                sequel_core::results::format_table(&rows, matches!(format, TableFormat::Csv))
+                    .trim_end()
             );
             Ok(())
         }

@@ -203,6 +203,34 @@ fn truncated_data_file_is_reported_with_its_path() {
 }
 
 #[test]
+fn compare_summarises_seeds_of_real_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = write(
+        tmp.path(),
+        "c.yaml",
+        "name: t\nbenchmark: { dataset: fmnist-mini, kind: split, tasks: 5, scenario: class-il, train_subset: 100 }\n",
+    );
+    for seed in ["0", "1"] {
+        let o = sequel(
+            &["run", &f, "--seed", seed, "--quiet", "--out", "r"],
+            tmp.path(),
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let o = sequel(&["compare", "r"], tmp.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("| t |"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(row.starts_with("| t | 2 | "), "{row}");
+    let o = sequel(&["compare", "nowhere"], tmp.path());
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("nowhere: no such run directory"));
+}
+
+#[test]
 fn list_names_algorithms_datasets_and_models() {
     let o = sequel(&["list"], repo());
     let s = String::from_utf8_lossy(&o.stdout);

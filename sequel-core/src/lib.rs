@@ -14,6 +14,7 @@ pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod results;
 pub mod rng;
 pub mod run;
 pub mod trainer;

@@ -1,0 +1,334 @@
+//! Reading finished run directories back and summarising them across seeds (`sequel compare`).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// One finished run, as read from its directory.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub dir: PathBuf,
+    /// The resolved config (config.yaml).
+    pub config: serde_yaml::Value,
+    /// summary.json.
+    pub summary: serde_json::Value,
+}
+
+impl RunRecord {
+    pub fn completed(&self) -> bool {
+        self.summary["status"].as_str() == Some("completed")
+    }
+
+    /// A final metric (`avg_acc`, `forgetting`, ...) as a fraction, if defined.
+    pub fn final_metric(&self, key: &str) -> Option<f64> {
+        self.summary["final"][key].as_f64()
+    }
+
+    /// The value at a dotted key path of the config, as text (`algorithm.name` → `naive`).
+    pub fn config_value(&self, path: &str) -> Option<String> {
+        let mut v = &self.config;
+        for part in path.split('.') {
+            v = v.get(part)?;
+        }
+        Some(match v {
+            serde_yaml::Value::String(s) => s.clone(),
+            other => serde_yaml::to_string(other).ok()?.trim().to_string(),
+        })
+    }
+
+    /// The config without its seed: runs with equal keys differ only in the seed.
+    pub fn seedless_key(&self) -> String {
+        let mut c = self.config.clone();
+        if let Some(m) = c.as_mapping_mut() {
+            m.remove("seed");
+            // The output folder does not change what was run.
+            m.remove("output");
+        }
+        serde_yaml::to_string(&c).unwrap_or_default()
+    }
+}
+
+/// Every run directory (a folder holding summary.json and config.yaml) at or below `paths`,
+/// skipping staging folders. Sorted by path.
+pub fn find_runs(paths: &[PathBuf]) -> Result<Vec<RunRecord>> {
+    let mut dirs = Vec::new();
+    for p in paths {
+        if !p.exists() {
+            return Err(Error::Msg(format!(
+                "{}: no such run directory",
+                p.display()
+            )));
+        }
+        collect(p, &mut dirs)?;
+    }
+    dirs.sort();
+    dirs.dedup();
+    dirs.into_iter().map(|d| read_run(&d)).collect()
+}
+
+fn collect(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    if p.join("summary.json").is_file() && p.join("config.yaml").is_file() {
+        out.push(p.to_path_buf());
+        return Ok(());
+    }
+    if p.is_dir() {
+        for e in fs::read_dir(p).map_err(|e| Error::io(p, e))? {
+            let e = e.map_err(|e| Error::io(p, e))?;
+            let name = e.file_name();
+            if name.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if e.path().is_dir() {
+                collect(&e.path(), out)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_run(dir: &Path) -> Result<RunRecord> {
+    let read = |f: &str| fs::read_to_string(dir.join(f)).map_err(|e| Error::io(dir.join(f), e));
+    let config = serde_yaml::from_str(&read("config.yaml")?).map_err(|e| Error::DataFormat {
+        path: dir.join("config.yaml"),
+        message: e.to_string(),
+    })?;
+    let summary = serde_json::from_str(&read("summary.json")?).map_err(|e| Error::DataFormat {
+        path: dir.join("summary.json"),
+        message: e.to_string(),
+    })?;
+    Ok(RunRecord {
+        dir: dir.to_path_buf(),
+        config,
+        summary,
+    })
+}
+
+/// Mean, sample standard deviation and count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stat {
+    pub mean: f64,
+    pub std: f64,
+    pub n: usize,
+}
+
+impl Stat {
+    pub fn of(xs: &[f64]) -> Option<Stat> {
+        if xs.is_empty() {
+            return None;
+        }
+        let n = xs.len();
+        let mean = xs.iter().sum::<f64>() / n as f64;
+        let std = if n > 1 {
+            (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        Some(Stat { mean, std, n })
+    }
+}
+
+/// One row of the comparison: a group of runs that differ only in the seed (or share the
+/// `--by` value).
+#[derive(Debug, Clone)]
+pub struct GroupSummary {
+    pub label: String,
+    pub runs: usize,
+    pub failed: usize,
+    pub seeds: Vec<u64>,
+    pub avg_acc: Option<Stat>,
+    pub forgetting: Option<Stat>,
+    pub bwt: Option<Stat>,
+    pub fwt: Option<Stat>,
+    pub train_s: Option<Stat>,
+}
+
+/// Group runs (by the seedless config, or by the value of `by`) and summarise each group over
+/// its completed runs. Sorted by mean average accuracy, best first.
+pub fn compare(runs: &[RunRecord], by: Option<&str>) -> Vec<GroupSummary> {
+    let mut groups: BTreeMap<String, (String, Vec<&RunRecord>)> = BTreeMap::new();
+    for r in runs {
+        let (key, label) = match by {
+            Some(path) => {
+                let v = r.config_value(path).unwrap_or_else(|| "(unset)".into());
+                (v.clone(), format!("{path}={v}"))
+            }
+            None => (
+                r.seedless_key(),
+                r.config_value("name").unwrap_or_else(|| "?".into()),
+            ),
+        };
+        groups
+            .entry(key)
+            .or_insert_with(|| (label, Vec::new()))
+            .1
+            .push(r);
+    }
+    let mut rows: Vec<GroupSummary> = groups
+        .into_values()
+        .map(|(label, rs)| {
+            let ok: Vec<&&RunRecord> = rs.iter().filter(|r| r.completed()).collect();
+            let stat = |k: &str| {
+                Stat::of(
+                    &ok.iter()
+                        .filter_map(|r| r.final_metric(k))
+                        .collect::<Vec<_>>(),
+                )
+            };
+            let mut seeds: Vec<u64> = ok
+                .iter()
+                .filter_map(|r| r.summary["seed"].as_u64())
+                .collect();
+            seeds.sort_unstable();
+            GroupSummary {
+                label,
+                runs: rs.len(),
+                failed: rs.len() - ok.len(),
+                seeds,
+                avg_acc: stat("avg_acc"),
+                forgetting: stat("forgetting"),
+                bwt: stat("bwt"),
+                fwt: stat("fwt"),
+                train_s: Stat::of(
+                    &ok.iter()
+                        .filter_map(|r| r.summary["train_s"].as_f64())
+                        .collect::<Vec<_>>(),
+                ),
+            }
+        })
+        .collect();
+    // Labels can repeat (same name, other settings): make them distinct by a counter.
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &mut rows {
+        let c = seen.entry(r.label.clone()).or_insert(0);
+        *c += 1;
+        if *c > 1 {
+            r.label = format!("{} ({})", r.label, c);
+        }
+    }
+    rows.sort_by(|a, b| {
+        let m = |g: &GroupSummary| g.avg_acc.map(|s| s.mean).unwrap_or(f64::NEG_INFINITY);
+        m(b).total_cmp(&m(a)).then_with(|| a.label.cmp(&b.label))
+    });
+    rows
+}
+
+/// The comparison as a Markdown (`md`) or CSV table; accuracies in percent.
+pub fn format_table(rows: &[GroupSummary], csv: bool) -> String {
+    let pct = |s: &Option<Stat>| match s {
+        Some(s) if csv => format!("{:.4},{:.4}", s.mean * 100.0, s.std * 100.0),
+        Some(s) => format!("{:.2} ± {:.2}", s.mean * 100.0, s.std * 100.0),
+        None if csv => ",".into(),
+        None => "n/a".into(),
+    };
+    let secs = |s: &Option<Stat>| match s {
+        Some(s) if csv => format!("{:.3}", s.mean),
+        Some(s) => format!("{:.1}", s.mean),
+        None => String::new(),
+    };
+    let mut out = String::new();
+    if csv {
+        out.push_str("run,n,failed,avg_acc,avg_acc_std,forgetting,forgetting_std,bwt,bwt_std,fwt,fwt_std,train_s\n");
+        for r in rows {
+            out.push_str(&format!(
+                "{},{},{},{},{},{},{},{}\n",
+                r.label.replace(',', ";"),
+                r.seeds.len(),
+                r.failed,
+                pct(&r.avg_acc),
+                pct(&r.forgetting),
+                pct(&r.bwt),
+                pct(&r.fwt),
+                secs(&r.train_s)
+            ));
+        }
+    } else {
+        out.push_str("| run | n | avg acc (%) | forgetting (%) | BWT (%) | FWT (%) | train s |\n");
+        out.push_str("|---|---|---|---|---|---|---|\n");
+        for r in rows {
+            let n = if r.failed > 0 {
+                format!("{} ({} failed)", r.seeds.len(), r.failed)
+            } else {
+                r.seeds.len().to_string()
+            };
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                r.label,
+                n,
+                pct(&r.avg_acc),
+                pct(&r.forgetting),
+                pct(&r.bwt),
+                pct(&r.fwt),
+                secs(&r.train_s)
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake(root: &Path, name: &str, seed: u64, lr: f64, acc: f64, status: &str) {
+        let d = root.join(name).join(format!("seed-{seed}"));
+        fs::create_dir_all(&d).unwrap();
+        fs::write(
+            d.join("config.yaml"),
+            format!(
+                "name: {name}\nseed: {seed}\noptimizer:\n  lr: {lr}\nalgorithm:\n  name: {name}\n"
+            ),
+        )
+        .unwrap();
+        let s = serde_json::json!({"status": status, "seed": seed, "train_s": 2.0,
+            "final": {"avg_acc": acc, "forgetting": 0.1, "bwt": -0.1, "fwt": null}});
+        fs::write(d.join("summary.json"), s.to_string()).unwrap();
+    }
+
+    #[test]
+    fn groups_by_seedless_config_with_mean_and_sample_std() {
+        let tmp = tempfile::tempdir().unwrap();
+        fake(tmp.path(), "a", 0, 0.1, 0.5, "completed");
+        fake(tmp.path(), "a", 1, 0.1, 0.7, "completed");
+        fake(tmp.path(), "a", 2, 0.1, 0.9, "failed: loss became NaN");
+        fake(tmp.path(), "b", 0, 0.1, 0.8, "completed");
+        // A staging folder is ignored.
+        fs::create_dir_all(tmp.path().join("b/.seed-1.partial")).unwrap();
+        let runs = find_runs(&[tmp.path().to_path_buf()]).unwrap();
+        assert_eq!(runs.len(), 4);
+        let rows = compare(&runs, None);
+        assert_eq!(rows[0].label, "b");
+        let a = &rows[1];
+        assert_eq!((a.runs, a.failed, a.seeds.clone()), (3, 1, vec![0, 1]));
+        let s = a.avg_acc.unwrap();
+        assert!(
+            (s.mean - 0.6).abs() < 1e-12 && (s.std - 0.02f64.sqrt()).abs() < 1e-12,
+            "{s:?}"
+        );
+        assert!(a.fwt.is_none());
+        let md = format_table(&rows, false);
+        assert!(md.contains("| a | 2 (1 failed) | 60.00 ± 14.14 |"), "{md}");
+        let csv = format_table(&rows, true);
+        assert!(
+            csv.lines()
+                .nth(2)
+                .unwrap()
+                .starts_with("a,2,1,60.0000,14.1421,"),
+            "{csv}"
+        );
+    }
+
+    #[test]
+    fn by_key_merges_groups_sharing_a_value() {
+        let tmp = tempfile::tempdir().unwrap();
+        fake(tmp.path(), "a", 0, 0.1, 0.5, "completed");
+        fake(tmp.path(), "b", 0, 0.1, 0.7, "completed");
+        fake(tmp.path(), "c", 0, 0.2, 0.9, "completed");
+        let runs = find_runs(&[tmp.path().to_path_buf()]).unwrap();
+        let rows = compare(&runs, Some("optimizer.lr"));
+        let labels: Vec<&str> = rows.iter().map(|r| r.label.as_str()).collect();
+        assert_eq!(labels, vec!["optimizer.lr=0.2", "optimizer.lr=0.1"]);
+        assert_eq!(rows[1].runs, 2);
+    }
+}
