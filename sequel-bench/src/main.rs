@@ -1,6 +1,14 @@
 //! `sequel`: run, validate and list continual-learning experiments.
 
+/// `println!` that ignores a closed stdout (`sequel list | head`) instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 mod display;
+mod sweep;
 
 use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
@@ -10,13 +18,6 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use sequel_algos::run::{execute, prepare};
 use sequel_algos::Registry;
-
-/// `println!` that ignores a closed stdout (`sequel list | head`) instead of panicking.
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
-    }};
-}
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -84,6 +85,31 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Run configs × grid × seeds, each point in its own run directory; finished points are
+    /// skipped, so an interrupted sweep continues where it stopped.
+    Sweep {
+        /// Experiment YAML files.
+        #[arg(required = true)]
+        configs: Vec<PathBuf>,
+        /// Seeds: a range `0..5` (end exclusive), `0..=4`, or a list `0,2,7`.
+        #[arg(long, default_value = "0")]
+        seeds: String,
+        /// A grid axis `key=v1,v2,...` (repeatable; values are YAML, commas inside [] or {} kept).
+        #[arg(long = "grid", value_name = "KEY=V1,V2")]
+        grid: Vec<String>,
+        /// Overrides applied to every point.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Runs at a time; the cores are split between them.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Root of the run directories.
+        #[arg(long, default_value = "runs")]
+        out: PathBuf,
+        /// Print the expansion (and which points are done) without running anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Summarise finished runs: groups runs that differ only in the seed and prints mean ± std
     /// (and n) of the final metrics as a table, best average accuracy first.
     Compare {
@@ -139,7 +165,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn read_config(path: &PathBuf) -> Result<(String, String)> {
+pub(crate) fn read_config(path: &PathBuf) -> Result<(String, String)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config {}", path.display()))?;
     Ok((text, path.display().to_string()))
@@ -256,6 +282,26 @@ fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Sweep {
+            configs,
+            seeds,
+            grid,
+            set,
+            jobs,
+            out,
+            dry_run,
+        } => sweep::run(
+            &registry,
+            sweep::Args {
+                configs,
+                seeds,
+                grid,
+                set,
+                jobs,
+                out,
+                dry_run,
+            },
+        ),
         Command::Compare { runs, by, format } => {
             let records = sequel_core::results::find_runs(&runs)?;
             if records.is_empty() {

@@ -231,6 +231,71 @@ fn compare_summarises_seeds_of_real_runs() {
 }
 
 #[test]
+fn sweep_expands_exactly_skips_finished_points_and_parallel_equals_sequential() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = write(
+        tmp.path(),
+        "c.yaml",
+        "name: s\nbenchmark: { dataset: fmnist-mini, kind: split, tasks: 5, scenario: class-il, train_subset: 60 }\n",
+    );
+    let args = |out: &str, jobs: &str| -> Vec<String> {
+        [
+            "sweep",
+            &f,
+            "--seeds",
+            "0..2",
+            "--grid",
+            "optimizer.lr=0.03,0.05",
+            "--grid",
+            "model.hidden=[32],[16, 16]",
+            "--jobs",
+            jobs,
+            "--out",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let run = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+        sequel(&a, tmp.path())
+    };
+    let mut dry = args("seq", "1");
+    dry.push("--dry-run".into());
+    let o = run(dry.clone());
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out.contains("8 points: 0 done, 8 to run"), "{out}");
+    assert!(
+        out.contains("s-optimizer.lr=0.05-model.hidden=_16__16_  seed 1"),
+        "{out}"
+    );
+    assert!(run(args("seq", "1")).status.success());
+    let o = run(args("par", "2"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    for d in std::fs::read_dir(tmp.path().join("seq")).unwrap() {
+        let name = d.unwrap().file_name();
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        for seed in 0..2 {
+            let rel = Path::new(&name).join(format!("seed-{seed}/accuracy_matrix.csv"));
+            let a = std::fs::read(tmp.path().join("seq").join(&rel)).unwrap();
+            let b = std::fs::read(tmp.path().join("par").join(&rel)).unwrap();
+            assert_eq!(a, b, "{}", rel.display());
+        }
+    }
+    let o = run(args("seq", "1"));
+    assert!(
+        stderr(&o).contains("8 already done, 0 to run"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(dry);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("8 points: 8 done, 0 to run"));
+}
+
+#[test]
 fn list_names_algorithms_datasets_and_models() {
     let o = sequel(&["list"], repo());
     let s = String::from_utf8_lossy(&o.stdout);

@@ -17,6 +17,7 @@ pub mod optim;
 pub mod results;
 pub mod rng;
 pub mod run;
+pub mod sweep;
 pub mod trainer;
 
 pub use algorithm::{Algorithm, EvalCtx, StepCtx, TaskCtx};

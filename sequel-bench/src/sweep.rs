@@ -1,0 +1,186 @@
+//! `sequel sweep`: expand configs × grid × seeds and run each point as a child `sequel run`
+//! process, `--jobs` at a time. Children are separate processes so that each gets its own thread
+//! pools (candle's are process-wide) and a crash in one point cannot take the others down.
+
+use std::io::{IsTerminal, Write as _};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use sequel_algos::run::prepare;
+use sequel_algos::Registry;
+use sequel_core::sweep::{expand, is_finished, parse_grid, parse_seeds, SweepPoint};
+
+pub struct Args {
+    pub configs: Vec<PathBuf>,
+    pub seeds: String,
+    pub grid: Vec<String>,
+    pub set: Vec<String>,
+    pub jobs: usize,
+    pub out: PathBuf,
+    pub dry_run: bool,
+}
+
+pub fn run(registry: &Registry, a: Args) -> Result<()> {
+    let seeds = parse_seeds(&a.seeds)?;
+    let grid = a
+        .grid
+        .iter()
+        .map(|g| parse_grid(g))
+        .collect::<sequel_core::Result<Vec<_>>>()?;
+    let mut named = Vec::new();
+    for c in &a.configs {
+        let (text, origin) = crate::read_config(c)?;
+        let p = prepare(&text, &origin, &a.set, registry)?;
+        named.push((c.clone(), p.config.name.clone()));
+    }
+    let mut points = expand(&named, &grid, &seeds);
+    for p in &mut points {
+        let mut o = a.set.clone();
+        o.append(&mut p.overrides);
+        p.overrides = o;
+    }
+    // Every point must be a valid config before anything runs.
+    let mut mlp = Vec::with_capacity(points.len());
+    for p in &points {
+        let (text, origin) = crate::read_config(&p.config)?;
+        let prepared = prepare(&text, &origin, &p.all_overrides(), registry)
+            .with_context(|| format!("sweep point {} seed {}", p.name, p.seed))?;
+        mlp.push(prepared.config.model.kind == sequel_core::config::ModelKind::Mlp);
+    }
+    let todo: Vec<(&SweepPoint, bool)> = points
+        .iter()
+        .zip(mlp)
+        .filter(|(p, _)| !is_finished(&a.out, &p.name, p.seed))
+        .collect();
+    let done = points.len() - todo.len();
+    if a.dry_run {
+        for p in &points {
+            let state = if is_finished(&a.out, &p.name, p.seed) {
+                "done"
+            } else {
+                "todo"
+            };
+            say!(
+                "{state}  {}  seed {}  {}  {}",
+                p.name,
+                p.seed,
+                p.config.display(),
+                p.overrides.join(" ")
+            );
+        }
+        say!(
+            "{} points: {} done, {} to run",
+            points.len(),
+            done,
+            todo.len()
+        );
+        return Ok(());
+    }
+    let jobs = a.jobs.max(1).min(todo.len().max(1));
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    // The cores are split between jobs; MLPs run single-threaded anyway (docs/PERFORMANCE.md).
+    let conv_threads = (cores / jobs).max(1);
+    eprintln!(
+        "sweep: {} points, {} already done, {} to run, {} at a time",
+        points.len(),
+        done,
+        todo.len(),
+        jobs
+    );
+    let exe = std::env::current_exe().context("cannot find the sequel executable")?;
+    let logs = a.out.join(".sweep-logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    let queue = Mutex::new(todo.iter().copied());
+    let failures = Mutex::new(Vec::new());
+    let finished = Mutex::new(0usize);
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| indicatif::ProgressBar::new(todo.len() as u64));
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| loop {
+                let Some((p, is_mlp)) = queue.lock().unwrap_or_else(|e| e.into_inner()).next()
+                else {
+                    break;
+                };
+                let threads = if is_mlp { 1 } else { conv_threads };
+                let start = Instant::now();
+                let log = logs.join(format!("{}-seed-{}.log", p.name, p.seed));
+                let status = std::fs::File::create(&log).and_then(|f| {
+                    let mut cmd = Command::new(&exe);
+                    cmd.arg("run").arg(&p.config);
+                    for o in p.all_overrides() {
+                        cmd.arg("--set").arg(o);
+                    }
+                    cmd.args([
+                        "--seed",
+                        &p.seed.to_string(),
+                        "--quiet",
+                        "--threads",
+                        &threads.to_string(),
+                    ])
+                    .arg("--out")
+                    .arg(&a.out)
+                    .stdin(Stdio::null())
+                    .stdout(f.try_clone()?)
+                    .stderr(f)
+                    .status()
+                });
+                let ok = matches!(status, Ok(s) if s.success());
+                let mut n = finished.lock().unwrap_or_else(|e| e.into_inner());
+                *n += 1;
+                let line = format!(
+                    "[{}/{}] {} seed {}: {} in {:.1}s",
+                    *n,
+                    todo.len(),
+                    p.name,
+                    p.seed,
+                    if ok { "done" } else { "FAILED" },
+                    start.elapsed().as_secs_f64()
+                );
+                match &bar {
+                    Some(b) => {
+                        b.println(line);
+                        b.inc(1);
+                    }
+                    None => eprintln!("{line}"),
+                }
+                if !ok {
+                    failures
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(format!(
+                            "{} seed {} (log: {})",
+                            p.name,
+                            p.seed,
+                            log.display()
+                        ));
+                }
+            });
+        }
+    });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let failures = failures.into_inner().unwrap_or_else(|e| e.into_inner());
+    if !failures.is_empty() {
+        bail!(
+            "{} of {} points failed: {}",
+            failures.len(),
+            todo.len(),
+            failures.join("; ")
+        );
+    }
+    say!(
+        "sweep complete: {} runs under {}; summarise with `sequel compare {}`",
+        points.len(),
+        a.out.display(),
+        a.out.display()
+    );
+    Ok(())
+}
