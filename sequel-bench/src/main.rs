@@ -8,6 +8,7 @@ macro_rules! say {
 }
 
 mod display;
+mod report;
 mod sweep;
 
 use std::io::{IsTerminal, Write as _};
@@ -109,6 +110,18 @@ enum Command {
         /// Print the expansion (and which points are done) without running anything.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Write SVG plots (accuracy-matrix heatmap, per-task accuracy, average accuracy with a
+    /// seed band, forgetting) and a self-contained report.html for the runs under the paths.
+    Report {
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Group by the value of this config key instead of "same config but the seed".
+        #[arg(long)]
+        by: Option<String>,
+        /// Output folder (default: the run directory for a single run, else ./report).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Summarise finished runs: groups runs that differ only in the seed and prints mean ± std
     /// (and n) of the final metrics as a table, best average accuracy first.
@@ -302,6 +315,11 @@ fn dispatch(cli: Cli) -> Result<()> {
                 dry_run,
             },
         ),
+        Command::Report { runs, by, out } => {
+            let path = report::run(&runs, by.as_deref(), out)?;
+            say!("report: {}", path.display());
+            Ok(())
+        }
         Command::Compare { runs, by, format } => {
             let records = sequel_core::results::find_runs(&runs)?;
             if records.is_empty() {

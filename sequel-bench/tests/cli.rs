@@ -225,6 +225,25 @@ fn compare_summarises_seeds_of_real_runs() {
         .find(|l| l.starts_with("| t |"))
         .unwrap_or_else(|| panic!("{out}"));
     assert!(row.starts_with("| t | 2 | "), "{row}");
+    // The report: plots inlined into one HTML page that loads nothing from the network.
+    let o = sequel(&["report", "r", "--out", "rep"], tmp.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let html = std::fs::read_to_string(tmp.path().join("rep/report.html")).unwrap();
+    assert_eq!(
+        html.matches("<svg").count(),
+        4,
+        "avg acc, forgetting, heatmap, per-task"
+    );
+    let without_svg_namespace = html.replace("xmlns=\"http://www.w3.org/2000/svg\"", "");
+    assert!(
+        !without_svg_namespace.contains("http://") && !without_svg_namespace.contains("https://")
+    );
+    assert!(!html.contains("src="), "no external resources");
+    assert!(
+        html.contains("| t |") || html.contains("<td>t</td>"),
+        "the comparison table"
+    );
+    assert!(tmp.path().join("rep/avg_acc.svg").is_file());
     let o = sequel(&["compare", "nowhere"], tmp.path());
     assert!(!o.status.success());
     assert!(stderr(&o).contains("nowhere: no such run directory"));

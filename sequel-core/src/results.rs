@@ -50,6 +50,44 @@ impl RunRecord {
     }
 }
 
+/// Read an `accuracy_matrix.csv` (percent values, an `init` row, then one row per finished task)
+/// back into fractions. Sample counts are not in the file, so `counts` is empty.
+pub fn read_matrix(path: &Path) -> Result<crate::metrics::AccuracyMatrix> {
+    let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bad = |m: String| Error::DataFormat {
+        path: path.to_path_buf(),
+        message: m,
+    };
+    let mut lines = text.lines();
+    let header = lines.next().ok_or_else(|| bad("empty file".into()))?;
+    let tasks = header.split(',').count().saturating_sub(1);
+    let mut m = crate::metrics::AccuracyMatrix::default();
+    for (n, line) in lines.enumerate() {
+        let mut cells = line.split(',');
+        let label = cells.next().unwrap_or_default();
+        let vals = cells
+            .map(|c| c.trim().parse::<f64>().map(|v| v / 100.0))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| bad(format!("line {}: {e}", n + 2)))?;
+        if vals.len() != tasks {
+            return Err(bad(format!(
+                "line {}: {} values for {tasks} tasks",
+                n + 2,
+                vals.len()
+            )));
+        }
+        if label == "init" {
+            m.init = vals;
+        } else {
+            m.rows.push(vals);
+        }
+    }
+    if m.init.len() != tasks {
+        return Err(bad("missing the `init` row".into()));
+    }
+    Ok(m)
+}
+
 /// Every run directory (a folder holding summary.json and config.yaml) at or below `paths`,
 /// skipping staging folders. Sorted by path.
 pub fn find_runs(paths: &[PathBuf]) -> Result<Vec<RunRecord>> {
@@ -144,10 +182,11 @@ pub struct GroupSummary {
     pub train_s: Option<Stat>,
 }
 
-/// Group runs (by the seedless config, or by the value of `by`) and summarise each group over
-/// its completed runs. Sorted by mean average accuracy, best first.
-pub fn compare(runs: &[RunRecord], by: Option<&str>) -> Vec<GroupSummary> {
-    let mut groups: BTreeMap<String, (String, Vec<&RunRecord>)> = BTreeMap::new();
+/// Runs grouped by their seedless config (or by the value of the config key `by`), labelled by
+/// run name (or `key=value`); labels are made unique. Groups in first-seen order.
+pub fn groups<'a>(runs: &'a [RunRecord], by: Option<&str>) -> Vec<(String, Vec<&'a RunRecord>)> {
+    let mut keyed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut out: Vec<(String, Vec<&RunRecord>)> = Vec::new();
     for r in runs {
         let (key, label) = match by {
             Some(path) => {
@@ -159,14 +198,30 @@ pub fn compare(runs: &[RunRecord], by: Option<&str>) -> Vec<GroupSummary> {
                 r.config_value("name").unwrap_or_else(|| "?".into()),
             ),
         };
-        groups
-            .entry(key)
-            .or_insert_with(|| (label, Vec::new()))
-            .1
-            .push(r);
+        match keyed.get(&key) {
+            Some(&i) => out[i].1.push(r),
+            None => {
+                keyed.insert(key, out.len());
+                out.push((label, vec![r]));
+            }
+        }
     }
-    let mut rows: Vec<GroupSummary> = groups
-        .into_values()
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (label, _) in &mut out {
+        let c = seen.entry(label.clone()).or_insert(0);
+        *c += 1;
+        if *c > 1 {
+            *label = format!("{label} ({c})");
+        }
+    }
+    out
+}
+
+/// Group runs (see [`groups`]) and summarise each group over its completed runs. Sorted by mean
+/// average accuracy, best first.
+pub fn compare(runs: &[RunRecord], by: Option<&str>) -> Vec<GroupSummary> {
+    let mut rows: Vec<GroupSummary> = groups(runs, by)
+        .into_iter()
         .map(|(label, rs)| {
             let ok: Vec<&&RunRecord> = rs.iter().filter(|r| r.completed()).collect();
             let stat = |k: &str| {
@@ -198,15 +253,6 @@ pub fn compare(runs: &[RunRecord], by: Option<&str>) -> Vec<GroupSummary> {
             }
         })
         .collect();
-    // Labels can repeat (same name, other settings): make them distinct by a counter.
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    for r in &mut rows {
-        let c = seen.entry(r.label.clone()).or_insert(0);
-        *c += 1;
-        if *c > 1 {
-            r.label = format!("{} ({})", r.label, c);
-        }
-    }
     rows.sort_by(|a, b| {
         let m = |g: &GroupSummary| g.avg_acc.map(|s| s.mean).unwrap_or(f64::NEG_INFINITY);
         m(b).total_cmp(&m(a)).then_with(|| a.label.cmp(&b.label))
@@ -317,6 +363,25 @@ mod tests {
                 .starts_with("a,2,1,60.0000,14.1421,"),
             "{csv}"
         );
+    }
+
+    #[test]
+    fn matrix_csv_round_trips() {
+        let m = crate::metrics::AccuracyMatrix {
+            init: vec![0.1, 0.2],
+            rows: vec![vec![0.9, 0.05], vec![0.4, 0.8]],
+            counts: vec![],
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("m.csv");
+        fs::write(&p, m.to_csv()).unwrap();
+        let back = read_matrix(&p).unwrap();
+        assert_eq!(back.rows.len(), 2);
+        for (a, b) in back.rows.iter().flatten().zip(m.rows.iter().flatten()) {
+            assert!((a - b).abs() < 1e-9);
+        }
+        fs::write(&p, "after_task,task_1\n1,50.0\n").unwrap();
+        assert!(read_matrix(&p).unwrap_err().to_string().contains("init"));
     }
 
     #[test]
