@@ -300,7 +300,9 @@ fn configure_threads(threads: Option<usize>, model: sequel_core::config::ModelKi
         None if std::env::var_os("RAYON_NUM_THREADS").is_some() => return,
         None => match model {
             sequel_core::config::ModelKind::Mlp => 1,
-            _ => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            _ => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
         },
     };
     // SAFETY: called on the main thread before any other thread has been started.
