@@ -38,14 +38,34 @@ use crate::check;
 use crate::importance::{mean_gradient_statistic, subset, training_log_probs, Granularity, Reduce};
 use crate::penalty::{PerParam, QuadraticPenalty};
 
-/// Which Fisher information is estimated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Which Fisher information is estimated. In YAML `fisher: true` is read as a boolean; it is
+/// accepted as the `true` variant (and written back as the string `'true'`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FisherKind {
     /// Squared gradients of the log-likelihood of the dataset label.
     Empirical,
     /// Expectation over the model's own predictive distribution.
     True,
+}
+
+impl<'de> Deserialize<'de> for FisherKind {
+    fn deserialize<De: serde::Deserializer<'de>>(d: De) -> std::result::Result<Self, De::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Name(String),
+        }
+        const VARIANTS: &[&str] = &["empirical", "true"];
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(FisherKind::True),
+            Raw::Name(s) if s == "true" => Ok(FisherKind::True),
+            Raw::Name(s) if s == "empirical" => Ok(FisherKind::Empirical),
+            Raw::Bool(false) => Err(serde::de::Error::unknown_variant("false", VARIANTS)),
+            Raw::Name(s) => Err(serde::de::Error::unknown_variant(&s, VARIANTS)),
+        }
+    }
 }
 
 /// Settings of the Fisher estimate, shared by `ewc` and `ewc-online`.
