@@ -258,6 +258,8 @@ pub(crate) fn task_fisher(ctx: &mut TaskCtx, spec: &FisherSpec) -> Result<PerPar
         task = ctx.task + 1,
         samples = samples.len(),
         seconds = start.elapsed().as_secs_f64(),
+        mean = f.sum()? / f.0.iter().map(|t| t.elem_count()).sum::<usize>().max(1) as f64,
+        max = f.max()?,
         "fisher estimated"
     );
     Ok(f)

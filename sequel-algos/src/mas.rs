@@ -166,6 +166,7 @@ impl Algorithm for Mas {
             task = ctx.task + 1,
             samples = samples.len(),
             seconds = start.elapsed().as_secs_f64(),
+            max = new.max()?,
             "MAS importance estimated"
         );
         let a = self.cfg.alpha;

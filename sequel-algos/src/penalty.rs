@@ -69,6 +69,21 @@ impl PerParam {
         Ok(s)
     }
 
+    /// The largest element (for logs: with plain SGD a penalty `s·Σ Ω(θ − θ*)²` is stable only
+    /// while `lr · 2s · max Ω < 2`).
+    pub fn max(&self) -> Result<f64> {
+        let mut m = f64::NEG_INFINITY;
+        for t in &self.0 {
+            m = m.max(
+                t.flatten_all()?
+                    .max(0)?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?,
+            );
+        }
+        Ok(m)
+    }
+
     /// Every element, flattened in order (tests and checks).
     pub fn flat(&self) -> Result<Vec<f32>> {
         let mut v = Vec::new();

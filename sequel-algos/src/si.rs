@@ -180,6 +180,7 @@ impl Algorithm for Si {
         tracing::info!(
             task = ctx.task + 1,
             omega_sum = importance.sum()?,
+            omega_max = importance.max()?,
             "SI importance updated"
         );
         self.penalty.replace(importance.clone(), end);
