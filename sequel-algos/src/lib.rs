@@ -1,9 +1,19 @@
 //! sequel-algos: the policies of sequel-rs — continual-learning algorithms, consolidation
 //! strategies, and the registry that maps config names to them.
 
+mod check;
+pub mod ewc;
+pub mod ewc_online;
+pub mod importance;
 pub mod joint;
+pub mod lwf;
+pub mod mas;
 pub mod naive;
+pub mod penalty;
 pub mod registry;
 pub mod run;
+pub mod si;
+#[cfg(test)]
+mod testing;
 
 pub use registry::Registry;

@@ -33,7 +33,20 @@ where
     Box::new(move |params: Value, origin: &str| {
         let cfg: C = from_value(params, origin, section)?;
         let resolved = serde_yaml::to_value(&cfg).map_err(|e| Error::msg(e.to_string()))?;
-        Ok((make(cfg)?, resolved))
+        // Constructors report out-of-range parameters without knowing the file: add it.
+        let built = make(cfg).map_err(|e| match e {
+            Error::Config {
+                file,
+                path,
+                message,
+            } if file.is_empty() => Error::Config {
+                file: origin.to_string(),
+                path,
+                message,
+            },
+            e => e,
+        })?;
+        Ok((built, resolved))
     })
 }
 
@@ -113,6 +126,31 @@ impl Registry {
             "joint",
             "cumulative training on all tasks seen so far (upper bound)",
             |c| Ok(Box::new(crate::joint::Joint::new(c)) as Box<dyn Algorithm>),
+        );
+        r.register_algorithm(
+            "ewc",
+            "Elastic Weight Consolidation, one Fisher + anchor per past task (Kirkpatrick et al. 2017)",
+            |c| Ok(Box::new(crate::ewc::Ewc::new(c)?) as Box<dyn Algorithm>),
+        );
+        r.register_algorithm(
+            "ewc-online",
+            "online EWC: one running Fisher with decay gamma, one anchor (Schwarz et al. 2018)",
+            |c| Ok(Box::new(crate::ewc_online::OnlineEwc::new(c)?) as Box<dyn Algorithm>),
+        );
+        r.register_algorithm(
+            "si",
+            "Synaptic Intelligence: path-integral importance (Zenke et al. 2017)",
+            |c| Ok(Box::new(crate::si::Si::new(c)?) as Box<dyn Algorithm>),
+        );
+        r.register_algorithm(
+            "mas",
+            "Memory Aware Synapses: output-norm gradient importance (Aljundi et al. 2018)",
+            |c| Ok(Box::new(crate::mas::Mas::new(c)?) as Box<dyn Algorithm>),
+        );
+        r.register_algorithm(
+            "lwf",
+            "Learning without Forgetting: distillation from the task-start model (Li & Hoiem 2017)",
+            |c| Ok(Box::new(crate::lwf::Lwf::new(c)?) as Box<dyn Algorithm>),
         );
         r
     }

@@ -334,7 +334,10 @@ fn unknown_algorithm_lists_the_valid_ones() {
         "{e}"
     );
     assert!(e.contains("did you mean `naive`"), "{e}");
-    assert!(e.contains("valid: joint, naive"), "{e}");
+    assert!(
+        e.contains("valid: ewc, ewc-online, joint, lwf, mas, naive, si"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -7,10 +7,12 @@ use super::layers::{max_pool2x2, Conv2d, Head};
 use super::params::ParamSet;
 use super::{Model, ModelOutput};
 use crate::error::{Error, Result};
-use crate::rng::SeededRng;
+use crate::rng::{SeededRng, Stream};
 
 #[derive(Debug)]
 pub struct Cnn {
+    input: [usize; 3],
+    channels: Vec<usize>,
     convs: Vec<Conv2d>,
     head: Head,
     params: ParamSet,
@@ -60,6 +62,8 @@ impl Cnn {
             device,
         )?;
         Ok(Self {
+            input,
+            channels: channels.to_vec(),
             convs,
             head,
             params,
@@ -80,5 +84,17 @@ impl Model for Cnn {
 
     fn params(&self) -> &ParamSet {
         &self.params
+    }
+
+    fn fork(&self) -> Result<Box<dyn Model>> {
+        let copy = Cnn::new(
+            self.input,
+            &self.channels,
+            self.head.weight.dim(0)?,
+            &mut SeededRng::new(0, Stream::Init),
+            self.head.weight.device(),
+        )?;
+        copy.params.restore(&self.params.snapshot()?)?;
+        Ok(Box::new(copy))
     }
 }

@@ -274,6 +274,12 @@ impl Dropout {
         }
     }
 
+    /// The same dropout with its own copy of the mask stream at its current position.
+    pub fn fork(&self) -> Self {
+        let rng = self.rng.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Self::new(self.p, rng)
+    }
+
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if !train || self.p == 0.0 {
             return Ok(x.clone());

@@ -7,10 +7,12 @@ use super::params::{ParamSet, Role};
 use super::{Model, ModelOutput};
 use crate::config::ActivationKind;
 use crate::error::Result;
-use crate::rng::SeededRng;
+use crate::rng::{SeededRng, Stream};
 
 #[derive(Debug)]
 pub struct Mlp {
+    input: usize,
+    widths: Vec<usize>,
     hidden: Vec<Linear>,
     head: Head,
     activation: ActivationKind,
@@ -46,6 +48,8 @@ impl Mlp {
         }
         let head = Head::new(&mut params, widths.len() + 1, fan_in, heads, rng, device)?;
         Ok(Self {
+            input,
+            widths: widths.to_vec(),
             hidden,
             head,
             activation,
@@ -71,5 +75,21 @@ impl Model for Mlp {
 
     fn params(&self) -> &ParamSet {
         &self.params
+    }
+
+    fn fork(&self) -> Result<Box<dyn Model>> {
+        // Rebuild the architecture (the constructor is the one description of it), then copy
+        // every value in; the throwaway init draws are overwritten.
+        let copy = Mlp::new(
+            self.input,
+            &self.widths,
+            self.head.weight.dim(0)?,
+            self.activation,
+            self.dropout.fork(),
+            &mut SeededRng::new(0, Stream::Init),
+            self.head.weight.device(),
+        )?;
+        copy.params.restore(&self.params.snapshot()?)?;
+        Ok(Box::new(copy))
     }
 }

@@ -30,6 +30,15 @@ pub trait Model: Send + Sync {
     fn forward(&self, x: &Tensor, train: bool) -> Result<ModelOutput>;
     /// Every tensor of the model, in a fixed order.
     fn params(&self) -> &ParamSet;
+    /// A deep, detached copy: same architecture and values, fresh `Var`s, so training either
+    /// model never changes the other. Teachers of distillation methods (LwF) are forks of the
+    /// model at a task boundary. The default returns an error, so a user backbone that does not
+    /// need distillation does not have to implement it.
+    fn fork(&self) -> Result<Box<dyn Model>> {
+        Err(crate::error::Error::msg(
+            "this backbone does not implement `Model::fork`, which distillation methods need",
+        ))
+    }
 }
 
 pub const MODELS: &[&str] = &["mlp", "cnn", "resnet18"];
@@ -129,6 +138,55 @@ mod tests {
             if kind == ModelKind::Resnet18 {
                 assert_eq!(l, 18);
                 assert!(p.iter().any(|q| q.role == Role::NormStat));
+            }
+        }
+    }
+
+    #[test]
+    fn fork_is_an_equal_but_independent_copy_for_every_backbone() {
+        let dev = Device::Cpu;
+        for (kind, shape) in [
+            (ModelKind::Mlp, [1, 28, 28]),
+            (ModelKind::Cnn, [1, 28, 28]),
+            (ModelKind::Resnet18, [3, 8, 8]),
+        ] {
+            let mut c = cfg(kind);
+            c.dropout = 0.3;
+            let m = build_model(&c, shape, 5, 3, &dev).unwrap();
+            let x = Tensor::ones(
+                (2, shape[0], shape[1], shape[2]),
+                candle_core::DType::F32,
+                &dev,
+            )
+            .unwrap();
+            // Move batch-norm running statistics away from their initial values first.
+            m.forward(&x, true).unwrap();
+            let f = m.fork().unwrap();
+            let logits = |m: &dyn Model| {
+                m.forward(&x, false)
+                    .unwrap()
+                    .logits
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(logits(m.as_ref()), logits(f.as_ref()), "{kind:?}");
+            let names = |m: &dyn Model| {
+                m.params()
+                    .iter()
+                    .map(|p| p.name.clone())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(names(m.as_ref()), names(f.as_ref()));
+            // Changing the original leaves the fork alone.
+            for p in m.params().iter() {
+                p.var.set(&p.var.as_tensor().zeros_like().unwrap()).unwrap();
+            }
+            assert_ne!(logits(m.as_ref()), logits(f.as_ref()), "{kind:?}");
+            for (a, b) in m.params().iter().zip(f.params().iter()) {
+                assert_ne!(a.var.as_tensor().id(), b.var.as_tensor().id());
+                assert_eq!((a.depth, a.role), (b.depth, b.role));
             }
         }
     }

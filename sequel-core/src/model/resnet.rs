@@ -12,7 +12,7 @@ use super::layers::{BatchNorm2d, Conv2d, Head};
 use super::params::ParamSet;
 use super::{Model, ModelOutput};
 use crate::error::Result;
-use crate::rng::SeededRng;
+use crate::rng::{SeededRng, Stream};
 
 #[derive(Debug)]
 struct Block {
@@ -99,6 +99,8 @@ impl Block {
 
 #[derive(Debug)]
 pub struct ResNet18 {
+    input: [usize; 3],
+    nf: usize,
     stem: Conv2d,
     stem_bn: BatchNorm2d,
     blocks: Vec<Block>,
@@ -151,6 +153,8 @@ impl ResNet18 {
         }
         let head = Head::new(&mut params, depth, c_in, heads, rng, device)?;
         Ok(Self {
+            input,
+            nf,
             stem,
             stem_bn,
             blocks,
@@ -177,5 +181,18 @@ impl Model for ResNet18 {
 
     fn params(&self) -> &ParamSet {
         &self.params
+    }
+
+    fn fork(&self) -> Result<Box<dyn Model>> {
+        // Batch-norm running statistics are part of the snapshot, so the fork evaluates alike.
+        let copy = ResNet18::new(
+            self.input,
+            self.nf,
+            self.head.weight.dim(0)?,
+            &mut SeededRng::new(0, Stream::Init),
+            self.head.weight.device(),
+        )?;
+        copy.params.restore(&self.params.snapshot()?)?;
+        Ok(Box::new(copy))
     }
 }

@@ -1,0 +1,191 @@
+//! Online EWC (Schwarz et al., "Progress & Compress: A scalable framework for continual learning",
+//! ICML 2018): one running Fisher and one anchor instead of one pair per task.
+//!
+//! At the end of task t:  `F̃ₜ = γ·F̃ₜ₋₁ + Fₜ`,  `θ* = θ*ₜ`  (F̃₀ = 0)
+//!
+//! `L(θ) = CE_t(θ) + λ Σᵢ F̃ᵢ (θᵢ − θ*ᵢ)²`
+//!
+//! **½ convention:** no ½ — `λ·Σ F̃(θ − θ*)²`, as Mammoth's `ewc_on`, whose best values the presets
+//! use. (Our separate-mode `ewc` has the paper's `λ/2`: with γ = 1, `ewc-online` at λ behaves like
+//! `ewc` at 2λ with the anchors collapsed into the newest.)
+//!
+//! The old Fisher is decayed *before* the new one is added and the anchor moves every task; γ = 0
+//! would replace F̃ by Fₜ (what SequeL's EWC effectively does), γ = 1 sums the Fishers. The Fisher
+//! `Fₜ` is estimated exactly as in [`crate::ewc`] (same keys: `fisher`, `fisher_mode`,
+//! `fisher_batch_size`, `fisher_samples`). With `lambda: 0` nothing is computed and training is
+//! bit-identical to `naive`.
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use sequel_core::data::Batch;
+use sequel_core::model::{Model, ModelOutput};
+use sequel_core::{Algorithm, Result, StepCtx, TaskCtx};
+
+use crate::check;
+use crate::ewc::{
+    check_fisher, empirical, one, per_sample, scalar, task_fisher, ten, FisherKind, FisherSpec,
+};
+use crate::importance::Granularity;
+use crate::penalty::{PerParam, QuadraticPenalty};
+
+/// YAML keys of `algorithm: { name: ewc-online, ... }`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnlineEwcConfig {
+    /// Penalty strength λ in `λ·Σ F̃(θ − θ*)²` (no ½). Default 1.0.
+    #[serde(default = "one")]
+    pub lambda: f64,
+    /// Decay γ of the running Fisher, in [0, 1]. Default 1.0 (Mammoth's best on every benchmark).
+    #[serde(default = "one")]
+    pub gamma: f64,
+    /// `empirical` (default) or `true`; see `ewc`.
+    #[serde(default = "empirical")]
+    pub fisher: FisherKind,
+    /// `per-sample` (default) or `minibatch`.
+    #[serde(default = "per_sample")]
+    pub fisher_mode: Granularity,
+    /// Minibatch size of `fisher_mode: minibatch`. Default 10.
+    #[serde(default = "ten")]
+    pub fisher_batch_size: usize,
+    /// Estimate each Fisher on at most this many training samples. Default: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fisher_samples: Option<usize>,
+}
+
+impl Default for OnlineEwcConfig {
+    fn default() -> Self {
+        Self {
+            lambda: 1.0,
+            gamma: 1.0,
+            fisher: FisherKind::Empirical,
+            fisher_mode: Granularity::PerSample,
+            fisher_batch_size: 10,
+            fisher_samples: None,
+        }
+    }
+}
+
+pub struct OnlineEwc {
+    lambda: f64,
+    gamma: f64,
+    fisher: FisherSpec,
+    /// F̃, the decayed sum of the task Fishers.
+    running: Option<PerParam>,
+    penalty: QuadraticPenalty,
+}
+
+impl OnlineEwc {
+    pub fn new(cfg: OnlineEwcConfig) -> Result<Self> {
+        check::non_negative("lambda", cfg.lambda)?;
+        check::unit_interval("gamma", cfg.gamma)?;
+        let fisher = FisherSpec {
+            kind: cfg.fisher,
+            mode: cfg.fisher_mode,
+            batch_size: cfg.fisher_batch_size,
+            samples: cfg.fisher_samples,
+        };
+        check_fisher(&fisher)?;
+        Ok(Self {
+            lambda: cfg.lambda,
+            gamma: cfg.gamma,
+            fisher,
+            running: None,
+            penalty: QuadraticPenalty::default(),
+        })
+    }
+
+    /// The running Fisher F̃ after the most recent task.
+    pub fn running_fisher(&self) -> Option<&PerParam> {
+        self.running.as_ref()
+    }
+
+    /// `Σᵢ F̃ᵢ(θᵢ − θ*ᵢ)²` at the current weights (without λ), if a task has ended.
+    pub fn penalty(&self, model: &dyn Model) -> Result<Option<f64>> {
+        scalar(self.penalty.value(model.params())?)
+    }
+}
+
+impl Algorithm for OnlineEwc {
+    fn name(&self) -> &str {
+        "ewc-online"
+    }
+
+    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        let ce = ctx.task_loss(out, batch)?;
+        if self.lambda == 0.0 {
+            return Ok(ce);
+        }
+        match self.penalty.value(ctx.model.params())? {
+            Some(r) => Ok((ce + (r * self.lambda)?)?),
+            None => Ok(ce),
+        }
+    }
+
+    fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+        if self.lambda == 0.0 {
+            return Ok(());
+        }
+        let f = task_fisher(ctx, &self.fisher)?;
+        let running = match &self.running {
+            Some(old) => old.axpby(self.gamma, &f, 1.0)?,
+            None => f,
+        };
+        self.penalty
+            .replace(running.clone(), PerParam::values(ctx.model.params())?);
+        self.running = Some(running);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{mini_trainer, Probe};
+
+    #[test]
+    fn running_fisher_is_decayed_before_the_new_one_is_added() {
+        // γ enters only when the second Fisher is added, after the last step: the three runs
+        // train identically, so F₁ and F₂ are the same in all of them and F̃ = γ·F₁ + F₂.
+        let run = |gamma: f64| {
+            let probe = Probe::new(
+                OnlineEwc::new(OnlineEwcConfig {
+                    lambda: 1.0,
+                    gamma,
+                    ..Default::default()
+                })
+                .unwrap(),
+            );
+            let mut t = mini_trainer(
+                Box::new(probe.clone()),
+                &["benchmark.tasks=2", "benchmark.train_subset=20"],
+            );
+            t.run(&mut sequel_core::trainer::Silent).unwrap();
+            let f = probe.lock().running_fisher().unwrap().clone();
+            (f, t)
+        };
+        // γ = 0 leaves F₂ alone, so F̃(0.5) − F₂ = 0.5·F₁ and F̃(1) − F₂ = F₁.
+        let (f2, _) = run(0.0);
+        let (mix, _) = run(0.5);
+        let (sum, _) = run(1.0);
+        let d_half = mix.axpby(1.0, &f2, -1.0).unwrap().sum().unwrap();
+        let d_full = sum.axpby(1.0, &f2, -1.0).unwrap().sum().unwrap();
+        assert!(d_full > 0.0, "F₁ must be non-zero");
+        assert!(
+            (d_half - 0.5 * d_full).abs() < 1e-3 * d_full,
+            "{d_half} vs 0.5·{d_full}"
+        );
+    }
+
+    #[test]
+    fn gamma_outside_unit_interval_is_rejected() {
+        let e = OnlineEwc::new(OnlineEwcConfig {
+            gamma: 1.5,
+            ..Default::default()
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("algorithm.gamma") && e.contains("[0, 1]"), "{e}");
+    }
+}

@@ -1,0 +1,163 @@
+//! Gradient statistics over a task's data, shared by the importance estimators of EWC (squared
+//! gradients: the diagonal Fisher) and MAS (absolute gradients).
+//!
+//! candle has no vmap, so a per-sample statistic is a loop of batch-1 forward/backward passes:
+//! samples are gathered 256 at a time (one gather, one transform pass) and each row is then run on
+//! its own. The minibatch variant runs one backward per minibatch of the requested size and squares
+//! (or takes |·| of) the minibatch gradient — a different, batch-size-dependent quantity, offered
+//! because some libraries use it.
+//!
+//! Every forward here runs in evaluation mode (`train = false`): no dropout, batch-norm running
+//! statistics used and left untouched. The statistic is therefore a function of the weights alone,
+//! and computing it draws nothing from the dropout stream — training afterwards is unaffected.
+
+use candle_core::{Device, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use sequel_core::data::{Batch, GatherBuf, SampleRef, Split, TaskStream};
+use sequel_core::model::{Model, ModelOutput};
+use sequel_core::rng::SeededRng;
+use sequel_core::Result;
+
+use crate::penalty::PerParam;
+
+/// Whether a gradient statistic is taken per sample or per minibatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Granularity {
+    /// `(1/N) Σₙ φ(∇ℓ(xₙ))`: the definition; one batch-1 backward per sample.
+    PerSample,
+    /// `(1/M) Σₘ φ(∇ (1/B) Σ_{n∈m} ℓ(xₙ))`: a cheaper approximation whose scale depends on the
+    /// minibatch size `B`.
+    Minibatch,
+}
+
+/// What is applied to each gradient before averaging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reduce {
+    /// `g²` (Fisher information).
+    Square,
+    /// `|g|` (MAS).
+    Abs,
+}
+
+/// Samples per gather when the statistic is per sample.
+const GATHER_CHUNK: usize = 256;
+
+/// `(1/U) Σ_units Σⱼ wⱼ·φ(∇θ ℓⱼ)` where a *unit* is one sample (`batch_size = 1`) or one
+/// minibatch, and `objective` returns the weighted scalar losses `(wⱼ, ℓⱼ)` of a unit from the
+/// model's (evaluation-mode) output. Terms with weight 0 are skipped (they contribute exactly 0).
+pub fn mean_gradient_statistic(
+    model: &dyn Model,
+    stream: &TaskStream,
+    device: &Device,
+    samples: &[SampleRef],
+    batch_size: usize,
+    reduce: Reduce,
+    mut objective: impl FnMut(&ModelOutput, &Batch) -> Result<Vec<(f64, Tensor)>>,
+) -> Result<PerParam> {
+    let params = model.params();
+    let mut acc = PerParam::zeros(params)?;
+    let bs = batch_size.max(1);
+    let chunk = if bs == 1 { GATHER_CHUNK } else { bs };
+    let mut buf = GatherBuf::default();
+    let mut units = 0usize;
+    for refs in samples.chunks(chunk) {
+        let gathered = stream.gather(refs, Split::Train, &mut buf, device)?;
+        let parts = if bs == 1 {
+            (0..gathered.len())
+                .map(|i| row(&gathered, i))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            vec![gathered]
+        };
+        for batch in parts {
+            let out = model.forward(&batch.x, false)?;
+            for (w, loss) in objective(&out, &batch)? {
+                if w == 0.0 {
+                    continue;
+                }
+                let grads = loss.backward()?;
+                for (a, p) in acc.0.iter_mut().zip(params.trainable()) {
+                    let Some(g) = grads.get(p.var.as_tensor()) else {
+                        continue;
+                    };
+                    let v = match reduce {
+                        Reduce::Square => g.sqr()?,
+                        Reduce::Abs => g.abs()?,
+                    };
+                    *a = if w == 1.0 {
+                        (&*a + v)?
+                    } else {
+                        (&*a + (v * w)?)?
+                    };
+                }
+            }
+            units += 1;
+        }
+    }
+    if units > 0 {
+        let inv = 1.0 / units as f64;
+        for a in acc.0.iter_mut() {
+            *a = (&*a * inv)?;
+        }
+    }
+    Ok(acc)
+}
+
+/// Row `i` of a batch as a batch of one.
+pub fn row(batch: &Batch, i: usize) -> Result<Batch> {
+    Ok(Batch {
+        x: batch.x.narrow(0, i, 1)?,
+        y: batch.y.narrow(0, i, 1)?,
+        units: batch.units[i..i + 1].to_vec(),
+        tasks: batch.tasks[i..i + 1].to_vec(),
+    })
+}
+
+/// Log-probabilities over the output units the training loss uses: every unit, or in multi-head
+/// task-IL each sample's own task's units (the others get probability exactly 0).
+pub fn training_log_probs(logits: &Tensor, batch: &Batch, stream: &TaskStream) -> Result<Tensor> {
+    let z = if stream.mask_in_training() {
+        logits.broadcast_add(&sequel_core::loss::unit_mask(
+            batch,
+            stream,
+            logits.dim(D::Minus1)?,
+        )?)?
+    } else {
+        logits.clone()
+    };
+    Ok(candle_nn::ops::log_softmax(&z, D::Minus1)?)
+}
+
+/// The logits the training loss sees: all of them, or in multi-head task-IL only each sample's
+/// task's units (the others multiplied by 0, which also zeroes their gradient).
+pub fn training_logits(logits: &Tensor, batch: &Batch, stream: &TaskStream) -> Result<Tensor> {
+    if !stream.mask_in_training() {
+        return Ok(logits.clone());
+    }
+    let u = logits.dim(D::Minus1)?;
+    let mut keep = vec![0f32; batch.len() * u];
+    for (r, &t) in batch.tasks.iter().enumerate() {
+        let range = &stream.tasks[t as usize].units;
+        keep[r * u + range.start..r * u + range.end].fill(1.0);
+    }
+    let keep = Tensor::from_vec(keep, (batch.len(), u), logits.device())?;
+    Ok((logits * keep)?)
+}
+
+/// The samples an importance is estimated on: all of `samples`, or a seeded random subset of
+/// `cap` of them (drawn from the algorithm's stream).
+pub fn subset(
+    mut samples: Vec<SampleRef>,
+    cap: Option<usize>,
+    rng: &mut SeededRng,
+) -> Vec<SampleRef> {
+    if let Some(n) = cap {
+        if n < samples.len() {
+            rng.shuffle(&mut samples);
+            samples.truncate(n);
+        }
+    }
+    samples
+}

@@ -1,0 +1,337 @@
+//! SI — Synaptic Intelligence (Zenke, Poole & Ganguli, "Continual Learning Through Synaptic
+//! Intelligence", ICML 2017).
+//!
+//! Every step:      `ωᵢ ← ωᵢ − gᵢ·Δθᵢ`  (the path integral of the task loss; for plain SGD `lr·gᵢ² ≥ 0`)
+//! At task end:     `Ωᵢ ← Ωᵢ + ωᵢ / ((θᵢ(end) − θᵢ(start))² + ξ)`,  `θ* ← θ(end)`,  `ω ← 0`
+//! Loss:            `L(θ) = CE_t(θ) + c·Σᵢ Ωᵢ (θᵢ − θ*ᵢ)²`
+//!
+//! **½ convention:** none — `c·Σ Ω(θ − θ*)²`, as the paper's eq. 4 and Mammoth (Avalanche uses
+//! `(λ/2)·Σ`).
+//!
+//! `g` is the gradient of the **task loss without the penalty** (the paper's and Mammoth's
+//! choice). The penalty's gradient is analytic, `2cΩ(θ − θ*)`, so `edit_gradients` recovers
+//! `g = ∇L − 2cΩ(θ − θ*)` from the full gradient the optimizer receives, without a second backward
+//! pass (the subtraction is exact up to f32 rounding of the sum). `Δθ` is the *actual* change the
+//! optimizer made in that step — `θ` copied before the step in `edit_gradients`, compared after it
+//! in `after_step` — so the path integral is right for momentum and Adam too, where `−g·Δθ` is not
+//! `lr·g²` and can be negative element-wise (Ω is not clamped, as in the paper).
+//!
+//! `θ(start)` is copied at each task's start, `Δ` is taken before the anchor moves, `Ω`
+//! accumulates over tasks and `ω` restarts at every task. With `c: 0` nothing is tracked and
+//! training is bit-identical to `naive`.
+
+use candle_core::{backprop::GradStore, Tensor};
+use serde::{Deserialize, Serialize};
+
+use sequel_core::data::Batch;
+use sequel_core::model::{Model, ModelOutput};
+use sequel_core::{Algorithm, Result, StepCtx, TaskCtx};
+
+use crate::check;
+use crate::ewc::scalar;
+use crate::penalty::{PerParam, QuadraticPenalty};
+
+/// YAML keys of `algorithm: { name: si, ... }`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiConfig {
+    /// Penalty strength c in `c·Σ Ω(θ − θ*)²` (no ½). Default 1.0 (SequeL's `si_lambda`).
+    #[serde(default = "crate::ewc::one")]
+    pub c: f64,
+    /// Damping ξ of `ω / (Δ² + ξ)`, > 0. Default 0.1 (SequeL; continual-learning-baselines' `eps`).
+    #[serde(default = "default_xi")]
+    pub xi: f64,
+}
+
+fn default_xi() -> f64 {
+    0.1
+}
+
+impl Default for SiConfig {
+    fn default() -> Self {
+        Self { c: 1.0, xi: 0.1 }
+    }
+}
+
+pub struct Si {
+    c: f64,
+    xi: f64,
+    /// θ at the start of the current task.
+    start: Option<PerParam>,
+    /// ω, the current task's path integral.
+    omega: Option<PerParam>,
+    /// Ω, accumulated over tasks.
+    importance: Option<PerParam>,
+    /// θ and the task-loss gradient of the step in progress (between `edit_gradients` and
+    /// `after_step`).
+    pending: Option<(PerParam, Vec<Tensor>)>,
+    penalty: QuadraticPenalty,
+}
+
+impl Si {
+    pub fn new(cfg: SiConfig) -> Result<Self> {
+        check::non_negative("c", cfg.c)?;
+        check::positive("xi", cfg.xi)?;
+        Ok(Self {
+            c: cfg.c,
+            xi: cfg.xi,
+            start: None,
+            omega: None,
+            importance: None,
+            pending: None,
+            penalty: QuadraticPenalty::default(),
+        })
+    }
+
+    /// Ω after the most recent task.
+    pub fn importance(&self) -> Option<&PerParam> {
+        self.importance.as_ref()
+    }
+
+    /// ω of the task in progress.
+    pub fn path_integral(&self) -> Option<&PerParam> {
+        self.omega.as_ref()
+    }
+
+    /// `Σᵢ Ωᵢ(θᵢ − θ*ᵢ)²` at the current weights (without c), if a task has ended.
+    pub fn penalty(&self, model: &dyn Model) -> Result<Option<f64>> {
+        scalar(self.penalty.value(model.params())?)
+    }
+}
+
+impl Algorithm for Si {
+    fn name(&self) -> &str {
+        "si"
+    }
+
+    fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+        if self.c == 0.0 {
+            return Ok(());
+        }
+        let params = ctx.model.params();
+        self.start = Some(PerParam::values(params)?);
+        self.omega = Some(PerParam::zeros(params)?);
+        Ok(())
+    }
+
+    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        let ce = ctx.task_loss(out, batch)?;
+        if self.c == 0.0 {
+            return Ok(ce);
+        }
+        match self.penalty.value(ctx.model.params())? {
+            Some(r) => Ok((ce + (r * self.c)?)?),
+            None => Ok(ce),
+        }
+    }
+
+    fn edit_gradients(&mut self, grads: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
+        if self.c == 0.0 {
+            return Ok(());
+        }
+        let params = ctx.model.params();
+        let penalty_grad = self.penalty.gradient(params)?;
+        let mut g_task = Vec::new();
+        for (i, p) in params.trainable().enumerate() {
+            let g = match grads.get(p.var.as_tensor()) {
+                Some(g) => g.detach(),
+                None => p.var.as_tensor().zeros_like()?,
+            };
+            g_task.push(match &penalty_grad {
+                Some(pg) => (g - (&pg[i] * self.c)?)?,
+                None => g,
+            });
+        }
+        self.pending = Some((PerParam::values(params)?, g_task));
+        Ok(())
+    }
+
+    fn after_step(&mut self, _batch: &Batch, _out: &ModelOutput, ctx: &mut StepCtx) -> Result<()> {
+        let (Some((before, g)), Some(omega)) = (self.pending.take(), self.omega.as_mut()) else {
+            return Ok(());
+        };
+        for ((w, p), (b, g)) in omega
+            .0
+            .iter_mut()
+            .zip(ctx.model.params().trainable())
+            .zip(before.0.iter().zip(&g))
+        {
+            let delta = (p.var.as_tensor().detach() - b)?;
+            *w = (&*w - (g * delta)?)?;
+        }
+        Ok(())
+    }
+
+    fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+        let (Some(start), Some(omega)) = (self.start.take(), self.omega.take()) else {
+            return Ok(());
+        };
+        let end = PerParam::values(ctx.model.params())?;
+        let mut add = Vec::with_capacity(end.0.len());
+        for ((w, s), e) in omega.0.iter().zip(&start.0).zip(&end.0) {
+            let d2 = (e - s)?.sqr()?;
+            add.push((w / (d2 + self.xi)?)?);
+        }
+        let add = PerParam(add);
+        let importance = match &self.importance {
+            Some(old) => old.axpby(1.0, &add, 1.0)?,
+            None => add,
+        };
+        tracing::info!(
+            task = ctx.task + 1,
+            omega_sum = importance.sum()?,
+            omega_max = importance.max()?,
+            "SI importance updated"
+        );
+        self.penalty.replace(importance.clone(), end);
+        self.importance = Some(importance);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{mini_trainer, Probe};
+
+    /// Runs SI and, at every task end, recomputes the expected increment ω/(Δ² + ξ) from SI's
+    /// own ω and θ(start) and the model's weights, then records Ω before and after.
+    struct Recorder {
+        si: Si,
+        /// (Ω before, expected increment, Ω after) per task.
+        history: Vec<(Option<PerParam>, PerParam, PerParam)>,
+    }
+
+    impl Algorithm for Recorder {
+        fn name(&self) -> &str {
+            "si-recorder"
+        }
+        fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+            self.si.before_task(ctx)
+        }
+        fn loss(&mut self, o: &ModelOutput, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+            self.si.loss(o, b, ctx)
+        }
+        fn edit_gradients(&mut self, g: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
+            self.si.edit_gradients(g, ctx)
+        }
+        fn after_step(&mut self, b: &Batch, o: &ModelOutput, ctx: &mut StepCtx) -> Result<()> {
+            self.si.after_step(b, o, ctx)
+        }
+        fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+            let before = self.si.importance().cloned();
+            let omega = self.si.path_integral().unwrap().clone();
+            let start = self.si.start.clone().unwrap();
+            let end = PerParam::values(ctx.model.params())?;
+            let mut inc = Vec::new();
+            for ((w, s), e) in omega.0.iter().zip(&start.0).zip(&end.0) {
+                let shape = w.shape().clone();
+                let w: Vec<f32> = w.flatten_all()?.to_vec1()?;
+                let s: Vec<f32> = s.flatten_all()?.to_vec1()?;
+                let e: Vec<f32> = e.flatten_all()?.to_vec1()?;
+                let v: Vec<f32> = (0..w.len())
+                    .map(|j| w[j] / ((e[j] - s[j]).powi(2) + 0.1))
+                    .collect();
+                inc.push(Tensor::new(v, &candle_core::Device::Cpu)?.reshape(shape)?);
+            }
+            self.si.after_task(ctx)?;
+            let after = self.si.importance().unwrap().clone();
+            self.history.push((before, PerParam(inc), after));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn importances_are_non_zero_non_negative_in_sum_and_accumulate_across_tasks() {
+        let probe = Probe::new(Recorder {
+            si: Si::new(SiConfig::default()).unwrap(),
+            history: Vec::new(),
+        });
+        let mut t = mini_trainer(
+            Box::new(probe.clone()),
+            &["benchmark.tasks=3", "benchmark.train_subset=30"],
+        );
+        t.run(&mut sequel_core::trainer::Silent).unwrap();
+        let rec = probe.lock();
+        assert_eq!(rec.history.len(), 3);
+        for (task, (before, inc, after)) in rec.history.iter().enumerate() {
+            let inc_sum = inc.sum().unwrap();
+            assert!(
+                inc_sum > 0.0,
+                "task {}: ω/(Δ²+ξ) sums to {inc_sum}",
+                task + 1
+            );
+            let nonzero = inc.flat().unwrap().iter().filter(|v| **v != 0.0).count();
+            assert!(nonzero > 0, "task {}", task + 1);
+            // Ω(after) = Ω(before) + increment, element by element: accumulated, not replaced.
+            let want = match before {
+                Some(b) => b.axpby(1.0, inc, 1.0).unwrap(),
+                None => inc.clone(),
+            };
+            for (a, w) in after.flat().unwrap().iter().zip(want.flat().unwrap()) {
+                assert!((a - w).abs() <= 1e-6 * w.abs().max(1.0), "{a} vs {w}");
+            }
+            assert!(after.sum().unwrap() > 0.0);
+            if let Some(b) = before {
+                assert!(after.sum().unwrap() > b.sum().unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn task_gradient_excludes_the_penalty() {
+        // After task 1, at a step of task 2: the stored g must equal the gradient of the
+        // cross-entropy alone, although the optimizer received CE + penalty.
+        struct Check {
+            si: Si,
+            batch: Option<Batch>,
+            checked: usize,
+        }
+        impl Algorithm for Check {
+            fn name(&self) -> &str {
+                "si-check"
+            }
+            fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+                self.si.before_task(ctx)
+            }
+            fn loss(&mut self, o: &ModelOutput, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+                self.batch = Some(b.clone());
+                self.si.loss(o, b, ctx)
+            }
+            fn edit_gradients(&mut self, g: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
+                self.si.edit_gradients(g, ctx)?;
+                if ctx.task == 1 && ctx.step == 2 {
+                    let penalty = self.si.penalty(ctx.model)?.unwrap();
+                    assert!(penalty > 0.0);
+                    // Recompute the CE gradient on the same batch (no dropout in this model).
+                    let (_, g_task) = self.si.pending.as_ref().unwrap();
+                    let batch = self.batch.take().unwrap();
+                    let out = ctx.model.forward(&batch.x, true)?;
+                    let ce = ctx.task_loss(&out, &batch)?.backward()?;
+                    for (p, gt) in ctx.model.params().trainable().zip(g_task) {
+                        let want = ce.get(p.var.as_tensor()).unwrap();
+                        let d = (gt - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                        let m = want.abs()?.max_all()?.to_scalar::<f32>()?;
+                        assert!(d <= 1e-5 * m.max(1e-3), "{}: {d} vs max {m}", p.name);
+                    }
+                    self.checked += 1;
+                }
+                Ok(())
+            }
+            fn after_step(&mut self, b: &Batch, o: &ModelOutput, ctx: &mut StepCtx) -> Result<()> {
+                self.si.after_step(b, o, ctx)
+            }
+            fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+                self.si.after_task(ctx)
+            }
+        }
+        let probe = Probe::new(Check {
+            si: Si::new(SiConfig { c: 50.0, xi: 0.1 }).unwrap(),
+            batch: None,
+            checked: 0,
+        });
+        let mut t = mini_trainer(Box::new(probe.clone()), &["benchmark.tasks=2"]);
+        t.run(&mut sequel_core::trainer::Silent).unwrap();
+        assert_eq!(probe.lock().checked, 1);
+    }
+}

@@ -1,0 +1,223 @@
+//! Test support: a probe that lets a test inspect an algorithm after the real trainer ran it, small
+//! tasks on fmnist-mini, and tiny hand-checkable models with host-side (f64) reference gradients.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use candle_core::{backprop::GradStore, Device, Tensor};
+use sequel_core::algorithm::task_samples;
+use sequel_core::config::{parse_config, ActivationKind, BenchmarkConfig};
+use sequel_core::data::{Batch, Dataset, ImageSet, SampleRef, TaskStream};
+use sequel_core::model::layers::Dropout;
+use sequel_core::model::mlp::Mlp;
+use sequel_core::model::{Model, ModelOutput};
+use sequel_core::rng::{SeededRng, Stream};
+use sequel_core::{Algorithm, EvalCtx, Result, StepCtx, TaskCtx, Trainer};
+
+/// Shares an algorithm between the trainer and the test that wants to look inside it afterwards.
+pub struct Probe<A>(Arc<Mutex<A>>);
+
+impl<A> Clone for Probe<A> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<A> Probe<A> {
+    pub fn new(a: A) -> Self {
+        Self(Arc::new(Mutex::new(a)))
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, A> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<A: Algorithm> Algorithm for Probe<A> {
+    fn name(&self) -> &str {
+        "probe"
+    }
+    fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+        self.lock().before_task(ctx)
+    }
+    fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
+        self.lock().training_samples(ctx)
+    }
+    fn prepare_batch(&mut self, batch: Batch, ctx: &mut StepCtx) -> Result<Batch> {
+        self.lock().prepare_batch(batch, ctx)
+    }
+    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        self.lock().loss(out, batch, ctx)
+    }
+    fn edit_gradients(&mut self, grads: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
+        self.lock().edit_gradients(grads, ctx)
+    }
+    fn after_step(&mut self, batch: &Batch, out: &ModelOutput, ctx: &mut StepCtx) -> Result<()> {
+        self.lock().after_step(batch, out, ctx)
+    }
+    fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+        self.lock().after_task(ctx)
+    }
+    fn predict(&self, x: &Tensor, out: &ModelOutput, ctx: &EvalCtx) -> Result<Option<Tensor>> {
+        self.lock().predict(x, out, ctx)
+    }
+}
+
+/// A trainer on fmnist-mini (split, 5 tasks, class-IL, 50 samples per task, MLP 784-32-10, one epoch
+/// of batch 10) with `overrides` applied.
+pub fn mini_trainer(algorithm: Box<dyn Algorithm>, overrides: &[&str]) -> Trainer {
+    let text = "name: unit\nseed: 0\n\
+        benchmark: { dataset: fmnist-mini, kind: split, tasks: 5, classes_per_task: 2, scenario: class-il, train_subset: 50 }\n\
+        model: { kind: mlp, hidden: [32] }\n\
+        optimizer: { kind: sgd, lr: 0.03 }\n\
+        training: { epochs: 1, batch_size: 10, log_every: 0 }\n";
+    let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    let mut cfg = parse_config(text, "unit.yaml", &o).expect("test config parses");
+    cfg.validate("unit.yaml").expect("test config is valid");
+    cfg.resolve_defaults();
+    sequel_core::experiment::build_trainer(&cfg, "unit.yaml", algorithm, None)
+        .expect("trainer builds")
+}
+
+/// A 3-class, 1×2×2 toy dataset of 8 seeded random images, as one class-IL task.
+fn toy_stream() -> TaskStream {
+    let mut rng = SeededRng::new(7, Stream::Subset);
+    let n = 8;
+    let images: Vec<u8> = (0..n * 4).map(|_| rng.below(256) as u8).collect();
+    let labels: Vec<u16> = (0..n).map(|i| (i % 3) as u16).collect();
+    let set = ImageSet {
+        images,
+        labels,
+        shape: [1, 2, 2],
+    };
+    let ds = Dataset {
+        name: "toy".into(),
+        train: set.clone(),
+        test: set,
+        num_classes: 3,
+        mean: vec![0.5],
+        std: vec![0.25],
+    };
+    let cfg: BenchmarkConfig =
+        serde_yaml::from_str("{ dataset: toy, kind: split, tasks: 1, scenario: class-il }")
+            .expect("toy benchmark");
+    TaskStream::build(Arc::new(ds), &cfg, 0).expect("toy stream")
+}
+
+fn mlp(hidden: &[usize], scale: f32) -> Box<dyn Model> {
+    let m = Mlp::new(
+        4,
+        hidden,
+        3,
+        ActivationKind::Tanh,
+        Dropout::new(0.0, SeededRng::new(0, Stream::Dropout)),
+        &mut SeededRng::new(3, Stream::Init),
+        &Device::Cpu,
+    )
+    .expect("mlp");
+    // Larger weights make the probabilities far from uniform, a sharper check.
+    for p in m.params().iter() {
+        p.var
+            .set(&(p.var.as_tensor() * scale as f64).expect("scale"))
+            .expect("set");
+    }
+    Box::new(m)
+}
+
+/// A linear softmax classifier (4 inputs, 3 classes) and the toy task.
+pub fn linear_model_task() -> (Box<dyn Model>, TaskStream, Vec<SampleRef>) {
+    let s = toy_stream();
+    let samples = task_samples(&s, 0);
+    (mlp(&[], 3.0), s, samples)
+}
+
+/// A 4-3-3 tanh MLP and the toy task.
+pub fn tiny_mlp_task() -> (Box<dyn Model>, TaskStream, Vec<SampleRef>) {
+    let s = toy_stream();
+    let samples = task_samples(&s, 0);
+    (mlp(&[3], 3.0), s, samples)
+}
+
+/// Host-side f64 forward of the 4-3-3 tanh MLP (or the linear model) given flattened parameters in
+/// `ParamSet` order.
+fn host_logits(params: &[Vec<f64>], shapes: &[Vec<usize>], x: &[f64]) -> Vec<f64> {
+    let mut h = x.to_vec();
+    let layers = params.len() / 2;
+    for l in 0..layers {
+        let (w, b) = (&params[2 * l], &params[2 * l + 1]);
+        let (out, inp) = (shapes[2 * l][0], shapes[2 * l][1]);
+        let mut z: Vec<f64> = (0..out)
+            .map(|o| b[o] + (0..inp).map(|i| w[o * inp + i] * h[i]).sum::<f64>())
+            .collect();
+        if l + 1 < layers {
+            z.iter_mut().for_each(|v| *v = v.tanh());
+        }
+        h = z;
+    }
+    h
+}
+
+/// `(1/N) Σₙ φ(∂ loss(f(xₙ), yₙ)/∂θᵢ)` for every parameter element, with the derivative taken by
+/// central finite differences of a host-side f64 forward (step 1e-6): an estimate that shares no
+/// code with candle's autograd.
+pub fn finite_difference_statistic(
+    model: &dyn Model,
+    stream: &TaskStream,
+    samples: &[SampleRef],
+    loss: impl Fn(&[f64], usize) -> f64,
+    phi: impl Fn(f64) -> f64,
+) -> Vec<f64> {
+    let params: Vec<Vec<f64>> = model
+        .params()
+        .trainable()
+        .map(|p| {
+            p.var
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("param")
+                .into_iter()
+                .map(f64::from)
+                .collect()
+        })
+        .collect();
+    let shapes: Vec<Vec<usize>> = model
+        .params()
+        .trainable()
+        .map(|p| p.var.dims().to_vec())
+        .collect();
+    let mut buf = Default::default();
+    let batch = stream
+        .gather(
+            samples,
+            sequel_core::data::Split::Train,
+            &mut buf,
+            &Device::Cpu,
+        )
+        .expect("gather");
+    let xs: Vec<Vec<f64>> = batch
+        .x
+        .flatten_from(1)
+        .and_then(|t| t.to_vec2::<f32>())
+        .expect("x")
+        .into_iter()
+        .map(|r| r.into_iter().map(f64::from).collect())
+        .collect();
+    let h = 1e-6;
+    let mut out = Vec::new();
+    for pi in 0..params.len() {
+        for e in 0..params[pi].len() {
+            let mut acc = 0.0;
+            for (x, &y) in xs.iter().zip(&batch.units) {
+                let mut plus = params.clone();
+                plus[pi][e] += h;
+                let mut minus = params.clone();
+                minus[pi][e] -= h;
+                let g = (loss(&host_logits(&plus, &shapes, x), y as usize)
+                    - loss(&host_logits(&minus, &shapes, x), y as usize))
+                    / (2.0 * h);
+                acc += phi(g);
+            }
+            out.push(acc / xs.len() as f64);
+        }
+    }
+    out
+}
