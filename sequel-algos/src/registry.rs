@@ -3,9 +3,14 @@
 //! The YAML keys of `algorithm:` are exactly the fields of the algorithm's config struct (plus
 //! `name`), parsed with `deny_unknown_fields`, so a typo is an error that names the key. User
 //! crates add their own entries with [`Registry::register_algorithm`] — no fork needed.
+//!
+//! `consolidation:` works the same way, except that the wiring keys every strategy shares
+//! (`anchor`, `continue_from`, `evaluate`; [`Wiring`]) are taken out first and parsed here, with the
+//! strategy's defaults ([`Consolidator::default_wiring`]); the strategy's own config sees the rest.
+//! A key neither knows is still an error.
 
 use sequel_core::config::{closest, from_value};
-use sequel_core::{Algorithm, Consolidator, Error, Result};
+use sequel_core::{Algorithm, Consolidation, Consolidator, Error, Result, Wiring};
 use serde::{de::DeserializeOwned, Serialize};
 use serde_yaml::{Mapping, Value};
 
@@ -33,7 +38,20 @@ where
     Box::new(move |params: Value, origin: &str| {
         let cfg: C = from_value(params, origin, section)?;
         let resolved = serde_yaml::to_value(&cfg).map_err(|e| Error::msg(e.to_string()))?;
-        Ok((make(cfg)?, resolved))
+        // Constructors report bad values as `Error::Config` without the file; name it here.
+        let built = make(cfg).map_err(|e| match e {
+            Error::Config {
+                file,
+                path,
+                message,
+            } if file.is_empty() => Error::Config {
+                file: origin.to_string(),
+                path,
+                message,
+            },
+            e => e,
+        })?;
+        Ok((built, resolved))
     })
 }
 
@@ -181,11 +199,9 @@ impl Registry {
         Ok((algo, with_name(&name, resolved)))
     }
 
-    pub fn build_consolidator(
-        &self,
-        spec: &Value,
-        origin: &str,
-    ) -> Result<(Box<dyn Consolidator>, Value)> {
+    /// Build the strategy of a config's `consolidation:` section with its wiring; also returns the
+    /// section with every default (the wiring included) filled in.
+    pub fn build_consolidator(&self, spec: &Value, origin: &str) -> Result<(Consolidation, Value)> {
         let (name, params) = split_spec(spec, origin, "consolidation")?;
         let entry = lookup(
             &self.consolidators,
@@ -194,8 +210,63 @@ impl Registry {
             origin,
             "consolidation",
         )?;
-        let (c, resolved) = (entry.build)(params, origin)?;
-        Ok((c, with_name(&name, resolved)))
+        let mut own = match params {
+            Value::Mapping(m) => m,
+            _ => Mapping::new(),
+        };
+        let mut given = Mapping::new();
+        for key in Wiring::KEYS {
+            if let Some(v) = own.remove(key) {
+                given.insert(key.into(), v);
+            }
+        }
+        let (strategy, resolved) =
+            (entry.build)(Value::Mapping(own), origin).map_err(mention_wiring_keys)?;
+        let mut wiring = match serde_yaml::to_value(strategy.default_wiring()) {
+            Ok(Value::Mapping(m)) => m,
+            _ => return Err(Error::msg("cannot serialise the default wiring")),
+        };
+        wiring.extend(given);
+        let wiring: Wiring = from_value(Value::Mapping(wiring.clone()), origin, "consolidation")?;
+        let mut resolved = with_name(&name, resolved);
+        if let (Value::Mapping(r), Ok(Value::Mapping(w))) =
+            (&mut resolved, serde_yaml::to_value(wiring))
+        {
+            r.extend(w);
+        }
+        Ok((Consolidation { strategy, wiring }, resolved))
+    }
+}
+
+/// A strategy's "unknown field" error only lists the strategy's own keys: add the shared ones, and
+/// suggest one of them when the typo is closer to it.
+fn mention_wiring_keys(e: Error) -> Error {
+    let Error::Config {
+        file,
+        path,
+        message,
+    } = e
+    else {
+        return e;
+    };
+    let shared: Vec<String> = Wiring::KEYS.iter().map(|k| k.to_string()).collect();
+    let message = match message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        Some(given) => match closest(given, &shared) {
+            Some(key) => format!(
+                "unknown field `{given}`; did you mean `{key}`? (shared keys: {})",
+                shared.join(", ")
+            ),
+            None => format!("{message}; shared keys: {}", shared.join(", ")),
+        },
+        None => message,
+    };
+    Error::Config {
+        file,
+        path,
+        message,
     }
 }
 
