@@ -132,6 +132,45 @@ impl Registry {
             "cumulative training on all tasks seen so far (upper bound)",
             |c| Ok(Box::new(crate::joint::Joint::new(c)) as Box<dyn Algorithm>),
         );
+        use crate::consolidation as c;
+        fn boxed<T: Consolidator + 'static>(x: Result<T>) -> Result<Box<dyn Consolidator>> {
+            Ok(Box::new(x?))
+        }
+        r.register_consolidator(
+            "lines",
+            "LiNeS: scale the task's update per layer, λ(ℓ) = α + β(ℓ−1)/(L−1)",
+            |cfg| boxed(c::lines::strategy(cfg)),
+        );
+        r.register_consolidator(
+            "average",
+            "uniform average of the trained task models (model soup)",
+            |cfg| boxed(c::average::strategy(cfg)),
+        );
+        r.register_consolidator(
+            "ema",
+            "exponential moving average of the task models, μ·θ̄ + (1−μ)·θ̂",
+            |cfg| boxed(c::average::ema_strategy(cfg)),
+        );
+        r.register_consolidator(
+            "task-arithmetic",
+            "task arithmetic: anchor + λ·Σ task vectors",
+            |cfg| boxed(c::task_arithmetic::strategy(cfg)),
+        );
+        r.register_consolidator(
+            "ties",
+            "TIES merging: trim to top-k %, elect signs, disjoint mean, λ",
+            |cfg| boxed(c::ties::strategy(cfg)),
+        );
+        r.register_consolidator(
+            "dare",
+            "DARE: drop task-vector entries with rate p, rescale, then task arithmetic or TIES",
+            |cfg| boxed(c::dare::strategy(cfg)),
+        );
+        r.register_consolidator(
+            "magmax",
+            "MagMax: per entry the largest-magnitude task vector, λ; trains on from the raw weights",
+            |cfg| boxed(c::magmax::strategy(cfg)),
+        );
         r
     }
 
