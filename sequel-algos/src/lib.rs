@@ -2,6 +2,7 @@
 //! strategies, and the registry that maps config names to them.
 
 mod check;
+pub mod consolidation;
 pub mod ewc;
 pub mod ewc_online;
 pub mod importance;

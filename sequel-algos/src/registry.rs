@@ -3,9 +3,14 @@
 //! The YAML keys of `algorithm:` are exactly the fields of the algorithm's config struct (plus
 //! `name`), parsed with `deny_unknown_fields`, so a typo is an error that names the key. User
 //! crates add their own entries with [`Registry::register_algorithm`] — no fork needed.
+//!
+//! `consolidation:` works the same way, except that the wiring keys every strategy shares
+//! (`anchor`, `continue_from`, `evaluate`; [`Wiring`]) are taken out first and parsed here, with the
+//! strategy's defaults ([`Consolidator::default_wiring`]); the strategy's own config sees the rest.
+//! A key neither knows is still an error.
 
 use sequel_core::config::{closest, from_value};
-use sequel_core::{Algorithm, Consolidator, Error, Result};
+use sequel_core::{Algorithm, Consolidation, Consolidator, Error, Result, Wiring};
 use serde::{de::DeserializeOwned, Serialize};
 use serde_yaml::{Mapping, Value};
 
@@ -152,6 +157,45 @@ impl Registry {
             "Learning without Forgetting: distillation from the task-start model (Li & Hoiem 2017)",
             |c| Ok(Box::new(crate::lwf::Lwf::new(c)?) as Box<dyn Algorithm>),
         );
+        use crate::consolidation as c;
+        fn boxed<T: Consolidator + 'static>(x: Result<T>) -> Result<Box<dyn Consolidator>> {
+            Ok(Box::new(x?))
+        }
+        r.register_consolidator(
+            "lines",
+            "LiNeS: scale the task's update per layer, λ(ℓ) = α + β(ℓ−1)/(L−1)",
+            |cfg| boxed(c::lines::strategy(cfg)),
+        );
+        r.register_consolidator(
+            "average",
+            "uniform average of the trained task models (model soup)",
+            |cfg| boxed(c::average::strategy(cfg)),
+        );
+        r.register_consolidator(
+            "ema",
+            "exponential moving average of the task models, μ·θ̄ + (1−μ)·θ̂",
+            |cfg| boxed(c::average::ema_strategy(cfg)),
+        );
+        r.register_consolidator(
+            "task-arithmetic",
+            "task arithmetic: anchor + λ·Σ task vectors",
+            |cfg| boxed(c::task_arithmetic::strategy(cfg)),
+        );
+        r.register_consolidator(
+            "ties",
+            "TIES merging: trim to top-k %, elect signs, disjoint mean, λ",
+            |cfg| boxed(c::ties::strategy(cfg)),
+        );
+        r.register_consolidator(
+            "dare",
+            "DARE: drop task-vector entries with rate p, rescale, then task arithmetic or TIES",
+            |cfg| boxed(c::dare::strategy(cfg)),
+        );
+        r.register_consolidator(
+            "magmax",
+            "MagMax: per entry the largest-magnitude task vector, λ; trains on from the raw weights",
+            |cfg| boxed(c::magmax::strategy(cfg)),
+        );
         r
     }
 
@@ -219,11 +263,9 @@ impl Registry {
         Ok((algo, with_name(&name, resolved)))
     }
 
-    pub fn build_consolidator(
-        &self,
-        spec: &Value,
-        origin: &str,
-    ) -> Result<(Box<dyn Consolidator>, Value)> {
+    /// Build the strategy of a config's `consolidation:` section with its wiring; also returns the
+    /// section with every default (the wiring included) filled in.
+    pub fn build_consolidator(&self, spec: &Value, origin: &str) -> Result<(Consolidation, Value)> {
         let (name, params) = split_spec(spec, origin, "consolidation")?;
         let entry = lookup(
             &self.consolidators,
@@ -232,8 +274,63 @@ impl Registry {
             origin,
             "consolidation",
         )?;
-        let (c, resolved) = (entry.build)(params, origin)?;
-        Ok((c, with_name(&name, resolved)))
+        let mut own = match params {
+            Value::Mapping(m) => m,
+            _ => Mapping::new(),
+        };
+        let mut given = Mapping::new();
+        for key in Wiring::KEYS {
+            if let Some(v) = own.remove(key) {
+                given.insert(key.into(), v);
+            }
+        }
+        let (strategy, resolved) =
+            (entry.build)(Value::Mapping(own), origin).map_err(mention_wiring_keys)?;
+        let mut wiring = match serde_yaml::to_value(strategy.default_wiring()) {
+            Ok(Value::Mapping(m)) => m,
+            _ => return Err(Error::msg("cannot serialise the default wiring")),
+        };
+        wiring.extend(given);
+        let wiring: Wiring = from_value(Value::Mapping(wiring.clone()), origin, "consolidation")?;
+        let mut resolved = with_name(&name, resolved);
+        if let (Value::Mapping(r), Ok(Value::Mapping(w))) =
+            (&mut resolved, serde_yaml::to_value(wiring))
+        {
+            r.extend(w);
+        }
+        Ok((Consolidation { strategy, wiring }, resolved))
+    }
+}
+
+/// A strategy's "unknown field" error only lists the strategy's own keys: add the shared ones, and
+/// suggest one of them when the typo is closer to it.
+fn mention_wiring_keys(e: Error) -> Error {
+    let Error::Config {
+        file,
+        path,
+        message,
+    } = e
+    else {
+        return e;
+    };
+    let shared: Vec<String> = Wiring::KEYS.iter().map(|k| k.to_string()).collect();
+    let message = match message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        Some(given) => match closest(given, &shared) {
+            Some(key) => format!(
+                "unknown field `{given}`; did you mean `{key}`? (shared keys: {})",
+                shared.join(", ")
+            ),
+            None => format!("{message}; shared keys: {}", shared.join(", ")),
+        },
+        None => message,
+    };
+    Error::Config {
+        file,
+        path,
+        message,
     }
 }
 

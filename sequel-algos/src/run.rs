@@ -11,7 +11,7 @@ use crate::Registry;
 pub struct Prepared {
     pub config: ExperimentConfig,
     pub algorithm: Box<dyn sequel_core::Algorithm>,
-    pub consolidator: Option<Box<dyn sequel_core::Consolidator>>,
+    pub consolidator: Option<sequel_core::Consolidation>,
     /// The config with every default filled in, as YAML.
     pub resolved_yaml: String,
     /// Where the config came from (a file name), for error messages.

@@ -107,7 +107,7 @@ fn mlp(hidden: &[usize], scale: f32) -> Box<dyn Model> {
     let m = Mlp::new(
         4,
         hidden,
-        3,
+        &[3],
         ActivationKind::Tanh,
         Dropout::new(0.0, SeededRng::new(0, Stream::Dropout)),
         &mut SeededRng::new(3, Stream::Init),

@@ -114,6 +114,17 @@ pub fn report(outcome: &RunOutcome) -> String {
         let _ = writeln!(s, "BWT                {}", pct(f.bwt));
         let _ = writeln!(s, "FWT                {}", pct(f.fwt));
         let _ = writeln!(s, "learning accuracy  {:.2}", f.learning_acc * 100.0);
+        if let Some(raw) = outcome.raw.as_ref().filter(|r| !r.rows.is_empty()) {
+            let r = raw.metrics_after(raw.rows.len());
+            let _ = writeln!(
+                s,
+                "before consolidation (accuracy_matrix_raw.csv): average accuracy {:.2}, \
+                 forgetting {}, learning accuracy {:.2}",
+                r.avg_acc * 100.0,
+                pct(r.forgetting),
+                r.learning_acc * 100.0
+            );
+        }
         let train: f64 = outcome.times.iter().map(|x| x.train_s).sum();
         let eval: f64 = outcome.init_eval_s + outcome.times.iter().map(|x| x.eval_s).sum::<f64>();
         let rss = outcome

@@ -322,6 +322,9 @@ fn list_names_algorithms_datasets_and_models() {
     for name in [
         "naive",
         "joint",
+        "lines",
+        "ties",
+        "magmax",
         "fmnist-mini",
         "fashion-mnist",
         "cifar10",

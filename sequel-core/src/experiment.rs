@@ -8,7 +8,7 @@ use candle_core::Device;
 
 use crate::algorithm::Algorithm;
 use crate::config::ExperimentConfig;
-use crate::consolidation::Consolidator;
+use crate::consolidation::Consolidation;
 use crate::data::{discovery::load_dataset, TaskStream};
 use crate::error::{Error, Result};
 use crate::model::build_model;
@@ -22,7 +22,7 @@ pub fn build_trainer(
     cfg: &ExperimentConfig,
     origin: &str,
     algorithm: Box<dyn Algorithm>,
-    consolidator: Option<Box<dyn Consolidator>>,
+    consolidation: Option<Consolidation>,
 ) -> Result<Trainer> {
     let device = Device::Cpu;
     let in_file = |e: Error| match e {
@@ -46,7 +46,7 @@ pub fn build_trainer(
         stream,
         model,
         algorithm,
-        consolidator,
+        consolidation,
         device,
     ))
 }
@@ -66,16 +66,18 @@ pub fn run_experiment(
     origin: &str,
     resolved_yaml: &str,
     algorithm: Box<dyn Algorithm>,
-    consolidator: Option<Box<dyn Consolidator>>,
+    consolidation: Option<Consolidation>,
     progress: &mut dyn Progress,
     git_hash: Option<String>,
 ) -> Result<Finished> {
     let start = Instant::now();
     let algo_name = algorithm.name().to_string();
-    let cons_name = consolidator.as_ref().map(|c| c.name().to_string());
+    let cons_name = consolidation
+        .as_ref()
+        .map(|c| c.strategy.name().to_string());
     // Data and model errors come first so that they leave no run folder behind; an unwritable
     // output folder is still reported before any training.
-    let mut trainer = build_trainer(cfg, origin, algorithm, consolidator)?;
+    let mut trainer = build_trainer(cfg, origin, algorithm, consolidation)?;
     let dir = RunDir::create(&cfg.output.dir, &cfg.name, cfg.seed)?;
     trainer.checkpoint_dir = Some(dir.staging().join("checkpoints"));
     let mut outcome = trainer.run(progress)?;

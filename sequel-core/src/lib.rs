@@ -22,6 +22,6 @@ pub mod trainer;
 
 pub use algorithm::{Algorithm, EvalCtx, StepCtx, TaskCtx};
 pub use config::ExperimentConfig;
-pub use consolidation::{ConsolidationCtx, Consolidator};
+pub use consolidation::{Consolidation, ConsolidationCtx, Consolidator, TaskVector, Wiring};
 pub use error::{Error, Result};
 pub use trainer::{Progress, RunOutcome, Trainer};

@@ -26,6 +26,11 @@ impl RunRecord {
         self.summary["final"][key].as_f64()
     }
 
+    /// A final metric of the trained weights before consolidation (runs with a consolidator).
+    pub fn final_raw_metric(&self, key: &str) -> Option<f64> {
+        self.summary["final_raw"][key].as_f64()
+    }
+
     /// The value at a dotted key path of the config, as text (`algorithm.name` → `naive`).
     pub fn config_value(&self, path: &str) -> Option<String> {
         let mut v = &self.config;
@@ -180,6 +185,19 @@ pub struct GroupSummary {
     pub bwt: Option<Stat>,
     pub fwt: Option<Stat>,
     pub train_s: Option<Stat>,
+    /// Mean accuracy on each task right after learning it (plasticity).
+    pub learning_acc: Option<Stat>,
+    /// The same metrics of the trained weights before consolidation, when the runs had a
+    /// consolidator.
+    pub raw: Option<RawSummary>,
+}
+
+/// Final metrics of the raw (unconsolidated) matrix.
+#[derive(Debug, Clone)]
+pub struct RawSummary {
+    pub avg_acc: Option<Stat>,
+    pub forgetting: Option<Stat>,
+    pub learning_acc: Option<Stat>,
 }
 
 /// Runs grouped by their seedless config (or by the value of the config key `by`), labelled by
@@ -231,6 +249,21 @@ pub fn compare(runs: &[RunRecord], by: Option<&str>) -> Vec<GroupSummary> {
                         .collect::<Vec<_>>(),
                 )
             };
+            let raw_stat = |k: &str| {
+                Stat::of(
+                    &ok.iter()
+                        .filter_map(|r| r.final_raw_metric(k))
+                        .collect::<Vec<_>>(),
+                )
+            };
+            let raw = ok
+                .iter()
+                .any(|r| r.summary.get("final_raw").is_some())
+                .then(|| RawSummary {
+                    avg_acc: raw_stat("avg_acc"),
+                    forgetting: raw_stat("forgetting"),
+                    learning_acc: raw_stat("learning_acc"),
+                });
             let mut seeds: Vec<u64> = ok
                 .iter()
                 .filter_map(|r| r.summary["seed"].as_u64())
@@ -245,6 +278,8 @@ pub fn compare(runs: &[RunRecord], by: Option<&str>) -> Vec<GroupSummary> {
                 forgetting: stat("forgetting"),
                 bwt: stat("bwt"),
                 fwt: stat("fwt"),
+                learning_acc: stat("learning_acc"),
+                raw,
                 train_s: Stat::of(
                     &ok.iter()
                         .filter_map(|r| r.summary["train_s"].as_f64())
@@ -260,7 +295,9 @@ pub fn compare(runs: &[RunRecord], by: Option<&str>) -> Vec<GroupSummary> {
     rows
 }
 
-/// The comparison as a Markdown (`md`) or CSV table; accuracies in percent.
+/// The comparison as a Markdown (`md`) or CSV table; accuracies in percent. When any group ran
+/// with a consolidator, the table gains the learning accuracy and the raw (before consolidation)
+/// average accuracy, forgetting and learning accuracy.
 pub fn format_table(rows: &[GroupSummary], csv: bool) -> String {
     let pct = |s: &Option<Stat>| match s {
         Some(s) if csv => format!("{:.4},{:.4}", s.mean * 100.0, s.std * 100.0),
@@ -273,12 +310,32 @@ pub fn format_table(rows: &[GroupSummary], csv: bool) -> String {
         Some(s) => format!("{:.1}", s.mean),
         None => String::new(),
     };
+    let with_raw = rows.iter().any(|r| r.raw.is_some());
+    let raw_cells = |r: &GroupSummary| -> Vec<String> {
+        let none = RawSummary {
+            avg_acc: None,
+            forgetting: None,
+            learning_acc: None,
+        };
+        let raw = r.raw.as_ref().unwrap_or(&none);
+        vec![
+            pct(&r.learning_acc),
+            pct(&raw.avg_acc),
+            pct(&raw.forgetting),
+            pct(&raw.learning_acc),
+        ]
+    };
+    let sep = if csv { "," } else { " | " };
     let mut out = String::new();
     if csv {
-        out.push_str("run,n,failed,avg_acc,avg_acc_std,forgetting,forgetting_std,bwt,bwt_std,fwt,fwt_std,train_s\n");
+        out.push_str("run,n,failed,avg_acc,avg_acc_std,forgetting,forgetting_std,bwt,bwt_std,fwt,fwt_std,train_s");
+        if with_raw {
+            out.push_str(",learning_acc,learning_acc_std,avg_acc_raw,avg_acc_raw_std,forgetting_raw,forgetting_raw_std,learning_acc_raw,learning_acc_raw_std");
+        }
+        out.push('\n');
         for r in rows {
             out.push_str(&format!(
-                "{},{},{},{},{},{},{},{}\n",
+                "{},{},{},{},{},{},{},{}",
                 r.label.replace(',', ";"),
                 r.seeds.len(),
                 r.failed,
@@ -288,10 +345,24 @@ pub fn format_table(rows: &[GroupSummary], csv: bool) -> String {
                 pct(&r.fwt),
                 secs(&r.train_s)
             ));
+            if with_raw {
+                out.push_str(sep);
+                out.push_str(&raw_cells(r).join(sep));
+            }
+            out.push('\n');
         }
     } else {
-        out.push_str("| run | n | avg acc (%) | forgetting (%) | BWT (%) | FWT (%) | train s |\n");
-        out.push_str("|---|---|---|---|---|---|---|\n");
+        out.push_str("| run | n | avg acc (%) | forgetting (%) | BWT (%) | FWT (%) | train s |");
+        let mut rule = String::from("|---|---|---|---|---|---|---|");
+        if with_raw {
+            out.push_str(
+                " learning acc (%) | raw avg acc (%) | raw forgetting (%) | raw learning acc (%) |",
+            );
+            rule.push_str("---|---|---|---|");
+        }
+        out.push('\n');
+        out.push_str(&rule);
+        out.push('\n');
         for r in rows {
             let n = if r.failed > 0 {
                 format!("{} ({} failed)", r.seeds.len(), r.failed)
@@ -299,7 +370,7 @@ pub fn format_table(rows: &[GroupSummary], csv: bool) -> String {
                 r.seeds.len().to_string()
             };
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 r.label,
                 n,
                 pct(&r.avg_acc),
@@ -308,6 +379,12 @@ pub fn format_table(rows: &[GroupSummary], csv: bool) -> String {
                 pct(&r.fwt),
                 secs(&r.train_s)
             ));
+            if with_raw {
+                out.push(' ');
+                out.push_str(&raw_cells(r).join(sep));
+                out.push_str(" |");
+            }
+            out.push('\n');
         }
     }
     out
@@ -382,6 +459,43 @@ mod tests {
         }
         fs::write(&p, "after_task,task_1\n1,50.0\n").unwrap();
         assert!(read_matrix(&p).unwrap_err().to_string().contains("init"));
+    }
+
+    #[test]
+    fn runs_with_a_consolidator_add_raw_columns() {
+        let tmp = tempfile::tempdir().unwrap();
+        fake(tmp.path(), "plain", 0, 0.1, 0.5, "completed");
+        fake(tmp.path(), "cons", 0, 0.1, 0.6, "completed");
+        let d = tmp.path().join("cons/seed-0/summary.json");
+        let mut s: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&d).unwrap()).unwrap();
+        s["final"]["learning_acc"] = serde_json::json!(0.9);
+        s["final_raw"] =
+            serde_json::json!({"avg_acc": 0.4, "forgetting": 0.3, "learning_acc": 0.95});
+        fs::write(&d, s.to_string()).unwrap();
+        let rows = compare(&find_runs(&[tmp.path().to_path_buf()]).unwrap(), None);
+        let md = format_table(&rows, false);
+        assert!(md.contains("raw forgetting (%)"), "{md}");
+        assert!(
+            md.contains("| cons | 1 | 60.00 ± 0.00 | 10.00 ± 0.00 | -10.00 ± 0.00 | n/a | 2.0 | 90.00 ± 0.00 | 40.00 ± 0.00 | 30.00 ± 0.00 | 95.00 ± 0.00 |"),
+            "{md}"
+        );
+        assert!(md.contains("| plain | 1 | 50.00 ± 0.00 |"), "{md}");
+        let csv = format_table(&rows, true);
+        assert!(
+            csv.lines()
+                .next()
+                .unwrap()
+                .ends_with(",learning_acc_raw_std"),
+            "{csv}"
+        );
+        assert!(
+            csv.lines().nth(1).unwrap().ends_with(",95.0000,0.0000"),
+            "{csv}"
+        );
+        // Without any consolidator the table is unchanged.
+        let plain: Vec<GroupSummary> = rows.into_iter().filter(|r| r.raw.is_none()).collect();
+        assert!(!format_table(&plain, false).contains("raw"));
     }
 
     #[test]

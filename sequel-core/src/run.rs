@@ -136,14 +136,19 @@ fn opt(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.6}")).unwrap_or_default()
 }
 
-/// metrics.csv: one row per finished task.
+/// metrics.csv: one row per finished task. With a consolidator, three more columns describe the
+/// trained weights before consolidation (the raw matrix).
 pub fn metrics_csv(outcome: &RunOutcome) -> String {
     let mut s = String::from(
-        "task,avg_acc,avg_acc_pooled,avg_inc_acc,learning_acc,forgetting,bwt,fwt,train_s,eval_s,peak_rss_mb\n",
+        "task,avg_acc,avg_acc_pooled,avg_inc_acc,learning_acc,forgetting,bwt,fwt,train_s,eval_s,peak_rss_mb",
     );
+    if outcome.raw.is_some() {
+        s.push_str(",avg_acc_raw,learning_acc_raw,forgetting_raw");
+    }
+    s.push('\n');
     for (i, t) in outcome.times.iter().enumerate() {
         let m = outcome.matrix.metrics_after(i + 1);
-        let _ = writeln!(
+        let _ = write!(
             s,
             "{},{:.6},{:.6},{:.6},{:.6},{},{},{},{:.3},{:.3},{}",
             m.task,
@@ -158,6 +163,17 @@ pub fn metrics_csv(outcome: &RunOutcome) -> String {
             t.eval_s,
             t.peak_rss_mb.map(|v| format!("{v:.1}")).unwrap_or_default()
         );
+        if let Some(raw) = &outcome.raw {
+            let r = raw.metrics_after(i + 1);
+            let _ = write!(
+                s,
+                ",{:.6},{:.6},{}",
+                r.avg_acc,
+                r.learning_acc,
+                opt(r.forgetting)
+            );
+        }
+        s.push('\n');
     }
     s
 }
@@ -182,7 +198,7 @@ pub fn summary_json(outcome: &RunOutcome, info: &RunInfo) -> serde_json::Value {
         None => "completed".to_string(),
         Some(e) => format!("failed: {e}"),
     };
-    json!({
+    let mut v = json!({
         "name": info.name,
         "status": status,
         "seed": info.seed,
@@ -209,7 +225,13 @@ pub fn summary_json(outcome: &RunOutcome, info: &RunInfo) -> serde_json::Value {
             "cpu_model": cpu_model(),
             "memory_mb": mem_total_mb(),
         },
-    })
+    });
+    // Only runs with a consolidator have a raw matrix; others keep their exact keys.
+    if let (Some(raw), Some(map)) = (&outcome.raw, v.as_object_mut()) {
+        let last_raw = (done > 0).then(|| raw.metrics_after(done));
+        map.insert("final_raw".into(), json!(last_raw));
+    }
+    v
 }
 
 /// Write every result file of `outcome` into the run's staging folder.
@@ -221,6 +243,9 @@ pub fn write_results(
 ) -> Result<()> {
     dir.write("config.yaml", config_yaml.as_bytes())?;
     dir.write("accuracy_matrix.csv", outcome.matrix.to_csv().as_bytes())?;
+    if let Some(raw) = &outcome.raw {
+        dir.write("accuracy_matrix_raw.csv", raw.to_csv().as_bytes())?;
+    }
     dir.write("metrics.csv", metrics_csv(outcome).as_bytes())?;
     dir.write("train_log.csv", train_log_csv(outcome).as_bytes())?;
     let mut summary = serde_json::to_string_pretty(&summary_json(outcome, info))

@@ -6,11 +6,13 @@ use candle_core::{Device, Tensor, D};
 
 use crate::algorithm::{Algorithm, EvalCtx, StepCtx, TaskCtx};
 use crate::config::ExperimentConfig;
-use crate::consolidation::{ConsolidationCtx, Consolidator};
+use crate::consolidation::{
+    apply, Anchor, Consolidation, ConsolidationCtx, ContinueFrom, Evaluate, TaskVector,
+};
 use crate::data::{GatherBuf, SampleRef, TaskStream};
 use crate::error::{Error, Result};
 use crate::metrics::{peak_rss_mb, AccuracyMatrix};
-use crate::model::Model;
+use crate::model::{Model, Snapshot};
 use crate::optim::{build_optimizer, LrSchedule, Optimizer};
 use crate::rng::{SeededRng, Stream};
 
@@ -49,7 +51,10 @@ pub struct LogRow {
 /// Everything a run produced. `failure` is set when training stopped early (e.g. a non-finite
 /// loss); the rows of the tasks finished before it are kept.
 pub struct RunOutcome {
+    /// The evaluated weights' matrix (the consolidated ones, unless `evaluate: trained`).
     pub matrix: AccuracyMatrix,
+    /// With a consolidator: the matrix of the trained weights before consolidation.
+    pub raw: Option<AccuracyMatrix>,
     pub times: Vec<TaskTimes>,
     pub init_eval_s: f64,
     pub log: Vec<LogRow>,
@@ -61,8 +66,8 @@ pub struct Trainer {
     pub stream: TaskStream,
     pub model: Box<dyn Model>,
     pub algorithm: Box<dyn Algorithm>,
-    pub consolidator: Option<Box<dyn Consolidator>>,
-    /// When set, the model weights are saved to `task-<t>.safetensors` here after each task.
+    pub consolidation: Option<Consolidation>,
+    /// When set, the evaluated weights are saved to `task-<t>.safetensors` here after each task.
     pub checkpoint_dir: Option<std::path::PathBuf>,
     optimizer: Box<dyn Optimizer>,
     schedule: LrSchedule,
@@ -70,6 +75,14 @@ pub struct Trainer {
     data_rng: SeededRng,
     algo_rng: SeededRng,
     consolidation_rng: SeededRng,
+    /// The task vectors kept for the consolidator (`anchor: initial` and it asked for them).
+    task_vectors: Vec<TaskVector>,
+}
+
+/// The two weight sets after a task's consolidation.
+struct Consolidated {
+    trained: Snapshot,
+    consolidated: Snapshot,
 }
 
 impl Trainer {
@@ -78,7 +91,7 @@ impl Trainer {
         stream: TaskStream,
         model: Box<dyn Model>,
         algorithm: Box<dyn Algorithm>,
-        consolidator: Option<Box<dyn Consolidator>>,
+        consolidation: Option<Consolidation>,
         device: Device,
     ) -> Self {
         let seed = cfg.seed;
@@ -89,12 +102,13 @@ impl Trainer {
             stream,
             model,
             algorithm,
-            consolidator,
+            consolidation,
             checkpoint_dir: None,
             device,
             data_rng: SeededRng::new(seed, Stream::DataOrder),
             algo_rng: SeededRng::new(seed, Stream::Algorithm),
             consolidation_rng: SeededRng::new(seed, Stream::Consolidation),
+            task_vectors: Vec::new(),
         }
     }
 
@@ -111,15 +125,23 @@ impl Trainer {
                     .map(|j| self.stream.eval_indices(j).0.len())
                     .collect(),
             },
+            raw: None,
             times: Vec::new(),
             init_eval_s: t0.elapsed().as_secs_f64(),
             log: Vec::new(),
             failure: None,
         };
-        let initial = self.model.params().snapshot()?;
+        if self.consolidation.is_some() {
+            outcome.raw = Some(outcome.matrix.clone());
+        }
+        // θ₀ and θ̄_{t−1} are only needed by a consolidator.
+        let initial = match self.consolidation {
+            Some(_) => Some(self.model.params().snapshot()?),
+            None => None,
+        };
+        let mut previous: Option<Snapshot> = None;
         for t in 0..n_tasks {
             let start = Instant::now();
-            let before_task = self.model.params().snapshot()?;
             let steps = match self.train_task(t, progress, &mut outcome.log) {
                 Ok(s) => s,
                 Err(e @ Error::NonFiniteLoss { .. }) => {
@@ -134,19 +156,35 @@ impl Trainer {
                 outcome.failure = Some(Error::NonFiniteWeights { task: t + 1 });
                 return Ok(outcome);
             }
-            if let Some(c) = self.consolidator.as_mut() {
-                c.after_task(&mut ConsolidationCtx {
-                    task: t,
-                    params: self.model.params(),
-                    initial: &initial,
-                    before_task: &before_task,
-                    stream: &self.stream,
-                    rng: &mut self.consolidation_rng,
-                })?;
-            }
+            let consolidated = match &initial {
+                Some(initial) => {
+                    let c = self.consolidate(t, initial, previous.as_ref())?;
+                    if !snapshot_finite(&c.consolidated)? {
+                        outcome.failure = Some(Error::NonFiniteWeights { task: t + 1 });
+                        return Ok(outcome);
+                    }
+                    Some(c)
+                }
+                None => None,
+            };
             let train_s = start.elapsed().as_secs_f64();
             let e0 = Instant::now();
-            let row = self.evaluate_all(t + 1)?;
+            // The model holds θ̂_t here. With a consolidator, the trained weights fill the raw
+            // matrix and the evaluated ones the main matrix (evaluated once if they are the same).
+            let (row, raw_row) = match (&consolidated, &self.consolidation) {
+                (Some(c), Some(cons)) => {
+                    let raw = self.evaluate_all(t + 1)?;
+                    let row = match cons.wiring.evaluate {
+                        Evaluate::Consolidated => {
+                            self.model.params().restore(&c.consolidated)?;
+                            self.evaluate_all(t + 1)?
+                        }
+                        Evaluate::Trained => raw.clone(),
+                    };
+                    (row, Some(raw))
+                }
+                _ => (self.evaluate_all(t + 1)?, None),
+            };
             let times = TaskTimes {
                 train_s,
                 eval_s: e0.elapsed().as_secs_f64(),
@@ -160,11 +198,75 @@ impl Trainer {
                 "task finished"
             );
             self.save_checkpoint(t)?;
+            if let (Some(c), Some(cons)) = (consolidated, &self.consolidation) {
+                let from = match cons.wiring.continue_from {
+                    ContinueFrom::Consolidated => &c.consolidated,
+                    ContinueFrom::Trained => &c.trained,
+                };
+                self.model.params().restore(from)?;
+                previous = Some(c.consolidated);
+            }
             progress.task_end(t, &row, &times);
             outcome.matrix.rows.push(row);
+            if let (Some(raw), Some(r)) = (outcome.raw.as_mut(), raw_row) {
+                raw.rows.push(r);
+            }
             outcome.times.push(times);
         }
         Ok(outcome)
+    }
+
+    /// Run the consolidator on the trained weights of task `t` (held by the model). `previous` is
+    /// θ̄_{t−1}, `None` before the first task.
+    fn consolidate(
+        &mut self,
+        t: usize,
+        initial: &Snapshot,
+        previous: Option<&Snapshot>,
+    ) -> Result<Consolidated> {
+        let Some(cons) = self.consolidation.as_mut() else {
+            return Err(Error::msg("consolidate called without a consolidator"));
+        };
+        let params = self.model.params();
+        let trained = params.snapshot()?;
+        let anchor_kind = cons.wiring.anchor;
+        // θ̄_0: θ₀ with `initial`; with `previous` there is no model before task 1 worth pulling
+        // towards (θ₀ is an untrained initialisation), so task 1 is its own anchor.
+        let previous = match (previous, anchor_kind) {
+            (Some(p), _) => p,
+            (None, Anchor::Initial) => initial,
+            (None, Anchor::Previous) => &trained,
+        };
+        let anchor = match anchor_kind {
+            Anchor::Initial => initial,
+            Anchor::Previous => previous,
+        };
+        let tau = TaskVector::between(params, anchor, &trained)?;
+        let current_only;
+        let vectors: &[TaskVector] =
+            if anchor_kind == Anchor::Initial && cons.strategy.keeps_task_vectors() {
+                self.task_vectors.push(tau);
+                &self.task_vectors
+            } else {
+                current_only = [tau];
+                &current_only
+            };
+        let current = vectors.last().ok_or_else(|| Error::msg("no task vector"))?;
+        let merged = cons.strategy.consolidate(&mut ConsolidationCtx {
+            task: t,
+            params,
+            initial,
+            previous,
+            trained: &trained,
+            anchor: anchor_kind,
+            task_vectors: vectors,
+            rng: &mut self.consolidation_rng,
+        })?;
+        let consolidated = apply(params, anchor, &trained, current, &merged)?;
+        Ok(Consolidated {
+            trained,
+            consolidated,
+        })
     }
 
     fn weights_finite(&self) -> Result<bool> {
@@ -182,6 +284,7 @@ impl Trainer {
         Ok(true)
     }
 
+    /// Save the model's current weights (the evaluated ones) as `task-<t>.safetensors`.
     fn save_checkpoint(&self, t: usize) -> Result<()> {
         let Some(dir) = &self.checkpoint_dir else {
             return Ok(());
@@ -348,6 +451,19 @@ impl Trainer {
         }
         Ok(correct as f64 / indices.len() as f64)
     }
+}
+
+fn snapshot_finite(s: &Snapshot) -> Result<bool> {
+    for t in &s.tensors {
+        let v = t
+            .sum_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()?;
+        if !v.is_finite() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 impl Trainer {

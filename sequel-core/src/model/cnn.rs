@@ -90,9 +90,9 @@ impl Model for Cnn {
         let copy = Cnn::new(
             self.input,
             &self.channels,
-            self.head.weight.dim(0)?,
+            &self.head.sizes(),
             &mut SeededRng::new(0, Stream::Init),
-            self.head.weight.device(),
+            self.head.device(),
         )?;
         copy.params.restore(&self.params.snapshot()?)?;
         Ok(Box::new(copy))

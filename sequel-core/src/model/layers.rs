@@ -88,6 +88,15 @@ impl Head {
         Ok(Self { heads })
     }
 
+    /// Output units of each head.
+    pub fn sizes(&self) -> Vec<usize> {
+        self.heads.iter().map(|h| h.weight.dims()[0]).collect()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.heads[0].weight.device()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let [one] = self.heads.as_slice() {
             return one.forward(x);

@@ -83,11 +83,11 @@ impl Model for Mlp {
         let copy = Mlp::new(
             self.input,
             &self.widths,
-            self.head.weight.dim(0)?,
+            &self.head.sizes(),
             self.activation,
             self.dropout.fork(),
             &mut SeededRng::new(0, Stream::Init),
-            self.head.weight.device(),
+            self.head.device(),
         )?;
         copy.params.restore(&self.params.snapshot()?)?;
         Ok(Box::new(copy))

@@ -152,7 +152,7 @@ mod tests {
         ] {
             let mut c = cfg(kind);
             c.dropout = 0.3;
-            let m = build_model(&c, shape, 5, 3, &dev).unwrap();
+            let m = build_model(&c, shape, &[5], 3, &dev).unwrap();
             let x = Tensor::ones(
                 (2, shape[0], shape[1], shape[2]),
                 candle_core::DType::F32,

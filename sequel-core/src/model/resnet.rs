@@ -188,9 +188,9 @@ impl Model for ResNet18 {
         let copy = ResNet18::new(
             self.input,
             self.nf,
-            self.head.weight.dim(0)?,
+            &self.head.sizes(),
             &mut SeededRng::new(0, Stream::Init),
-            self.head.weight.device(),
+            self.head.device(),
         )?;
         copy.params.restore(&self.params.snapshot()?)?;
         Ok(Box::new(copy))
