@@ -516,12 +516,13 @@ mod tests {
         t.run(&mut sequel_core::trainer::Silent).unwrap();
         let ewc = probe.lock();
         let f = ewc.last_fisher().unwrap();
-        // Task 2 owns units 2..4 of the split stream: other head rows get no Fisher.
-        let head_w = f.0[f.0.len() - 2].to_vec2::<f32>().unwrap();
-        let head_b = f.0[f.0.len() - 1].to_vec1::<f32>().unwrap();
-        for (u, row) in head_w.iter().enumerate() {
-            let mass: f32 = row.iter().sum::<f32>() + head_b[u];
-            assert_eq!(mass > 0.0, (2..4).contains(&u), "unit {u}: {mass}");
-        }
+        // Multi-head: the trainable tensors end with head.0.{weight,bias} (task 1) and
+        // head.1.{weight,bias} (task 2). Task 2's Fisher lives on its own head only.
+        let n = f.0.len();
+        let mass = |i: usize| f.0[i].sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(mass(n - 4), 0.0, "task 1's head weight gets no Fisher");
+        assert_eq!(mass(n - 3), 0.0, "task 1's head bias gets no Fisher");
+        assert!(mass(n - 2) > 0.0 && mass(n - 1) > 0.0, "task 2's head has Fisher mass");
+        assert_eq!(f.0[n - 2].dims()[0], 2, "per-task head of 2 units");
     }
 }
