@@ -82,6 +82,10 @@ pub fn mean_gradient_statistic(
                     let Some(g) = grads.get(p.var.as_tensor()) else {
                         continue;
                     };
+                    // candle's parameter gradients can stay attached to the graph (a conv kernel's
+                    // gradient is computed from tracked activations): detach, or a penalty built on
+                    // this statistic would back-propagate into it.
+                    let g = g.detach();
                     let v = match reduce {
                         Reduce::Square => g.sqr()?,
                         Reduce::Abs => g.abs()?,
@@ -160,4 +164,41 @@ pub fn subset(
         }
     }
     samples
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sequel_core::algorithm::task_samples;
+
+    #[test]
+    fn statistics_are_detached_even_when_candle_gradients_are_not() {
+        // A batch-norm scale's gradient is computed from tracked activations; the statistic must not
+        // keep that graph, or a penalty on it would back-propagate into the old forward pass.
+        let t = crate::testing::mini_trainer(
+            Box::new(crate::naive::Naive),
+            &[
+                "model={kind: resnet18, width: 2}",
+                "benchmark.train_subset=4",
+            ],
+        );
+        let samples = task_samples(&t.stream, 0);
+        let stat = mean_gradient_statistic(
+            t.model.as_ref(),
+            &t.stream,
+            &Device::Cpu,
+            &samples,
+            1,
+            Reduce::Square,
+            |out, batch| {
+                Ok(vec![(
+                    1.0,
+                    sequel_core::loss::task_loss(&out.logits, batch, &t.stream)?,
+                )])
+            },
+        )
+        .unwrap();
+        assert!(stat.0.iter().all(|s| !s.track_op()));
+        assert!(stat.sum().unwrap() > 0.0);
+    }
 }

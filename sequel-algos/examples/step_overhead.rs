@@ -1,0 +1,197 @@
+//! Per-step cost of each regularizer against naive, and the cost of the importance estimates
+//! (docs/PERFORMANCE.md):
+//!
+//! ```text
+//! cargo run --release -p sequel-algos --example step_overhead [-- STEPS]
+//! ```
+//!
+//! Setup: the split-FMNIST protocol's MLP 784-100-100-10 on fmnist-mini, plain SGD, one thread.
+//! Each method first finishes task 1 (so its penalty, path integral or teacher is active), then
+//! the full training step of task 2 — prepare_batch, forward, loss, backward, edit_gradients,
+//! optimizer step, after_step — is timed on pre-gathered batches (data loading excluded).
+
+use std::time::Instant;
+
+use candle_core::Device;
+use sequel_algos::Registry;
+use sequel_core::algorithm::task_samples;
+use sequel_core::config::parse_config;
+use sequel_core::data::{Batch, GatherBuf, Split};
+use sequel_core::optim::build_optimizer;
+use sequel_core::rng::{SeededRng, Stream};
+use sequel_core::{Algorithm, StepCtx, TaskCtx};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const METHODS: &[&str] = &[
+    "naive",
+    "{name: ewc}",
+    "{name: ewc-online}",
+    "{name: si}",
+    "{name: mas}",
+    "{name: lwf}",
+];
+
+fn main() -> anyhow::Result<()> {
+    use std::io::Write;
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    macro_rules! println {
+        ($($t:tt)*) => {
+            // A closed pipe (`| head`) ends the report quietly.
+            if writeln!(out, $($t)*).is_err() {
+                return Ok(());
+            }
+        };
+    }
+    // SAFETY: called on the main thread before any other thread has been started.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
+    let steps: usize = match std::env::args().nth(1) {
+        Some(s) => s.parse()?,
+        None => 2000,
+    };
+    println!("| batch | method | steps/s | µs/step | overhead vs naive |");
+    println!("|---|---|---|---|---|");
+    for bs in [10usize, 128] {
+        let mut naive_us = None;
+        for m in METHODS {
+            let us = time_steps(m, bs, steps)?;
+            let base = *naive_us.get_or_insert(us);
+            println!(
+                "| {bs} | {} | {:.0} | {:.1} | {:+.0} % |",
+                m.trim_start_matches("{name: ").trim_end_matches('}'),
+                1e6 / us,
+                us,
+                (us / base - 1.0) * 100.0
+            );
+        }
+    }
+    println!();
+    println!("| importance estimate | samples | seconds | samples/s |");
+    println!("|---|---|---|---|");
+    for m in [
+        "{name: ewc}",
+        "{name: ewc, fisher: true}",
+        "{name: ewc, fisher_mode: minibatch}",
+        "{name: ewc, fisher: true, fisher_mode: minibatch}",
+        "{name: mas}",
+        "{name: mas, importance_mode: minibatch}",
+    ] {
+        let (n, s) = time_importance(m)?;
+        println!("| `{m}` | {n} | {s:.3} | {:.0} |", n as f64 / s);
+    }
+    Ok(())
+}
+
+fn setup(algo: &str, batch_size: usize) -> anyhow::Result<sequel_core::Trainer> {
+    let text = format!(
+        "name: overhead\nbenchmark: {{ dataset: fmnist-mini, kind: split, tasks: 5, scenario: class-il }}\n\
+         model: {{ kind: mlp, hidden: [100, 100] }}\noptimizer: {{ kind: sgd, lr: 0.03 }}\n\
+         training: {{ batch_size: {batch_size} }}\nalgorithm: {algo}\n"
+    );
+    let mut cfg = parse_config(&text, "overhead", &[])?;
+    cfg.resolve_defaults();
+    let (algorithm, _) = Registry::builtin().build_algorithm(&cfg.algorithm, "overhead")?;
+    Ok(sequel_core::experiment::build_trainer(
+        &cfg, "overhead", algorithm, None,
+    )?)
+}
+
+/// Microseconds per training step of task 2, median of 3 repetitions.
+fn time_steps(algo: &str, batch_size: usize, steps: usize) -> anyhow::Result<f64> {
+    let t = setup(algo, batch_size)?;
+    let dev = Device::Cpu;
+    let mut algorithm: Box<dyn Algorithm> = t.algorithm;
+    let model = t.model;
+    let stream = t.stream;
+    let mut opt = build_optimizer(&t.cfg.optimizer);
+    let mut rng = SeededRng::new(0, Stream::Algorithm);
+    let mut buf = GatherBuf::default();
+    let batches = |task: usize, buf: &mut GatherBuf| -> anyhow::Result<Vec<Batch>> {
+        let refs = task_samples(&stream, task);
+        refs.chunks(batch_size)
+            .filter(|c| c.len() == batch_size)
+            .map(|c| Ok(stream.gather(c, Split::Train, buf, &dev)?))
+            .collect()
+    };
+    let mut step = |task: usize, b: &Batch, i: usize, algorithm: &mut Box<dyn Algorithm>| {
+        let mut ctx = StepCtx {
+            task,
+            epoch: 0,
+            step: i,
+            stream: &stream,
+            model: model.as_ref(),
+            device: &dev,
+            rng: &mut rng,
+        };
+        let b = algorithm.prepare_batch(b.clone(), &mut ctx)?;
+        let out = model.forward(&b.x, true)?;
+        let loss = algorithm.loss(&out, &b, &mut ctx)?;
+        let _ = loss.to_scalar::<f32>()?;
+        let mut grads = loss.backward()?;
+        algorithm.edit_gradients(&mut grads, &mut ctx)?;
+        opt.step(model.params(), &grads)?;
+        algorithm.after_step(&b, &out, &mut ctx)?;
+        anyhow::Ok(())
+    };
+    // Task 1, then the boundary.
+    let mut trng = SeededRng::new(1, Stream::Algorithm);
+    let first = batches(0, &mut buf)?;
+    algorithm.before_task(&mut TaskCtx {
+        task: 0,
+        stream: &stream,
+        model: model.as_ref(),
+        device: &dev,
+        rng: &mut trng,
+    })?;
+    for (i, b) in first.iter().enumerate() {
+        step(0, b, i, &mut algorithm)?;
+    }
+    for task in [0usize, 1] {
+        let mut ctx = TaskCtx {
+            task,
+            stream: &stream,
+            model: model.as_ref(),
+            device: &dev,
+            rng: &mut trng,
+        };
+        if task == 0 {
+            algorithm.after_task(&mut ctx)?;
+        } else {
+            algorithm.before_task(&mut ctx)?;
+        }
+    }
+    let second = batches(1, &mut buf)?;
+    for (i, b) in second.iter().take(20).enumerate() {
+        step(1, b, i, &mut algorithm)?; // warm-up
+    }
+    let mut reps = Vec::new();
+    for _ in 0..3 {
+        let start = Instant::now();
+        for i in 0..steps {
+            step(1, &second[i % second.len()], i, &mut algorithm)?;
+        }
+        reps.push(start.elapsed().as_secs_f64() * 1e6 / steps as f64);
+    }
+    reps.sort_by(f64::total_cmp);
+    Ok(reps[1])
+}
+
+/// Seconds to estimate one task's importance on fmnist-mini's 600 training samples of task 1.
+fn time_importance(algo: &str) -> anyhow::Result<(usize, f64)> {
+    let mut t = setup(algo, 10)?;
+    let dev = Device::Cpu;
+    let mut rng = SeededRng::new(0, Stream::Algorithm);
+    let n = t.stream.tasks[0].train.len();
+    let mut ctx = TaskCtx {
+        task: 0,
+        stream: &t.stream,
+        model: t.model.as_ref(),
+        device: &dev,
+        rng: &mut rng,
+    };
+    let start = Instant::now();
+    t.algorithm.after_task(&mut ctx)?;
+    Ok((n, start.elapsed().as_secs_f64()))
+}
