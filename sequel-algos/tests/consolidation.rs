@@ -321,3 +321,48 @@ fn consolidation_config_errors_name_the_key() {
         "{e}"
     );
 }
+
+/// The example of docs/CONSOLIDATION.md: keep half of each task's update.
+struct Half;
+
+impl sequel_core::Consolidator for Half {
+    fn name(&self) -> &str {
+        "half"
+    }
+    fn consolidate(
+        &mut self,
+        ctx: &mut sequel_core::ConsolidationCtx,
+    ) -> sequel_core::Result<sequel_core::TaskVector> {
+        let mut tau = ctx.current()?.clone();
+        tau.scale(0.5);
+        Ok(tau)
+    }
+}
+
+#[test]
+fn a_user_strategy_registers_and_takes_the_shared_wiring_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut reg = Registry::builtin();
+    reg.register_consolidator("half", "keep half of each update", |_: NoParams| {
+        Ok(Box::new(Half) as Box<dyn sequel_core::Consolidator>)
+    });
+    let f = run_with(
+        &reg,
+        &config(tmp.path(), ""),
+        &["consolidation={name: half, continue_from: trained}"],
+    )
+    .unwrap();
+    let resolved = read(&f.dir, "config.yaml");
+    assert!(resolved.contains("continue_from: trained"), "{resolved}");
+    assert!(resolved.contains("anchor: previous"), "{resolved}");
+    // Same as task arithmetic with λ = 0.5 and the same wiring.
+    let ta = run(
+        &config(tmp.path(), ""),
+        &[
+            "consolidation={name: task-arithmetic, lambda: 0.5, continue_from: trained}",
+            "name=ta",
+        ],
+    )
+    .unwrap();
+    assert_eq!(f.outcome.matrix, ta.outcome.matrix);
+}
