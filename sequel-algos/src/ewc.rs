@@ -522,7 +522,10 @@ mod tests {
         let mass = |i: usize| f.0[i].sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(mass(n - 4), 0.0, "task 1's head weight gets no Fisher");
         assert_eq!(mass(n - 3), 0.0, "task 1's head bias gets no Fisher");
-        assert!(mass(n - 2) > 0.0 && mass(n - 1) > 0.0, "task 2's head has Fisher mass");
+        assert!(
+            mass(n - 2) > 0.0 && mass(n - 1) > 0.0,
+            "task 2's head has Fisher mass"
+        );
         assert_eq!(f.0[n - 2].dims()[0], 2, "per-task head of 2 units");
     }
 }

@@ -273,19 +273,28 @@ fn every_method_survives_five_tasks_in_every_scenario() {
         ("split-domain-il", &["benchmark.scenario=domain-il"]),
         (
             "permuted-domain-il",
-            &["benchmark.kind=permuted", "benchmark.scenario=domain-il"],
+            &[
+                "benchmark.kind=permuted",
+                "benchmark.classes_per_task=null",
+                "benchmark.scenario=domain-il",
+            ],
         ),
         (
             "permuted-task-il",
             &[
                 "benchmark.kind=permuted",
+                "benchmark.classes_per_task=null",
                 "benchmark.scenario=task-il",
                 "benchmark.task_il_head=multi",
             ],
         ),
         (
             "permuted-class-il",
-            &["benchmark.kind=permuted", "benchmark.scenario=class-il"],
+            &[
+                "benchmark.kind=permuted",
+                "benchmark.classes_per_task=null",
+                "benchmark.scenario=class-il",
+            ],
         ),
     ];
     let methods = [
