@@ -3,6 +3,7 @@
 //! ```text
 //! <output.dir>/<name>/seed-<s>/
 //!   config.yaml  accuracy_matrix.csv  metrics.csv  summary.json  train_log.csv  checkpoints/
+//!   accuracy_matrix_raw.csv      (with a consolidator: the weights before consolidation)
 //! ```
 //!
 //! A run writes into a hidden staging folder `<name>/.seed-<s>.partial` and moves it into place
