@@ -8,6 +8,25 @@ use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
 use crate::error::Result;
 
+/// The element ranges of operands that must be contiguous and of equal length.
+fn ranges<const N: usize>(
+    op: &str,
+    layouts: [&Layout; N],
+) -> candle_core::Result<[std::ops::Range<usize>; N]> {
+    let mut out: [std::ops::Range<usize>; N] = std::array::from_fn(|_| 0..0);
+    for (r, l) in out.iter_mut().zip(layouts) {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("{op}: operands must be contiguous");
+        };
+        *r = a..b;
+    }
+    if out.iter().any(|r| r.len() != out[0].len()) {
+        let lens: Vec<usize> = out.iter().map(|r| r.len()).collect();
+        candle_core::bail!("{op}: length mismatch {lens:?}");
+    }
+    Ok(out)
+}
+
 /// `dst ← a·dst + b·src`.
 struct Axpby {
     a: f32,
@@ -29,16 +48,10 @@ impl InplaceOp2 for Axpby {
         let (CpuStorage::F32(dst), CpuStorage::F32(src)) = (s1, s2) else {
             candle_core::bail!("axpby: only f32 is supported");
         };
-        let (Some((d0, d1)), Some((s0, s1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("axpby: operands must be contiguous");
-        };
-        if d1 - d0 != s1 - s0 {
-            candle_core::bail!("axpby: length mismatch {} vs {}", d1 - d0, s1 - s0);
-        }
+        let [dr, sr] = ranges("axpby", [l1, l2])?;
         let (a, b) = (self.a, self.b);
-        let dst = &mut dst[d0..d1];
-        let src = &src[s0..s1];
+        let dst = &mut dst[dr];
+        let src = &src[sr];
         if a == 1.0 {
             for (d, s) in dst.iter_mut().zip(src) {
                 *d += b * s;
@@ -95,15 +108,9 @@ impl InplaceOp2 for AdamMoments {
         let (CpuStorage::F32(m), CpuStorage::F32(g)) = (s1, s2) else {
             candle_core::bail!("adam: only f32 is supported");
         };
-        let (Some((m0, m1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("adam: operands must be contiguous");
-        };
-        if m1 - m0 != g1 - g0 {
-            candle_core::bail!("adam: length mismatch {} vs {}", m1 - m0, g1 - g0);
-        }
+        let [mr, gr] = ranges("adam", [l1, l2])?;
         let (b, c) = (self.beta, 1.0 - self.beta);
-        for (m, &g) in m[m0..m1].iter_mut().zip(&g[g0..g1]) {
+        for (m, &g) in m[mr].iter_mut().zip(&g[gr]) {
             *m = b * *m + c * if self.square { g * g } else { g };
         }
         Ok(())
@@ -135,22 +142,8 @@ impl InplaceOp3 for AdamStep {
         let (CpuStorage::F32(t), CpuStorage::F32(m), CpuStorage::F32(v)) = (s1, s2, s3) else {
             candle_core::bail!("adam: only f32 is supported");
         };
-        let (Some((t0, t1)), Some((m0, m1)), Some((v0, v1))) = (
-            l1.contiguous_offsets(),
-            l2.contiguous_offsets(),
-            l3.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("adam: operands must be contiguous");
-        };
-        if t1 - t0 != m1 - m0 || t1 - t0 != v1 - v0 {
-            candle_core::bail!(
-                "adam: length mismatch {} / {} / {}",
-                t1 - t0,
-                m1 - m0,
-                v1 - v0
-            );
-        }
-        for ((t, &m), &v) in t[t0..t1].iter_mut().zip(&m[m0..m1]).zip(&v[v0..v1]) {
+        let [tr, mr, vr] = ranges("adam", [l1, l2, l3])?;
+        for ((t, &m), &v) in t[tr].iter_mut().zip(&m[mr]).zip(&v[vr]) {
             *t = *t * self.decay - self.lr * (m / self.c1) / ((v / self.c2).sqrt() + self.eps);
         }
         Ok(())
