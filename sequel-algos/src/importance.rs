@@ -116,6 +116,8 @@ pub fn row(batch: &Batch, i: usize) -> Result<Batch> {
         y: batch.y.narrow(0, i, 1)?,
         units: batch.units[i..i + 1].to_vec(),
         tasks: batch.tasks[i..i + 1].to_vec(),
+        refs: batch.refs[i..i + 1].to_vec(),
+        incoming: usize::from(i < batch.incoming),
     })
 }
 

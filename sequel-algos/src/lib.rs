@@ -3,6 +3,7 @@
 
 mod check;
 pub mod consolidation;
+pub mod er;
 pub mod ewc;
 pub mod ewc_online;
 pub mod importance;
@@ -12,6 +13,7 @@ pub mod mas;
 pub mod naive;
 pub mod penalty;
 pub mod registry;
+pub mod replay;
 pub mod run;
 pub mod si;
 #[cfg(test)]

@@ -157,6 +157,11 @@ impl Registry {
             "Learning without Forgetting: distillation from the task-start model (Li & Hoiem 2017)",
             |c| Ok(Box::new(crate::lwf::Lwf::new(c)?) as Box<dyn Algorithm>),
         );
+        r.register_algorithm(
+            "er",
+            "Experience Replay: each batch joined with a reservoir-buffer batch (Chaudhry et al. 2019)",
+            |c| Ok(Box::new(crate::er::Er::new(c)?) as Box<dyn Algorithm>),
+        );
         use crate::consolidation as c;
         fn boxed<T: Consolidator + 'static>(x: Result<T>) -> Result<Box<dyn Consolidator>> {
             Ok(Box::new(x?))

@@ -5,6 +5,7 @@
 
 pub mod algorithm;
 pub mod bench;
+pub mod buffer;
 pub mod config;
 pub mod consolidation;
 pub mod data;

@@ -467,7 +467,8 @@ fn snapshot_finite(s: &Snapshot) -> Result<bool> {
 }
 
 impl Trainer {
-    /// Training accuracy of a batch under the training mask (per sample in multi-head task-IL).
+    /// Training accuracy of a batch's incoming samples under the training mask (per sample in
+    /// multi-head task-IL).
     fn batch_accuracy(&self, logits: &Tensor, batch: &crate::data::Batch) -> Result<f64> {
         let pred = if self.stream.mask_in_training() {
             let masked = logits.broadcast_add(&crate::loss::unit_mask(
@@ -479,11 +480,13 @@ impl Trainer {
         } else {
             crate::loss::predict_units(logits, None)?
         };
-        let ok = pred
+        // Replayed samples are not part of the stream: they do not count.
+        let n = batch.incoming;
+        let ok = pred[..n]
             .iter()
-            .zip(&batch.units)
+            .zip(&batch.units[..n])
             .filter(|(p, y)| p == y)
             .count();
-        Ok(ok as f64 / batch.len().max(1) as f64)
+        Ok(ok as f64 / n.max(1) as f64)
     }
 }

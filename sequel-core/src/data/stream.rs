@@ -119,6 +119,11 @@ pub struct Batch {
     pub units: Vec<u32>,
     /// Task of each sample.
     pub tasks: Vec<u32>,
+    /// Where each sample comes from (what a replay buffer stores).
+    pub refs: Vec<SampleRef>,
+    /// The first `incoming` samples come from the stream; the rest were appended by the
+    /// algorithm (replay). Buffers insert, and training metrics count, only the incoming ones.
+    pub incoming: usize,
 }
 
 impl Batch {
@@ -128,6 +133,22 @@ impl Batch {
 
     pub fn is_empty(&self) -> bool {
         self.units.is_empty()
+    }
+
+    /// This batch followed by `other`'s samples, which count as replayed (not incoming).
+    pub fn append(&self, other: &Batch) -> Result<Batch> {
+        if other.is_empty() {
+            return Ok(self.clone());
+        }
+        let cat = |a: &[u32], b: &[u32]| [a, b].concat();
+        Ok(Batch {
+            x: Tensor::cat(&[&self.x, &other.x], 0)?,
+            y: Tensor::cat(&[&self.y, &other.y], 0)?,
+            units: cat(&self.units, &other.units),
+            tasks: cat(&self.tasks, &other.tasks),
+            refs: [self.refs.as_slice(), other.refs.as_slice()].concat(),
+            incoming: self.incoming,
+        })
     }
 
     /// The task shared by every sample, if there is one.
@@ -496,6 +517,8 @@ impl TaskStream {
             y,
             units: buf.units.clone(),
             tasks: buf.tasks.clone(),
+            refs: refs.to_vec(),
+            incoming: refs.len(),
         })
     }
 }
