@@ -113,3 +113,121 @@ impl Algorithm for Er {
         self.memory.after_task(ctx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{mini_trainer, Probe};
+    use sequel_core::trainer::Silent;
+
+    /// ER with a recorder of what each step trained on.
+    struct Watch {
+        er: Er,
+        /// (task, incoming, replayed tasks) per step.
+        steps: Vec<(usize, usize, Vec<u32>)>,
+    }
+
+    impl Algorithm for Watch {
+        fn name(&self) -> &str {
+            "er-watch"
+        }
+        fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+            self.er.before_task(ctx)
+        }
+        fn prepare_batch(&mut self, batch: Batch, ctx: &mut StepCtx) -> Result<Batch> {
+            let b = self.er.prepare_batch(batch, ctx)?;
+            self.steps
+                .push((ctx.task, b.incoming, b.tasks[b.incoming..].to_vec()));
+            Ok(b)
+        }
+        fn after_step(&mut self, b: &Batch, o: &ModelOutput, ctx: &mut StepCtx) -> Result<()> {
+            self.er.after_step(b, o, ctx)
+        }
+        fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+            self.er.after_task(ctx)
+        }
+    }
+
+    fn watch(cfg: ErConfig) -> Probe<Watch> {
+        Probe::new(Watch {
+            er: Er::new(cfg).unwrap(),
+            steps: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn replays_past_samples_and_stores_only_incoming_ones() {
+        let probe = watch(ErConfig {
+            buffer_size: 30,
+            replay_batch_size: 7,
+            ..ErConfig::default()
+        });
+        let mut t = mini_trainer(Box::new(probe.clone()), &["benchmark.tasks=3"]);
+        t.run(&mut Silent).unwrap();
+        let w = probe.lock();
+        // 3 tasks × 50 samples at batch 10.
+        assert_eq!(w.steps.len(), 15);
+        assert!(
+            w.steps[0].2.is_empty(),
+            "nothing to replay at the first step"
+        );
+        for (task, incoming, replayed) in &w.steps[1..] {
+            assert_eq!(*incoming, 10);
+            assert_eq!(replayed.len(), 7);
+            assert!(replayed.iter().all(|&r| r as usize <= *task));
+        }
+        // Later tasks replay earlier ones.
+        assert!(w.steps[10..].iter().any(|s| s.2.contains(&0)));
+        let buffer = w.er.memory().buffer().unwrap();
+        // Only the 150 stream samples were offered — never the replayed ones.
+        assert_eq!(buffer.seen(), 150);
+        assert_eq!(buffer.len(), 30);
+        let mut refs = buffer.samples().to_vec();
+        refs.sort_by_key(|r| (r.task, r.index));
+        refs.dedup();
+        assert_eq!(refs.len(), 30, "a sample was stored twice");
+    }
+
+    #[test]
+    fn task_end_insertion_fills_the_buffer_after_each_task_only() {
+        let probe = watch(ErConfig {
+            buffer_size: 20,
+            insert: InsertAt::TaskEnd,
+            ..ErConfig::default()
+        });
+        let mut t = mini_trainer(Box::new(probe.clone()), &["benchmark.tasks=2"]);
+        t.run(&mut Silent).unwrap();
+        let w = probe.lock();
+        // Task 1 never replays (the buffer is empty until its end); task 2 always does, task 1's.
+        assert!(w.steps[..5].iter().all(|s| s.2.is_empty()));
+        assert!(w.steps[5..]
+            .iter()
+            .all(|s| s.2.len() == 10 && s.2.iter().all(|&r| r == 0)));
+        assert_eq!(w.er.memory().buffer().unwrap().seen(), 100);
+    }
+
+    #[test]
+    fn er_changes_the_trajectory_and_reduces_class_il_forgetting() {
+        let run = |algo: Box<dyn Algorithm>| {
+            let mut t = mini_trainer(algo, &["benchmark.train_subset=100"]);
+            t.run(&mut Silent).unwrap().matrix
+        };
+        let naive = run(Box::new(crate::naive::Naive));
+        let er = run(Box::new(
+            Er::new(ErConfig {
+                buffer_size: 100,
+                ..ErConfig::default()
+            })
+            .unwrap(),
+        ));
+        assert_ne!(naive.rows, er.rows);
+        let old = |m: &sequel_core::metrics::AccuracyMatrix| m.rows[4][..4].iter().sum::<f64>();
+        // Naive keeps (almost) nothing of tasks 1–4 in class-IL; replay must keep something.
+        assert!(
+            old(&er) > old(&naive) + 0.2,
+            "er {:?} naive {:?}",
+            er.rows[4],
+            naive.rows[4]
+        );
+    }
+}
