@@ -33,6 +33,10 @@ const METHODS: &[&str] = &[
     "{name: lwf}",
 ];
 
+/// Replay methods at their default replay batch, buffer 200 (`replay_batch_size` = the stream
+/// batch for ER-style methods, as the DER paper's protocol).
+const REPLAY: &[&str] = &["naive", "{name: er, replay_batch_size: BS}"];
+
 fn main() -> anyhow::Result<()> {
     use std::io::Write;
     let out = std::io::stdout();
@@ -56,7 +60,7 @@ fn main() -> anyhow::Result<()> {
     for bs in [10usize, 128] {
         let mut naive_us = None;
         for m in METHODS {
-            let us = time_steps(m, bs, steps)?;
+            let us = time_steps(m, bs, steps, 1)?;
             let base = *naive_us.get_or_insert(us);
             println!(
                 "| {bs} | {} | {:.0} | {:.1} | {:+.0} % |",
@@ -64,6 +68,25 @@ fn main() -> anyhow::Result<()> {
                 1e6 / us,
                 us,
                 (us / base - 1.0) * 100.0
+            );
+        }
+    }
+    println!();
+    println!("Replay methods, timed on task 5 (four past tasks in memory), buffer 200:");
+    println!();
+    println!("| batch | method | steps/s | µs/step | cost vs naive |");
+    println!("|---|---|---|---|---|");
+    for bs in [10usize, 128] {
+        let mut naive_us = None;
+        for m in REPLAY {
+            let m = m.replace("BS", &bs.to_string());
+            let us = time_steps(&m, bs, steps, 4)?;
+            let base = *naive_us.get_or_insert(us);
+            println!(
+                "| {bs} | `{m}` | {:.0} | {:.1} | {:.2}× |",
+                1e6 / us,
+                us,
+                us / base
             );
         }
     }
@@ -98,8 +121,8 @@ fn setup(algo: &str, batch_size: usize) -> anyhow::Result<sequel_core::Trainer> 
     )?)
 }
 
-/// Microseconds per training step of task 2, median of 3 repetitions.
-fn time_steps(algo: &str, batch_size: usize, steps: usize) -> anyhow::Result<f64> {
+/// Microseconds per training step of task `timed + 1`, median of 3 repetitions.
+fn time_steps(algo: &str, batch_size: usize, steps: usize, timed: usize) -> anyhow::Result<f64> {
     let t = setup(algo, batch_size)?;
     let dev = Device::Cpu;
     let mut algorithm: Box<dyn Algorithm> = t.algorithm;
@@ -135,20 +158,10 @@ fn time_steps(algo: &str, batch_size: usize, steps: usize) -> anyhow::Result<f64
         algorithm.after_step(&b, &out, &mut ctx)?;
         anyhow::Ok(())
     };
-    // Task 1, then the boundary.
+    // Tasks before the timed one, with their boundaries, so penalties, teachers and buffers are
+    // in the state they have when `timed` trains.
     let mut trng = SeededRng::new(1, Stream::Algorithm);
-    let first = batches(0, &mut buf)?;
-    algorithm.before_task(&mut TaskCtx {
-        task: 0,
-        stream: &stream,
-        model: model.as_ref(),
-        device: &dev,
-        rng: &mut trng,
-    })?;
-    for (i, b) in first.iter().enumerate() {
-        step(0, b, i, &mut algorithm)?;
-    }
-    for task in [0usize, 1] {
+    for task in 0..=timed {
         let mut ctx = TaskCtx {
             task,
             stream: &stream,
@@ -156,21 +169,30 @@ fn time_steps(algo: &str, batch_size: usize, steps: usize) -> anyhow::Result<f64
             device: &dev,
             rng: &mut trng,
         };
-        if task == 0 {
-            algorithm.after_task(&mut ctx)?;
-        } else {
-            algorithm.before_task(&mut ctx)?;
+        algorithm.before_task(&mut ctx)?;
+        if task == timed {
+            break;
         }
+        for (i, b) in batches(task, &mut buf)?.iter().enumerate() {
+            step(task, b, i, &mut algorithm)?;
+        }
+        algorithm.after_task(&mut TaskCtx {
+            task,
+            stream: &stream,
+            model: model.as_ref(),
+            device: &dev,
+            rng: &mut trng,
+        })?;
     }
-    let second = batches(1, &mut buf)?;
+    let second = batches(timed, &mut buf)?;
     for (i, b) in second.iter().take(20).enumerate() {
-        step(1, b, i, &mut algorithm)?; // warm-up
+        step(timed, b, i, &mut algorithm)?; // warm-up
     }
     let mut reps = Vec::new();
     for _ in 0..3 {
         let start = Instant::now();
         for i in 0..steps {
-            step(1, &second[i % second.len()], i, &mut algorithm)?;
+            step(timed, &second[i % second.len()], i, &mut algorithm)?;
         }
         reps.push(start.elapsed().as_secs_f64() * 1e6 / steps as f64);
     }
