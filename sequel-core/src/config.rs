@@ -331,6 +331,10 @@ pub struct TrainingConfig {
     /// Write the loss to train_log.csv every this many steps (0 = never). Default 50.
     #[serde(default = "default_log_every")]
     pub log_every: usize,
+    /// Rescale the gradient when its global L2 norm over the trainable parameters exceeds this
+    /// value, before the algorithm's `edit_gradients` (PyTorch's `clip_grad_norm_`). Default: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_grad_norm: Option<f64>,
 }
 
 fn one() -> usize {
@@ -353,6 +357,7 @@ impl Default for TrainingConfig {
             batch_size: default_bs(),
             eval_batch_size: default_ebs(),
             log_every: default_log_every(),
+            clip_grad_norm: None,
         }
     }
 }
@@ -650,6 +655,14 @@ impl ExperimentConfig {
         }
         if t.eval_batch_size == 0 {
             return Err(err("training.eval_batch_size", "must be at least 1".into()));
+        }
+        if let Some(c) = t.clip_grad_norm {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(err(
+                    "training.clip_grad_norm",
+                    format!("must be a finite number > 0 (or left out), found {c}"),
+                ));
+            }
         }
         let m = &self.model;
         if !(0.0..1.0).contains(&m.dropout) {

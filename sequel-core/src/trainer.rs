@@ -370,6 +370,9 @@ impl Trainer {
                         }
                     }
                 }
+                if let Some(max) = self.cfg.training.clip_grad_norm {
+                    clip_grad_norm(self.model.params(), &mut grads, max)?;
+                }
                 self.algorithm.edit_gradients(&mut grads, &mut ctx)?;
                 self.optimizer.step(self.model.params(), &grads)?;
                 self.algorithm.after_step(&batch, &out, &mut ctx)?;
@@ -453,6 +456,35 @@ impl Trainer {
     }
 }
 
+/// Scale every trainable gradient by `max / ‖g‖` when the global L2 norm `‖g‖` exceeds `max`;
+/// returns the norm before clipping. Parameters without a gradient count as zero.
+pub fn clip_grad_norm(
+    params: &crate::model::ParamSet,
+    grads: &mut candle_core::backprop::GradStore,
+    max: f64,
+) -> Result<f64> {
+    let mut sq = 0.0f64;
+    for p in params.trainable() {
+        if let Some(g) = grads.get(p.var.as_tensor()) {
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+    }
+    let norm = sq.sqrt();
+    if norm > max {
+        let scale = max / norm;
+        for p in params.trainable() {
+            if let Some(g) = grads.remove(p.var.as_tensor()) {
+                grads.insert(p.var.as_tensor(), (g * scale)?);
+            }
+        }
+    }
+    Ok(norm)
+}
+
 fn snapshot_finite(s: &Snapshot) -> Result<bool> {
     for t in &s.tensors {
         let v = t
@@ -488,5 +520,62 @@ impl Trainer {
             .filter(|(p, y)| p == y)
             .count();
         Ok(ok as f64 / n.max(1) as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+    use crate::model::build_model;
+
+    fn grads_of(model: &dyn Model, scale: f64) -> candle_core::backprop::GradStore {
+        let x = Tensor::arange(0f32, 8.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 1, 2, 2))
+            .unwrap();
+        let out = model.forward(&x, true).unwrap();
+        (out.logits.sqr().unwrap().sum_all().unwrap() * scale)
+            .unwrap()
+            .backward()
+            .unwrap()
+    }
+
+    fn flat(model: &dyn Model, g: &candle_core::backprop::GradStore) -> Vec<f64> {
+        model
+            .params()
+            .trainable()
+            .flat_map(|p| {
+                g.get(p.var.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_dtype(candle_core::DType::F64)
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn clipping_rescales_to_the_max_norm_and_keeps_the_direction() {
+        let m = build_model(&ModelConfig::default(), [1, 2, 2], &[3], 0, &Device::Cpu).unwrap();
+        let mut g = grads_of(m.as_ref(), 10.0);
+        let before = flat(m.as_ref(), &g);
+        let norm = clip_grad_norm(m.params(), &mut g, 0.5).unwrap();
+        let after = flat(m.as_ref(), &g);
+        let n = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!((norm - n(&before)).abs() < 1e-6 * norm, "{norm}");
+        assert!(norm > 0.5);
+        assert!((n(&after) - 0.5).abs() < 1e-5, "{}", n(&after));
+        for (a, b) in after.iter().zip(&before) {
+            assert!((a - b * 0.5 / norm).abs() < 1e-6, "{a} vs {b}");
+        }
+        // Below the threshold nothing changes.
+        let mut g = grads_of(m.as_ref(), 1e-6);
+        let before = flat(m.as_ref(), &g);
+        clip_grad_norm(m.params(), &mut g, 1e6).unwrap();
+        assert_eq!(flat(m.as_ref(), &g), before);
     }
 }
