@@ -230,3 +230,238 @@ impl Algorithm for Gem {
         self.memory.after_task(ctx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{
+        host_dot, host_gradient, host_loss_gradient, mini_run, mini_trainer, Probe, SCENARIOS,
+    };
+    use candle_core::Device;
+    use sequel_core::data::GatherBuf;
+    use sequel_core::rng::{SeededRng, Stream};
+
+    fn t(v: &[f64]) -> Tensor {
+        Tensor::new(v, &Device::Cpu).unwrap()
+    }
+
+    /// KKT conditions of the dual — a certificate of optimality for a convex QP, checked without
+    /// the solver: `v ≥ γ`, `λ = (GGᵀ + εI)v + Gg ≥ 0`, `λₖ(vₖ − γ) = 0`, and `g̃ = Gᵀv + g`.
+    fn assert_kkt(g: &[f64], rows: &[Vec<f64>], gamma: f64, eps: f64, p: &Projection) {
+        let gt: Vec<f64> = p.gradient.to_vec1().unwrap();
+        let scale = 1.0 + rows.iter().map(|r| host_dot(r, r)).fold(0.0, f64::max);
+        for (e, &x) in gt.iter().enumerate() {
+            let want = g[e] + rows.iter().zip(&p.v).map(|(r, v)| v * r[e]).sum::<f64>();
+            assert!((x - want).abs() < 1e-9 * scale, "g̃[{e}]");
+        }
+        for (k, row) in rows.iter().enumerate() {
+            let lambda = host_dot(row, &gt) + eps * p.v[k];
+            assert!(p.v[k] >= gamma, "v = {:?}", p.v);
+            assert!(lambda >= -1e-9 * scale, "λ{k} = {lambda}");
+            assert!((lambda * (p.v[k] - gamma)).abs() < 1e-9 * scale * (1.0 + p.v[k]));
+        }
+    }
+
+    #[test]
+    fn projection_satisfies_the_constraints_and_the_kkt_conditions() {
+        let mut rng = SeededRng::new(3, Stream::Algorithm);
+        let mut projected = 0;
+        for case in 0..100 {
+            let k = 1 + case % 5;
+            let d = 9;
+            let rows: Vec<Vec<f64>> = (0..k)
+                .map(|_| (0..d).map(|_| rng.normal() as f64).collect())
+                .collect();
+            let g: Vec<f64> = (0..d).map(|_| rng.normal() as f64).collect();
+            let rt: Vec<Tensor> = rows.iter().map(|r| t(r)).collect();
+            let violated = rows.iter().any(|r| host_dot(r, &g) < 0.0);
+            for (gamma, eps) in [(0.0, 0.0), (0.0, EPSILON), (0.5, EPSILON)] {
+                let p = project(&t(&g), &rt, gamma, eps).unwrap();
+                let Some(p) = p else {
+                    assert!(
+                        !violated,
+                        "case {case}: a violated constraint was not projected"
+                    );
+                    continue;
+                };
+                assert!(violated);
+                assert_kkt(&g, &rows, gamma, eps, &p);
+                if gamma == 0.0 && eps == 0.0 {
+                    let gt: Vec<f64> = p.gradient.to_vec1().unwrap();
+                    for r in &rows {
+                        assert!(host_dot(r, &gt) >= -1e-6, "case {case}");
+                    }
+                }
+                projected += 1;
+            }
+        }
+        assert!(projected > 100, "{projected}");
+    }
+
+    #[test]
+    fn no_projection_when_no_constraint_is_violated() {
+        let g = t(&[1.0, 0.0, 2.0]);
+        let rows = [
+            t(&[1.0, 5.0, 0.0]),
+            t(&[0.0, -3.0, 0.0]),
+            t(&[0.0, 0.0, 0.0]),
+        ];
+        // g·g_k = 1, 0, 0: none negative, so even γ > 0 changes nothing.
+        assert!(project(&g, &rows, 0.5, EPSILON).unwrap().is_none());
+        assert!(project(&g, &[], 0.5, EPSILON).unwrap().is_none());
+        // One negative product is enough.
+        let rows = [t(&[1.0, 5.0, 0.0]), t(&[-1.0, 0.0, 0.0])];
+        assert!(project(&g, &rows, 0.5, EPSILON).unwrap().is_some());
+    }
+
+    /// Runs GEM's real hook inside the trainer and checks every step against per-task gradients
+    /// computed here from the memory's slots of each past task.
+    struct Check {
+        gem: Gem,
+        projected: usize,
+        unchanged: usize,
+        constraints: Vec<usize>,
+    }
+
+    impl Algorithm for Check {
+        fn name(&self) -> &str {
+            "gem-check"
+        }
+        fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+            self.gem.before_task(ctx)
+        }
+        fn edit_gradients(&mut self, grads: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
+            let mut rows = Vec::new();
+            if let Some(b) = self.gem.memory().buffer() {
+                for k in 0..ctx.task {
+                    let slots = b.slots_of_task(k as u32);
+                    let batch =
+                        b.gather(&slots, ctx.stream, &mut GatherBuf::default(), ctx.device)?;
+                    rows.push(host_loss_gradient(ctx.model, ctx.stream, &batch));
+                }
+            }
+            let before = host_gradient(ctx.model, grads);
+            self.gem.edit_gradients(grads, ctx)?;
+            let after = host_gradient(ctx.model, grads);
+            if rows.is_empty() {
+                assert_eq!(before, after);
+                return Ok(());
+            }
+            self.constraints.push(rows.len());
+            let q: Vec<f64> = rows.iter().map(|r| host_dot(r, &before)).collect();
+            if q.iter().all(|&x| x >= 0.0) {
+                assert_eq!(before, after);
+                self.unchanged += 1;
+                return Ok(());
+            }
+            let k = rows.len();
+            let mut p = vec![0.0; k * k];
+            for i in 0..k {
+                for j in 0..k {
+                    p[i * k + j] =
+                        host_dot(&rows[i], &rows[j]) + if i == j { EPSILON } else { 0.0 };
+                }
+            }
+            let gamma = self.gem.memory_strength;
+            let v = qp::solve_lower_bounded(&p, &q, &vec![gamma; k])?.v;
+            let norm = host_dot(&after, &after).sqrt();
+            for (e, a) in after.iter().enumerate() {
+                let want = before[e] + (0..k).map(|r| v[r] * rows[r][e]).sum::<f64>();
+                assert!((a - want).abs() < 1e-5 * norm, "weight {e}: {a} vs {want}");
+            }
+            for (r, row) in rows.iter().enumerate() {
+                let c = host_dot(row, &after);
+                let tol = 1e-5 * norm * host_dot(row, row).sqrt();
+                assert!(c >= -EPSILON * v[r] - tol, "constraint {r}: {c}");
+            }
+            // Heads of future tasks (neither in the batch nor in the memory) get no gradient.
+            for p in ctx.model.params().iter() {
+                if p.head.is_some_and(|h| h > ctx.task) {
+                    assert!(grads.get(p.var.as_tensor()).is_none(), "{}", p.name);
+                }
+            }
+            self.projected += 1;
+            Ok(())
+        }
+        fn after_step(&mut self, b: &Batch, o: &ModelOutput, ctx: &mut StepCtx) -> Result<()> {
+            self.gem.after_step(b, o, ctx)
+        }
+        fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+            self.gem.after_task(ctx)
+        }
+    }
+
+    #[test]
+    fn the_hook_solves_the_dual_over_every_past_task() {
+        for overrides in [SCENARIOS[0], SCENARIOS[2]] {
+            let probe = Probe::new(Check {
+                gem: Gem::new(GemConfig::default()).unwrap(),
+                projected: 0,
+                unchanged: 0,
+                constraints: Vec::new(),
+            });
+            let mut tr = mini_trainer(Box::new(probe.clone()), overrides);
+            tr.run(&mut sequel_core::trainer::Silent).unwrap();
+            let c = probe.lock();
+            // One constraint per past task: 5 steps each of tasks 2..5.
+            let want: Vec<usize> = (1..5).flat_map(|k| [k; 5]).collect();
+            assert_eq!(c.constraints, want, "{overrides:?}");
+            assert!(c.projected > 0, "{overrides:?}");
+            assert_eq!(c.gem.projection_counts(), (20, c.projected));
+            assert_eq!(c.projected + c.unchanged, 20);
+        }
+    }
+
+    #[test]
+    fn five_tasks_in_every_scenario_and_a_trajectory_unlike_naive() {
+        for overrides in SCENARIOS {
+            let (_, naive) = mini_run(Box::new(crate::naive::Naive), overrides);
+            let probe = Probe::new(Gem::new(GemConfig::default()).unwrap());
+            let (rows, w) = mini_run(Box::new(probe.clone()), overrides);
+            assert_eq!(rows.len(), 5);
+            assert_ne!(w, naive, "{overrides:?}");
+            assert!(probe.lock().projection_counts().1 > 0, "{overrides:?}");
+        }
+    }
+
+    #[test]
+    fn a_cap_below_the_quota_subsamples_and_one_at_the_quota_does_not() {
+        let run = |cap: Option<usize>| {
+            let gem = Gem::new(GemConfig {
+                replay_batch_size: cap,
+                ..GemConfig::default()
+            })
+            .unwrap();
+            mini_run(Box::new(gem), &["benchmark.tasks=3"]).1
+        };
+        // 3 tasks: ⌊200 / 3⌋ = 66 slots per task, but only 50 samples per task exist.
+        let all = run(None);
+        assert_eq!(run(Some(50)), all);
+        assert_ne!(run(Some(7)), all);
+    }
+
+    #[test]
+    fn registry_builds_gem_with_the_documented_defaults() {
+        let reg = crate::Registry::builtin();
+        let (a, resolved) = reg
+            .build_algorithm(&serde_yaml::from_str("{ name: gem }").unwrap(), "x.yaml")
+            .unwrap();
+        assert_eq!(a.name(), "gem");
+        let want: serde_yaml::Value = serde_yaml::from_str(
+            "{ name: gem, buffer_size: 200, memory_strength: 0.5, replay_batch_size: null, buffer_policy: task_quota, insert: task_end }",
+        )
+        .unwrap();
+        assert_eq!(resolved, want);
+        for bad in [
+            "{ name: gem, memory_strength: -1 }",
+            "{ name: gem, replay_batch_size: 0 }",
+            "{ name: gem, margin: 0.5 }",
+        ] {
+            let e = reg
+                .build_algorithm(&serde_yaml::from_str(bad).unwrap(), "x.yaml")
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("algorithm"), "{bad}: {e}");
+        }
+    }
+}

@@ -214,10 +214,11 @@ mod tests {
             }
             a.swap(c, piv);
             b.swap(c, piv);
+            let pivot_row = a[c].clone();
             for r in c + 1..m {
-                let f = a[r][c] / a[c][c];
-                for k in c..m {
-                    a[r][k] -= f * a[c][k];
+                let f = a[r][c] / pivot_row[c];
+                for (x, p) in a[r][c..].iter_mut().zip(&pivot_row[c..]) {
+                    *x -= f * p;
                 }
                 b[r] -= f * b[c];
             }
