@@ -1,5 +1,5 @@
 //! A-GEM — Averaged Gradient Episodic Memory (Chaudhry, Ranzato, Rohrbach & Elhoseiny, "Efficient
-//! Lifelong Learning with A-GEM", ICLR 2019, eq. 11).
+//! Lifelong Learning with A-GEM", ICLR 2019).
 //!
 //! Every step, with `g` the gradient of the current batch's loss and `g_ref` the gradient of the
 //! loss on `replay_batch_size` samples drawn at random from the episodic memory `M` (at the
@@ -30,7 +30,9 @@
 //! projection protects the shared features, not the old classes' logits against the new ones.
 //!
 //! **Cost.** One extra forward/backward pass on `replay_batch_size` samples per step (from the
-//! second task on), and three f64 copies of the gradient.
+//! second task on), and three f64 copies of the gradient. The memory's forward pass runs in
+//! training mode, like the current batch's (so both gradients see batch statistics); with batch
+//! normalisation it also moves the running statistics, as in the reference implementations.
 
 use candle_core::{backprop::GradStore, Tensor};
 use serde::{Deserialize, Serialize};

@@ -5,22 +5,23 @@
 //! of the loss on task k's episodic memory `M_k` (at the current weights), GEM wants the update
 //! closest to `g` that increases no past task's memory loss to first order:
 //!
-//! `min_g̃ ½‖g − g̃‖²   s.t.   ⟨g̃, g_k⟩ ≥ 0  for all k < t`                        (eq. 10)
+//! `min_g̃ ½‖g − g̃‖²   s.t.   ⟨g̃, g_k⟩ ≥ 0  for all k < t`
 //!
 //! When every `⟨g, g_k⟩ ≥ 0` already, `g̃ = g`. Otherwise, with `G` the matrix whose rows are the
 //! `g_k`, it solves the dual — `t − 1` variables instead of one per weight —
 //!
-//! `v* = argmin_v ½ vᵀ(GGᵀ + εI)v + (Gg)ᵀv   s.t.   v ≥ γ`,    `g̃ = Gᵀv* + g`      (eq. 11–12)
+//! `v* = argmin_v ½ vᵀ(GGᵀ + εI)v + (Gg)ᵀv   s.t.   v ≥ γ`,    `g̃ = Gᵀv* + g`
 //!
 //! with the exact active-set solver of [`crate::qp`], and the optimizer steps with `g̃`.
 //!
-//! **Reading of the paper.** (1) The paper writes the dual with `G = −(g_1, …, g_{t−1})`; with that
-//! sign, `g̃ = Gᵀv + g` would move *against* the past tasks' gradients. Deriving the dual of eq. 10
-//! (Lagrangian `½‖g̃ − g‖² − vᵀGg̃`, so `g̃ = g + Gᵀv`) gives the rows `+g_k` used above; so does the
-//! authors' code and the correction by Zhou & Li (arXiv 2107.07384). (2) The margin: the paper
-//! says it "adds a small constant γ ≥ 0 to v*" to bias the projection towards backward transfer;
-//! the authors' code instead constrains `v ≥ γ` (`memory_strength`, default 0.5), and every public
-//! implementation and tuned value (Avalanche, Mammoth best args) refers to that form. Substituting
+//! **Reading of the paper.** (1) The paper's derivation of the dual has sign slips (it writes
+//! `G = −(g_1, …, g_{t−1})`, with which `g̃ = Gᵀv + g` would move *against* the past tasks'
+//! gradients; Zhou & Li, arXiv 2107.07384, give a corrected derivation). Deriving the dual of the
+//! projection directly (Lagrangian `½‖g̃ − g‖² − vᵀGg̃`, so `g̃ = g + Gᵀv`) gives the rows `+g_k`
+//! used above, as does the authors' code. (2) The margin: the paper says it "adds a small
+//! constant γ ≥ 0 to v*" to bias the projection towards backward transfer; the authors' code
+//! instead constrains `v ≥ γ` (`memory_strength`, default 0.5), and every public implementation
+//! and tuned value (Avalanche, Mammoth best args) refers to that form. Substituting
 //! `v = γ + w` shows it projects `g + γ·Σ_k g_k` onto the cone `{G g̃ ≥ 0}`: the bias the paper asks
 //! for, while `g̃` still satisfies the constraints — adding γ after the projection would not
 //! guarantee that. We implement `v ≥ γ`. (3) `ε = 1e-3` on the diagonal is the authors' code's; it
@@ -42,7 +43,9 @@
 //!
 //! **Cost.** `t − 1` extra forward/backward passes per step (one per past task, each on up to
 //! `⌊buffer_size / T⌋` samples) and `t − 1` flattened gradients held in f64 (8 bytes × weights ×
-//! (t − 1): 14 MB for an MLP 784-100-100-10 over 20 tasks, 1.7 GB for ResNet-18).
+//! (t − 1): 14 MB for an MLP 784-100-100-10 over 20 tasks, 1.7 GB for ResNet-18). The memory's
+//! forward passes run in training mode, like the current batch's; with batch normalisation they
+//! also move the running statistics, as in the reference implementations.
 
 use candle_core::{backprop::GradStore, Tensor};
 use serde::{Deserialize, Serialize};
@@ -114,7 +117,7 @@ pub struct Projection {
     pub v: Vec<f64>,
 }
 
-/// GEM's projection of the flat f64 gradient `g` against the rows `g_k` (module docs, eq. 11–12),
+/// GEM's projection of the flat f64 gradient `g` against the rows `g_k` (module docs),
 /// with margin `gamma` and diagonal `eps`.
 pub fn project(g: &Tensor, rows: &[Tensor], gamma: f64, eps: f64) -> Result<Option<Projection>> {
     if rows.is_empty() {

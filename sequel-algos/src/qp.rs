@@ -2,17 +2,17 @@
 //!
 //! `min_v ½ vᵀ P v + qᵀ v   s.t.   v ≥ l`   (P symmetric positive definite, n ≲ 20)
 //!
-//! This is GEM's dual (Lopez-Paz & Ranzato 2017, eq. 11–12 with P = GGᵀ + εI, q = Gg, l = γ):
+//! This is GEM's dual (Lopez-Paz & Ranzato 2017, §3; here P = GGᵀ + εI, q = Gg, l = γ):
 //! one variable per past task, only bound constraints. It is solved by the primal active-set
 //! method (Nocedal & Wright, *Numerical Optimization*, 2nd ed., Algorithm 16.3) specialised to
 //! bounds: the working set `W` holds the variables fixed at their bound; each iteration minimises
 //! over the free variables with a Cholesky solve, then either steps to the first bound it hits
 //! (adding that variable to `W`) or, at the subspace minimiser, releases the bound with the most
-//! negative multiplier `λᵢ = (Pv + q)ᵢ`. The objective decreases strictly on a strictly convex
-//! problem, so no working set repeats and the method terminates with the exact KKT point (up to
-//! rounding) after finitely many iterations — unlike projected-gradient methods, whose accuracy
-//! depends on the conditioning of `GGᵀ`, which is poor when past tasks' gradients are nearly
-//! parallel.
+//! negative multiplier `λᵢ = (Pv + q)ᵢ`. On a strictly convex problem it reaches the exact KKT
+//! point (up to rounding) in finitely many iterations — unlike projected-gradient methods, whose
+//! accuracy depends on the conditioning of `GGᵀ`, poor when past tasks' gradients are nearly
+//! parallel. A release undone at once by rounding ends the search, and an iteration cap turns any
+//! remaining cycling into an error instead of a hang. Each iteration costs one `O(n³)` Cholesky.
 
 use sequel_core::{Error, Result};
 
