@@ -1,17 +1,21 @@
 //! sequel-algos: the policies of sequel-rs — continual-learning algorithms, consolidation
 //! strategies, and the registry that maps config names to them.
 
+pub mod agem;
 mod check;
 pub mod consolidation;
 pub mod er;
 pub mod ewc;
 pub mod ewc_online;
+pub mod flat;
+pub mod gem;
 pub mod importance;
 pub mod joint;
 pub mod lwf;
 pub mod mas;
 pub mod naive;
 pub mod penalty;
+pub mod qp;
 pub mod registry;
 pub mod replay;
 pub mod run;

@@ -162,6 +162,16 @@ impl Registry {
             "Experience Replay: each batch joined with a reservoir-buffer batch (Chaudhry et al. 2019)",
             |c| Ok(Box::new(crate::er::Er::new(c)?) as Box<dyn Algorithm>),
         );
+        r.register_algorithm(
+            "agem",
+            "A-GEM: project the gradient when it conflicts with a memory batch's (Chaudhry et al. 2019)",
+            |c| Ok(Box::new(crate::agem::Agem::new(c)?) as Box<dyn Algorithm>),
+        );
+        r.register_algorithm(
+            "gem",
+            "GEM: QP projection so no past task's memory loss increases (Lopez-Paz & Ranzato 2017)",
+            |c| Ok(Box::new(crate::gem::Gem::new(c)?) as Box<dyn Algorithm>),
+        );
         use crate::consolidation as c;
         fn boxed<T: Consolidator + 'static>(x: Result<T>) -> Result<Box<dyn Consolidator>> {
             Ok(Box::new(x?))

@@ -221,3 +221,64 @@ pub fn finite_difference_statistic(
     }
     out
 }
+
+/// The trainable weights of `model`, flattened in `ParamSet` order (host f64).
+pub fn host_weights(model: &dyn Model) -> Vec<f64> {
+    model
+        .params()
+        .trainable()
+        .flat_map(|p| {
+            p.var
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("weights")
+        })
+        .map(f64::from)
+        .collect()
+}
+
+/// A gradient store flattened in `ParamSet` order on the host (zeros where a parameter has none),
+/// independently of `crate::flat`.
+pub fn host_gradient(model: &dyn Model, grads: &GradStore) -> Vec<f64> {
+    let mut out = Vec::new();
+    for p in model.params().trainable() {
+        match grads.get(p.var.as_tensor()) {
+            Some(g) => out.extend(
+                g.flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .expect("gradient")
+                    .into_iter()
+                    .map(f64::from),
+            ),
+            None => out.extend(std::iter::repeat_n(0.0, p.var.elem_count())),
+        }
+    }
+    out
+}
+
+/// The host-flattened gradient of the training loss of `batch` (forward in training mode).
+pub fn host_loss_gradient(model: &dyn Model, stream: &TaskStream, batch: &Batch) -> Vec<f64> {
+    let out = model.forward(&batch.x, true).expect("forward");
+    let loss = sequel_core::loss::task_loss(&out.logits, batch, stream).expect("loss");
+    host_gradient(model, &loss.backward().expect("backward"))
+}
+
+pub fn host_dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Run `algorithm` on the mini stream with `overrides`: the outcome's rows and the final weights.
+pub fn mini_run(algorithm: Box<dyn Algorithm>, overrides: &[&str]) -> (Vec<Vec<f64>>, Vec<f64>) {
+    let mut t = mini_trainer(algorithm, overrides);
+    let outcome = t.run(&mut sequel_core::trainer::Silent).expect("run");
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+    (outcome.matrix.rows, host_weights(t.model.as_ref()))
+}
+
+/// The scenarios every replay method must run in: class-IL, task-IL with a masked single head,
+/// task-IL with one head per task.
+pub const SCENARIOS: [&[&str]; 3] = [
+    &[],
+    &["benchmark.scenario=task-il"],
+    &["benchmark.scenario=task-il", "benchmark.task_il_head=multi"],
+];
