@@ -9,7 +9,11 @@ use sequel_algos::Registry;
 use sequel_core::trainer::Silent;
 
 /// Every replay method, with a small buffer so that 5 short tasks overflow it.
-const METHODS: &[&str] = &["{ name: er, buffer_size: 40 }"];
+const METHODS: &[&str] = &[
+    "{ name: er, buffer_size: 40 }",
+    "{ name: agem, buffer_size: 40, replay_batch_size: 20 }",
+    "{ name: gem, buffer_size: 40, memory_strength: 0.5 }",
+];
 
 fn config(out: &Path, algorithm: &str) -> String {
     format!(
