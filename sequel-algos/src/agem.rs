@@ -14,8 +14,8 @@
 //!
 //! **Order.** The projection is the last edit before the optimizer step: it runs in
 //! `edit_gradients`, after the trainer has removed the gradients of absent heads (multi-head
-//! task-IL); sequel has no gradient clipping — if one is added, it must come *before* this hook,
-//! or the clipped gradient would no longer satisfy `g̃ᵀg_ref ≥ 0`.
+//! task-IL) and after gradient clipping (`training.clip_grad_norm`), which must not come later or
+//! the clipped gradient would no longer be the projection of the gradient the optimizer uses.
 //!
 //! **Vectors.** `g` and `g_ref` are flattened over every trainable parameter in the model's fixed
 //! parameter order ([`crate::flat`]); a parameter absent from one of them counts as zero there.

@@ -35,8 +35,8 @@
 //! constraints are for `k < t` only).
 //!
 //! **Order.** The projection is the last edit before the optimizer step (`edit_gradients`, after the
-//! trainer dropped the gradients of absent heads in multi-head task-IL; sequel has no gradient
-//! clipping — one added later must come before this hook). Vectors are flattened over all
+//! trainer dropped the gradients of absent heads in multi-head task-IL, and after gradient clipping,
+//! `training.clip_grad_norm`). Vectors are flattened over all
 //! trainable parameters in the model's fixed order ([`crate::flat`]); a parameter without a
 //! gradient counts as zero, and `g̃` is written back wherever it is non-zero (past tasks' heads
 //! included, since `g_k` reaches them).
