@@ -8,6 +8,7 @@
 
 use candle_core::{backprop::GradStore, Device, Tensor};
 
+use crate::checkpoint::StateDict;
 use crate::data::{Batch, SampleRef, TaskStream};
 use crate::error::Result;
 use crate::loss;
@@ -97,6 +98,24 @@ pub trait Algorithm: Send {
     /// H6: scores over the output units for evaluation, or `None` to use the logits.
     fn predict(&self, _x: &Tensor, _out: &ModelOutput, _ctx: &EvalCtx) -> Result<Option<Tensor>> {
         Ok(None)
+    }
+
+    /// Everything this algorithm carries from one task to the next (buffers, importances,
+    /// anchors, exemplars), as named tensors, taken after `after_task`. `Ok(None)` — the default —
+    /// declares the algorithm not resumable: checkpoints then hold weights only and
+    /// `sequel run --resume` refuses the run instead of continuing with a silently lost state.
+    /// A stateless algorithm returns `Ok(Some(StateDict::new()))`. State rebuilt by `before_task`
+    /// (e.g. a teacher forked from the model) need not be saved.
+    fn save_state(&self) -> Result<Option<StateDict>> {
+        Ok(None)
+    }
+
+    /// Restore what [`Algorithm::save_state`] returned, before the next task's `before_task`.
+    fn load_state(&mut self, _state: &StateDict) -> Result<()> {
+        Err(crate::error::Error::msg(format!(
+            "algorithm `{}` does not implement Algorithm::load_state",
+            self.name()
+        )))
     }
 }
 

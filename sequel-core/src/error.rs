@@ -45,6 +45,11 @@ pub enum Error {
     #[error("weights became non-finite during task {task}; lower optimizer.lr or check the data")]
     NonFiniteWeights { task: usize },
 
+    /// Training stopped before the last task, on request (`--stop-after-task`, Ctrl-C); the run
+    /// can be continued from its last checkpoint.
+    #[error("{0}")]
+    Stopped(String),
+
     /// An unknown name was given for a registered component.
     #[error("unknown {kind} `{name}`; valid: {valid}")]
     UnknownName {

@@ -6,6 +6,7 @@
 pub mod algorithm;
 pub mod bench;
 pub mod buffer;
+pub mod checkpoint;
 pub mod config;
 pub mod consolidation;
 pub mod data;

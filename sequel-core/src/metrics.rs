@@ -7,7 +7,7 @@
 use serde::Serialize;
 
 /// Accuracies in [0, 1] with the sample counts behind them.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, serde::Deserialize)]
 pub struct AccuracyMatrix {
     /// Accuracy of the untrained model on every task (`b`).
     pub init: Vec<f64>,

@@ -1,10 +1,15 @@
 //! The unified trainer: one loop for every algorithm, scenario and backbone (design.md).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, D};
 
 use crate::algorithm::{Algorithm, EvalCtx, StepCtx, TaskCtx};
+use crate::checkpoint::{
+    self, put_prefixed, take_prefixed, Checkpoint, Meta, Results, StateDict, FORMAT_VERSION,
+};
 use crate::config::ExperimentConfig;
 use crate::consolidation::{
     apply, Anchor, Consolidation, ConsolidationCtx, ContinueFrom, Evaluate, TaskVector,
@@ -28,7 +33,7 @@ pub struct Silent;
 impl Progress for Silent {}
 
 /// Wall-clock seconds spent on one task.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct TaskTimes {
     pub train_s: f64,
     pub eval_s: f64,
@@ -38,7 +43,7 @@ pub struct TaskTimes {
 }
 
 /// One sampled training step of train_log.csv.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LogRow {
     pub task: usize,
     pub epoch: usize,
@@ -77,6 +82,18 @@ pub struct Trainer {
     consolidation_rng: SeededRng,
     /// The task vectors kept for the consolidator (`anchor: initial` and it asked for them).
     task_vectors: Vec<TaskVector>,
+    /// θ₀ and θ̄_{t−1}, kept only with a consolidator.
+    initial: Option<Snapshot>,
+    previous: Option<Snapshot>,
+    /// Set by [`Trainer::restore`]: the results of the tasks finished before the resume.
+    resumed: Option<Results>,
+    /// Fingerprint of the resolved config, recorded in checkpoints.
+    pub config_hash: String,
+    /// Stop (with [`Error::Stopped`] in `RunOutcome::failure`) once this many tasks are done and
+    /// checkpointed.
+    pub stop_after_task: Option<usize>,
+    /// When it becomes true, training stops at the next step; the last checkpoint is intact.
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
 /// The two weight sets after a task's consolidation.
@@ -109,42 +126,40 @@ impl Trainer {
             algo_rng: SeededRng::new(seed, Stream::Algorithm),
             consolidation_rng: SeededRng::new(seed, Stream::Consolidation),
             task_vectors: Vec::new(),
+            initial: None,
+            previous: None,
+            resumed: None,
+            config_hash: String::new(),
+            stop_after_task: None,
+            interrupt: None,
         }
     }
 
-    /// Run the whole stream.
+    /// Run the whole stream (or, after [`Trainer::restore`], the tasks left).
     pub fn run(&mut self, progress: &mut dyn Progress) -> Result<RunOutcome> {
         let n_tasks = self.stream.len();
-        let t0 = Instant::now();
-        let init = self.evaluate_all(0)?;
-        let mut outcome = RunOutcome {
-            matrix: AccuracyMatrix {
-                init,
-                rows: Vec::new(),
-                counts: (0..n_tasks)
-                    .map(|j| self.stream.eval_indices(j).0.len())
-                    .collect(),
+        let mut outcome = match self.resumed.take() {
+            Some(r) => RunOutcome {
+                matrix: r.matrix,
+                raw: r.raw,
+                times: r.times,
+                init_eval_s: r.init_eval_s,
+                log: r.log,
+                failure: None,
             },
-            raw: None,
-            times: Vec::new(),
-            init_eval_s: t0.elapsed().as_secs_f64(),
-            log: Vec::new(),
-            failure: None,
+            None => self.start()?,
         };
-        if self.consolidation.is_some() {
-            outcome.raw = Some(outcome.matrix.clone());
-        }
-        // θ₀ and θ̄_{t−1} are only needed by a consolidator.
-        let initial = match self.consolidation {
-            Some(_) => Some(self.model.params().snapshot()?),
-            None => None,
-        };
-        let mut previous: Option<Snapshot> = None;
-        for t in 0..n_tasks {
+        for t in outcome.matrix.rows.len()..n_tasks {
+            if let Some(n) = self.stop_after_task.filter(|&n| n <= t) {
+                outcome.failure = Some(Error::Stopped(format!(
+                    "stopped after task {n} as asked (--stop-after-task)"
+                )));
+                return Ok(outcome);
+            }
             let start = Instant::now();
             let steps = match self.train_task(t, progress, &mut outcome.log) {
                 Ok(s) => s,
-                Err(e @ Error::NonFiniteLoss { .. }) => {
+                Err(e @ (Error::NonFiniteLoss { .. } | Error::Stopped(_))) => {
                     outcome.failure = Some(e);
                     return Ok(outcome);
                 }
@@ -156,9 +171,10 @@ impl Trainer {
                 outcome.failure = Some(Error::NonFiniteWeights { task: t + 1 });
                 return Ok(outcome);
             }
-            let consolidated = match &initial {
+            let consolidated = match self.initial.clone() {
                 Some(initial) => {
-                    let c = self.consolidate(t, initial, previous.as_ref())?;
+                    let previous = self.previous.clone();
+                    let c = self.consolidate(t, &initial, previous.as_ref())?;
                     if !snapshot_finite(&c.consolidated)? {
                         outcome.failure = Some(Error::NonFiniteWeights { task: t + 1 });
                         return Ok(outcome);
@@ -197,14 +213,14 @@ impl Trainer {
                 eval_s = times.eval_s,
                 "task finished"
             );
-            self.save_checkpoint(t)?;
+            self.save_weights(t)?;
             if let (Some(c), Some(cons)) = (consolidated, &self.consolidation) {
                 let from = match cons.wiring.continue_from {
                     ContinueFrom::Consolidated => &c.consolidated,
                     ContinueFrom::Trained => &c.trained,
                 };
                 self.model.params().restore(from)?;
-                previous = Some(c.consolidated);
+                self.previous = Some(c.consolidated);
             }
             progress.task_end(t, &row, &times);
             outcome.matrix.rows.push(row);
@@ -212,8 +228,154 @@ impl Trainer {
                 raw.rows.push(r);
             }
             outcome.times.push(times);
+            self.save_state(&outcome)?;
         }
         Ok(outcome)
+    }
+
+    /// Evaluate the untrained model and set up what a fresh run needs.
+    fn start(&mut self) -> Result<RunOutcome> {
+        let n_tasks = self.stream.len();
+        let t0 = Instant::now();
+        let init = self.evaluate_all(0)?;
+        let mut outcome = RunOutcome {
+            matrix: AccuracyMatrix {
+                init,
+                rows: Vec::new(),
+                counts: (0..n_tasks)
+                    .map(|j| self.stream.eval_indices(j).0.len())
+                    .collect(),
+            },
+            raw: None,
+            times: Vec::new(),
+            init_eval_s: t0.elapsed().as_secs_f64(),
+            log: Vec::new(),
+            failure: None,
+        };
+        if self.consolidation.is_some() {
+            outcome.raw = Some(outcome.matrix.clone());
+            // θ₀ is only needed by a consolidator.
+            self.initial = Some(self.model.params().snapshot()?);
+        }
+        Ok(outcome)
+    }
+
+    /// Write the full state after a task (see [`crate::checkpoint`]). Without a checkpoint
+    /// folder, or with an algorithm that cannot save its state, nothing is written.
+    fn save_state(&self, outcome: &RunOutcome) -> Result<()> {
+        let Some(dir) = &self.checkpoint_dir else {
+            return Ok(());
+        };
+        let Some(algo) = self.algorithm.save_state()? else {
+            return Ok(());
+        };
+        let mut tensors = StateDict::new();
+        let params = self.model.params();
+        for p in params.iter() {
+            tensors.insert(format!("model.{}", p.name), p.var.as_tensor().copy()?);
+        }
+        put_prefixed(&mut tensors, "optim.", self.optimizer.save_state()?);
+        put_prefixed(&mut tensors, "algo.", algo);
+        let mut put_snapshot = |key: &str, s: &Snapshot| {
+            for (p, t) in params.iter().zip(&s.tensors) {
+                tensors.insert(format!("cons.{key}.{}", p.name), t.clone());
+            }
+        };
+        if let Some(s) = &self.initial {
+            put_snapshot("initial", s);
+        }
+        if let Some(s) = &self.previous {
+            put_snapshot("previous", s);
+        }
+        for (k, tv) in self.task_vectors.iter().enumerate() {
+            for (p, v) in params.iter().zip(&tv.values) {
+                if let Some(v) = v {
+                    tensors.insert(
+                        format!("cons.tv{k}.{}", p.name),
+                        Tensor::from_slice(v, v.len(), &Device::Cpu)?,
+                    );
+                }
+            }
+        }
+        let meta = Meta {
+            version: FORMAT_VERSION,
+            tasks_done: outcome.matrix.rows.len(),
+            config_hash: self.config_hash.clone(),
+            tensors_crc32: 0,
+            data_rng: self.data_rng.state(),
+            algo_rng: self.algo_rng.state(),
+            consolidation_rng: self.consolidation_rng.state(),
+            model_rngs: self.model.rng_states(),
+            task_vectors: self.task_vectors.len(),
+            has_initial: self.initial.is_some(),
+            has_previous: self.previous.is_some(),
+            results: Results {
+                matrix: outcome.matrix.clone(),
+                raw: outcome.raw.clone(),
+                times: outcome.times.clone(),
+                init_eval_s: outcome.init_eval_s,
+                log: outcome.log.clone(),
+            },
+        };
+        checkpoint::save(dir, meta, &tensors)
+    }
+
+    /// Put the trainer in the state a checkpoint recorded; [`Trainer::run`] then trains the
+    /// remaining tasks exactly as the uninterrupted run would have.
+    pub fn restore(&mut self, ckpt: Checkpoint) -> Result<()> {
+        let Checkpoint { meta, tensors } = ckpt;
+        if meta.config_hash != self.config_hash {
+            return Err(Error::msg(
+                "the checkpoint was written by a different config (hash mismatch)",
+            ));
+        }
+        let missing = |k: &str| Error::msg(format!("checkpoint lacks `{k}`"));
+        let params = self.model.params();
+        for p in params.iter() {
+            let k = format!("model.{}", p.name);
+            let t = tensors.get(&k).ok_or_else(|| missing(&k))?;
+            p.var
+                .set(&t.to_dtype(p.var.dtype())?.to_device(&self.device)?)?;
+        }
+        let snapshot = |key: &str| -> Result<Snapshot> {
+            let tensors = params
+                .iter()
+                .map(|p| {
+                    let k = format!("cons.{key}.{}", p.name);
+                    tensors.get(&k).cloned().ok_or_else(|| missing(&k))
+                })
+                .collect::<Result<_>>()?;
+            Ok(Snapshot { tensors })
+        };
+        self.initial = meta.has_initial.then(|| snapshot("initial")).transpose()?;
+        self.previous = meta
+            .has_previous
+            .then(|| snapshot("previous"))
+            .transpose()?;
+        self.task_vectors = (0..meta.task_vectors)
+            .map(|k| {
+                let values = params
+                    .iter()
+                    .map(|p| {
+                        tensors
+                            .get(&format!("cons.tv{k}.{}", p.name))
+                            .map(|t| t.to_vec1::<f32>())
+                            .transpose()
+                    })
+                    .collect::<std::result::Result<_, _>>()?;
+                Ok(TaskVector { values })
+            })
+            .collect::<Result<_>>()?;
+        self.optimizer
+            .load_state(&take_prefixed(&tensors, "optim."))?;
+        self.algorithm
+            .load_state(&take_prefixed(&tensors, "algo."))?;
+        self.data_rng = SeededRng::from(meta.data_rng);
+        self.algo_rng = SeededRng::from(meta.algo_rng);
+        self.consolidation_rng = SeededRng::from(meta.consolidation_rng);
+        self.model.set_rng_states(&meta.model_rngs)?;
+        self.resumed = Some(meta.results);
+        Ok(())
     }
 
     /// Run the consolidator on the trained weights of task `t` (held by the model). `previous` is
@@ -285,7 +447,7 @@ impl Trainer {
     }
 
     /// Save the model's current weights (the evaluated ones) as `task-<t>.safetensors`.
-    fn save_checkpoint(&self, t: usize) -> Result<()> {
+    fn save_weights(&self, t: usize) -> Result<()> {
         let Some(dir) = &self.checkpoint_dir else {
             return Ok(());
         };
@@ -334,6 +496,16 @@ impl Trainer {
         for epoch in 0..epochs {
             self.data_rng.shuffle(&mut order);
             for chunk in order.chunks(bs) {
+                if self
+                    .interrupt
+                    .as_ref()
+                    .is_some_and(|f| f.load(Ordering::Relaxed))
+                {
+                    return Err(Error::Stopped(format!(
+                        "interrupted during task {}; the checkpoint of the last finished task is intact",
+                        t + 1
+                    )));
+                }
                 let lr = self.schedule.lr(epoch, step, total);
                 self.optimizer.set_learning_rate(lr);
                 let batch =

@@ -289,6 +289,15 @@ impl Dropout {
         Self::new(self.p, rng)
     }
 
+    /// The mask stream's position (checkpoints).
+    pub fn rng_state(&self) -> crate::rng::RngState {
+        self.rng.lock().unwrap_or_else(|e| e.into_inner()).state()
+    }
+
+    pub fn set_rng_state(&self, state: crate::rng::RngState) {
+        *self.rng.lock().unwrap_or_else(|e| e.into_inner()) = SeededRng::from(state);
+    }
+
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if !train || self.p == 0.0 {
             return Ok(x.clone());

@@ -92,4 +92,21 @@ impl Model for Mlp {
         copy.params.restore(&self.params.snapshot()?)?;
         Ok(Box::new(copy))
     }
+
+    fn rng_states(&self) -> Vec<crate::rng::RngState> {
+        vec![self.dropout.rng_state()]
+    }
+
+    fn set_rng_states(&self, states: &[crate::rng::RngState]) -> Result<()> {
+        match states {
+            [s] => {
+                self.dropout.set_rng_state(*s);
+                Ok(())
+            }
+            _ => Err(crate::error::Error::msg(format!(
+                "the MLP has one random stream (dropout), the checkpoint has {}",
+                states.len()
+            ))),
+        }
+    }
 }

@@ -39,6 +39,21 @@ pub trait Model: Send + Sync {
             "this backbone does not implement `Model::fork`, which distillation methods need",
         ))
     }
+    /// Positions of the model's own random streams (dropout masks), for checkpoints. Default:
+    /// none (a deterministic backbone).
+    fn rng_states(&self) -> Vec<crate::rng::RngState> {
+        Vec::new()
+    }
+    /// Restore what [`Model::rng_states`] returned.
+    fn set_rng_states(&self, states: &[crate::rng::RngState]) -> Result<()> {
+        if states.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::error::Error::msg(
+                "this backbone has no random streams to restore",
+            ))
+        }
+    }
 }
 
 pub const MODELS: &[&str] = &["mlp", "cnn", "resnet18"];

@@ -10,7 +10,8 @@
 use candle_core::{backprop::GradStore, Tensor};
 
 use super::kernels::{adam_update, state_buffer};
-use super::Optimizer;
+use super::{load_slots, save_slots, Optimizer};
+use crate::checkpoint::StateDict;
 use crate::error::Result;
 use crate::model::ParamSet;
 
@@ -98,15 +99,41 @@ impl Optimizer for Adam {
         self.moments.clear();
     }
 
-    fn state(&self) -> Vec<Option<Tensor>> {
-        self.moments
+    fn save_state(&self) -> Result<StateDict> {
+        let mut out = StateDict::new();
+        let m: Vec<Option<&Tensor>> = self
+            .moments
             .iter()
-            .flat_map(|m| match m {
-                // Copies: the moments themselves are updated in place by later steps.
-                Some((a, b)) => [a.copy().ok(), b.copy().ok()],
-                None => [None, None],
-            })
-            .collect()
+            .map(|x| x.as_ref().map(|p| &p.0))
+            .collect();
+        let v: Vec<Option<&Tensor>> = self
+            .moments
+            .iter()
+            .map(|x| x.as_ref().map(|p| &p.1))
+            .collect();
+        save_slots(&mut out, "m", &m)?;
+        save_slots(&mut out, "v", &v)?;
+        out.insert(
+            "t".into(),
+            Tensor::new(&[self.t as i64], &candle_core::Device::Cpu)?,
+        );
+        Ok(out)
+    }
+
+    fn load_state(&mut self, state: &StateDict) -> Result<()> {
+        let m = load_slots(state, "m")?;
+        let v = load_slots(state, "v")?;
+        if m.len() != v.len() {
+            return Err(crate::error::Error::msg(
+                "Adam state: first and second moments differ in length",
+            ));
+        }
+        self.moments = m.into_iter().zip(v).map(|(a, b)| a.zip(b)).collect();
+        self.t = match state.get("t") {
+            Some(t) => t.to_vec1::<i64>()?.first().copied().unwrap_or(0) as u64,
+            None => 0,
+        };
+        Ok(())
     }
 }
 

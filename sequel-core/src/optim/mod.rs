@@ -10,6 +10,7 @@ pub mod sgd;
 
 use candle_core::{backprop::GradStore, Tensor};
 
+use crate::checkpoint::StateDict;
 use crate::config::{OptimizerConfig, OptimizerKind};
 use crate::error::Result;
 use crate::model::ParamSet;
@@ -25,8 +26,41 @@ pub trait Optimizer: Send {
     fn set_learning_rate(&mut self, lr: f32);
     /// Forget all state (momentum buffers, moments, step count).
     fn reset(&mut self);
-    /// The state tensors, in a fixed order (for checkpoints).
-    fn state(&self) -> Vec<Option<Tensor>>;
+    /// Every piece of state (buffers, moments, step count) as named tensors, copied, for
+    /// checkpoints.
+    fn save_state(&self) -> Result<StateDict>;
+    /// Restore what [`Optimizer::save_state`] returned; afterwards steps continue bit-identically.
+    fn load_state(&mut self, state: &StateDict) -> Result<()>;
+}
+
+/// `slots[i]` = `state["<key>.<i>"]` as a fresh in-place-updatable buffer, for `i < state["<key>.len"]`.
+pub(crate) fn load_slots(state: &StateDict, key: &str) -> Result<Vec<Option<Tensor>>> {
+    let n = match state.get(&format!("{key}.len")) {
+        Some(t) => t.to_vec1::<u32>()?.first().copied().unwrap_or(0) as usize,
+        None => return Ok(Vec::new()),
+    };
+    (0..n)
+        .map(|i| {
+            state
+                .get(&format!("{key}.{i}"))
+                .map(kernels::state_buffer)
+                .transpose()
+        })
+        .collect()
+}
+
+/// The inverse of [`load_slots`].
+pub(crate) fn save_slots(out: &mut StateDict, key: &str, slots: &[Option<&Tensor>]) -> Result<()> {
+    out.insert(
+        format!("{key}.len"),
+        Tensor::new(&[slots.len() as u32], &candle_core::Device::Cpu)?,
+    );
+    for (i, t) in slots.iter().enumerate() {
+        if let Some(t) = t {
+            out.insert(format!("{key}.{i}"), t.copy()?);
+        }
+    }
+    Ok(())
 }
 
 pub fn build_optimizer(cfg: &OptimizerConfig) -> Box<dyn Optimizer> {

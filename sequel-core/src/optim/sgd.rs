@@ -10,7 +10,8 @@
 use candle_core::{backprop::GradStore, Tensor};
 
 use super::kernels::{axpby, state_buffer};
-use super::Optimizer;
+use super::{load_slots, save_slots, Optimizer};
+use crate::checkpoint::StateDict;
 use crate::error::Result;
 use crate::model::ParamSet;
 
@@ -87,12 +88,16 @@ impl Optimizer for Sgd {
         self.buffers.clear();
     }
 
-    fn state(&self) -> Vec<Option<Tensor>> {
-        // Copies: the buffers themselves are updated in place by later steps.
-        self.buffers
-            .iter()
-            .map(|b| b.as_ref().and_then(|t| t.copy().ok()))
-            .collect()
+    fn save_state(&self) -> Result<StateDict> {
+        let mut out = StateDict::new();
+        let slots: Vec<Option<&Tensor>> = self.buffers.iter().map(Option::as_ref).collect();
+        save_slots(&mut out, "momentum", &slots)?;
+        Ok(out)
+    }
+
+    fn load_state(&mut self, state: &StateDict) -> Result<()> {
+        self.buffers = load_slots(state, "momentum")?;
+        Ok(())
     }
 }
 
