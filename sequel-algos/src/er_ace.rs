@@ -20,7 +20,7 @@
 //!
 //! **Which classes stay.** "Present" is computed from the targets of each incoming batch;
 //! "seen" is every target of an incoming batch so far, this one included. The unseen classes are
-//! kept (as Mammoth and the paper's code do): their logits are pushed down by new data, which is
+//! kept (as in Mammoth's `er_ace`): their logits are pushed down by new data, which is
 //! harmless since nothing has been learnt for them. Mammoth keeps every unit ≥ the largest seen
 //! one; that also keeps the largest seen class when it is absent from the batch — here the set of
 //! seen units decides, so an absent seen class is always masked.
@@ -30,6 +30,10 @@
 //! task's head (old classes are already outside it), then the ACE mask removes the seen classes of
 //! the current task absent from the batch; the replay CE uses each sample's own head
 //! ([`task_loss`]), which is the "unmasked" loss of that scenario.
+//!
+//! **Domain-IL** (permuted, rotated) runs, but every task reuses the same units: from the second
+//! task on, the incoming CE is restricted to the classes of each batch. The method was designed
+//! for growing label spaces (Mammoth lists it for class-IL and task-IL only).
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
