@@ -4,7 +4,9 @@
 pub mod agem;
 mod check;
 pub mod consolidation;
+pub mod der;
 pub mod er;
+pub mod er_ace;
 pub mod ewc;
 pub mod ewc_online;
 pub mod flat;

@@ -172,6 +172,21 @@ impl Registry {
             "GEM: QP projection so no past task's memory loss increases (Lopez-Paz & Ranzato 2017)",
             |c| Ok(Box::new(crate::gem::Gem::new(c)?) as Box<dyn Algorithm>),
         );
+        r.register_algorithm(
+            "der",
+            "Dark Experience Replay: CE + alpha * MSE to the logits stored with each buffer sample (Buzzega et al. 2020)",
+            |c| Ok(Box::new(crate::der::Der::new(c)?) as Box<dyn Algorithm>),
+        );
+        r.register_algorithm(
+            "derpp",
+            "DER++: DER + beta * CE on a second, independent buffer draw (Buzzega et al. 2020)",
+            |c| Ok(Box::new(crate::der::Der::plus_plus(c)?) as Box<dyn Algorithm>),
+        );
+        r.register_algorithm(
+            "er-ace",
+            "ER with asymmetric CE: incoming logits masked to the batch's and unseen classes, replay unmasked (Caccia et al. 2022)",
+            |c| Ok(Box::new(crate::er_ace::ErAce::new(c)?) as Box<dyn Algorithm>),
+        );
         use crate::consolidation as c;
         fn boxed<T: Consolidator + 'static>(x: Result<T>) -> Result<Box<dyn Consolidator>> {
             Ok(Box::new(x?))
