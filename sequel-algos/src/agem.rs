@@ -35,6 +35,7 @@
 //! normalisation it also moves the running statistics, as in the reference implementations.
 
 use candle_core::{backprop::GradStore, Tensor};
+use sequel_core::checkpoint::StateDict;
 use serde::{Deserialize, Serialize};
 
 use sequel_core::buffer::{BufferPolicy, InsertAt};
@@ -133,6 +134,16 @@ impl Agem {
 impl Algorithm for Agem {
     fn name(&self) -> &str {
         "agem"
+    }
+
+    fn save_state(&self) -> Result<Option<StateDict>> {
+        let mut out = StateDict::new();
+        self.memory.save(&mut out)?;
+        Ok(Some(out))
+    }
+
+    fn load_state(&mut self, state: &StateDict) -> Result<()> {
+        self.memory.load(state)
     }
 
     fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {

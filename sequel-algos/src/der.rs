@@ -29,6 +29,7 @@
 //! `beta: 0` trains exactly as `der`, and `der` with `alpha: 0` exactly as `naive`.
 
 use candle_core::{Tensor, D};
+use sequel_core::checkpoint::StateDict;
 use serde::{Deserialize, Serialize};
 
 use sequel_core::buffer::{BufferPolicy, InsertAt};
@@ -216,6 +217,16 @@ pub fn logit_mse(
 impl Algorithm for Der {
     fn name(&self) -> &str {
         self.name
+    }
+
+    fn save_state(&self) -> Result<Option<StateDict>> {
+        let mut out = StateDict::new();
+        self.memory.save(&mut out)?;
+        Ok(Some(out))
+    }
+
+    fn load_state(&mut self, state: &StateDict) -> Result<()> {
+        self.memory.load(state)
     }
 
     fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {

@@ -11,6 +11,7 @@
 //! With `insert: task_end` the buffer is filled from each finished task instead (Avalanche's
 //! default), which makes ER a pure "rehearse the past" method within a task.
 
+use sequel_core::checkpoint::StateDict;
 use serde::{Deserialize, Serialize};
 
 use sequel_core::buffer::{BufferPolicy, InsertAt};
@@ -89,6 +90,16 @@ impl Er {
 impl Algorithm for Er {
     fn name(&self) -> &str {
         "er"
+    }
+
+    fn save_state(&self) -> Result<Option<StateDict>> {
+        let mut out = StateDict::new();
+        self.memory.save(&mut out)?;
+        Ok(Some(out))
+    }
+
+    fn load_state(&mut self, state: &StateDict) -> Result<()> {
+        self.memory.load(state)
     }
 
     fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {

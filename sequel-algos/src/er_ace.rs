@@ -36,6 +36,7 @@
 //! for growing label spaces (Mammoth lists it for class-IL and task-IL only).
 
 use candle_core::Tensor;
+use sequel_core::checkpoint::StateDict;
 use serde::{Deserialize, Serialize};
 
 use sequel_core::buffer::{BufferPolicy, InsertAt};
@@ -160,6 +161,25 @@ pub fn asymmetric_ce(
 impl Algorithm for ErAce {
     fn name(&self) -> &str {
         "er-ace"
+    }
+
+    fn save_state(&self) -> Result<Option<StateDict>> {
+        let mut out = StateDict::new();
+        self.memory.save(&mut out)?;
+        let seen: Vec<u8> = self.seen.iter().map(|&s| s as u8).collect();
+        out.insert(
+            "seen".into(),
+            Tensor::from_vec(seen.clone(), seen.len(), &candle_core::Device::Cpu)?,
+        );
+        Ok(Some(out))
+    }
+
+    fn load_state(&mut self, state: &StateDict) -> Result<()> {
+        self.memory.load(state)?;
+        if let Some(t) = state.get("seen") {
+            self.seen = t.to_vec1::<u8>()?.into_iter().map(|s| s != 0).collect();
+        }
+        Ok(())
     }
 
     fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {

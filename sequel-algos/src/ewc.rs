@@ -26,6 +26,7 @@
 //! statistics). With `lambda: 0` nothing is computed and training is bit-identical to `naive`.
 
 use candle_core::{DType, Tensor, D};
+use sequel_core::checkpoint::StateDict;
 use serde::{Deserialize, Serialize};
 
 use sequel_core::algorithm::task_samples;
@@ -268,6 +269,17 @@ pub(crate) fn task_fisher(ctx: &mut TaskCtx, spec: &FisherSpec) -> Result<PerPar
 impl Algorithm for Ewc {
     fn name(&self) -> &str {
         "ewc"
+    }
+
+    fn save_state(&self) -> Result<Option<StateDict>> {
+        let mut out = StateDict::new();
+        self.penalty.save(&mut out, "penalty")?;
+        Ok(Some(out))
+    }
+
+    fn load_state(&mut self, state: &StateDict) -> Result<()> {
+        self.penalty = QuadraticPenalty::load(state, "penalty")?;
+        Ok(())
     }
 
     fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {

@@ -16,6 +16,7 @@
 //! bit-identical to `naive`.
 
 use candle_core::Tensor;
+use sequel_core::checkpoint::StateDict;
 use serde::{Deserialize, Serialize};
 
 use sequel_core::data::Batch;
@@ -109,6 +110,19 @@ impl OnlineEwc {
 impl Algorithm for OnlineEwc {
     fn name(&self) -> &str {
         "ewc-online"
+    }
+
+    fn save_state(&self) -> Result<Option<StateDict>> {
+        let mut out = StateDict::new();
+        self.penalty.save(&mut out, "penalty")?;
+        PerParam::save(self.running.as_ref(), &mut out, "running")?;
+        Ok(Some(out))
+    }
+
+    fn load_state(&mut self, state: &StateDict) -> Result<()> {
+        self.penalty = QuadraticPenalty::load(state, "penalty")?;
+        self.running = PerParam::load(state, "running")?;
+        Ok(())
     }
 
     fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {

@@ -48,6 +48,7 @@
 //! also move the running statistics, as in the reference implementations.
 
 use candle_core::{backprop::GradStore, Tensor};
+use sequel_core::checkpoint::StateDict;
 use serde::{Deserialize, Serialize};
 
 use sequel_core::buffer::{BufferPolicy, InsertAt};
@@ -198,6 +199,16 @@ impl Gem {
 impl Algorithm for Gem {
     fn name(&self) -> &str {
         "gem"
+    }
+
+    fn save_state(&self) -> Result<Option<StateDict>> {
+        let mut out = StateDict::new();
+        self.memory.save(&mut out)?;
+        Ok(Some(out))
+    }
+
+    fn load_state(&mut self, state: &StateDict) -> Result<()> {
+        self.memory.load(state)
     }
 
     fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {

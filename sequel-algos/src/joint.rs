@@ -4,6 +4,7 @@
 //! usual "joint" reference (Avalanche `Cumulative`, SequeL `Joint`).
 
 use sequel_core::algorithm::task_samples;
+use sequel_core::checkpoint::StateDict;
 use sequel_core::data::SampleRef;
 use sequel_core::{Algorithm, Result, TaskCtx};
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,14 @@ impl Joint {
 impl Algorithm for Joint {
     fn name(&self) -> &str {
         "joint"
+    }
+
+    fn save_state(&self) -> Result<Option<StateDict>> {
+        Ok(Some(StateDict::new()))
+    }
+
+    fn load_state(&mut self, _state: &StateDict) -> Result<()> {
+        Ok(())
     }
 
     fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {

@@ -24,6 +24,7 @@
 //! backward: they are detached). With `alpha: 0` no teacher is made and training is bit-identical
 //! to `naive`.
 
+use sequel_core::checkpoint::StateDict;
 use std::ops::Range;
 
 use candle_core::{Tensor, D};
@@ -154,6 +155,15 @@ fn old_unit_groups(stream: &sequel_core::data::TaskStream, t: usize) -> Vec<Vec<
 impl Algorithm for Lwf {
     fn name(&self) -> &str {
         "lwf"
+    }
+
+    /// The teacher and its unit groups are rebuilt by `before_task` from the restored model.
+    fn save_state(&self) -> Result<Option<StateDict>> {
+        Ok(Some(StateDict::new()))
+    }
+
+    fn load_state(&mut self, _state: &StateDict) -> Result<()> {
+        Ok(())
     }
 
     fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {

@@ -20,6 +20,7 @@
 //! bit-identical to `naive`.
 
 use candle_core::{Tensor, D};
+use sequel_core::checkpoint::StateDict;
 use serde::{Deserialize, Serialize};
 
 use sequel_core::algorithm::task_samples;
@@ -133,6 +134,19 @@ pub fn mas_importance(
 impl Algorithm for Mas {
     fn name(&self) -> &str {
         "mas"
+    }
+
+    fn save_state(&self) -> Result<Option<StateDict>> {
+        let mut out = StateDict::new();
+        self.penalty.save(&mut out, "penalty")?;
+        PerParam::save(self.importance.as_ref(), &mut out, "importance")?;
+        Ok(Some(out))
+    }
+
+    fn load_state(&mut self, state: &StateDict) -> Result<()> {
+        self.penalty = QuadraticPenalty::load(state, "penalty")?;
+        self.importance = PerParam::load(state, "importance")?;
+        Ok(())
     }
 
     fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {

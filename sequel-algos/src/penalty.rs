@@ -19,6 +19,7 @@
 //! loss; [`QuadraticPenalty::gradient`] gives the same gradient analytically (SI subtracts it).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use sequel_core::checkpoint::{get_scalar, load_list, save_list, scalar, StateDict};
 use sequel_core::model::ParamSet;
 use sequel_core::Result;
 
@@ -103,7 +104,41 @@ pub struct QuadraticPenalty {
     offset: f64,
 }
 
+impl PerParam {
+    /// Save under `key` (see [`sequel_core::checkpoint::save_list`]).
+    pub fn save(this: Option<&Self>, out: &mut StateDict, key: &str) -> Result<()> {
+        match this {
+            Some(p) => save_list(out, key, &p.0),
+            None => Ok(()),
+        }
+    }
+
+    pub fn load(state: &StateDict, key: &str) -> Result<Option<Self>> {
+        Ok(load_list(state, key)?.map(PerParam))
+    }
+}
+
 impl QuadraticPenalty {
+    /// Save every term under `key` (checkpoints).
+    pub fn save(&self, out: &mut StateDict, key: &str) -> Result<()> {
+        save_list(out, &format!("{key}.weight"), &self.weight)?;
+        save_list(out, &format!("{key}.center"), &self.center)?;
+        out.insert(format!("{key}.offset"), scalar(self.offset)?);
+        Ok(())
+    }
+
+    /// The penalty [`QuadraticPenalty::save`] wrote under `key`.
+    pub fn load(state: &StateDict, key: &str) -> Result<Self> {
+        let list = |k: &str| -> Result<Vec<Tensor>> {
+            Ok(load_list(state, &format!("{key}.{k}"))?.unwrap_or_default())
+        };
+        Ok(Self {
+            weight: list("weight")?,
+            center: list("center")?,
+            offset: get_scalar(state, &format!("{key}.offset"))?,
+        })
+    }
+
     /// No term yet (before the first task boundary): the penalty is absent.
     pub fn is_empty(&self) -> bool {
         self.weight.is_empty()

@@ -5,6 +5,7 @@
 use candle_core::{Device, Tensor};
 use sequel_core::algorithm::task_samples;
 use sequel_core::buffer::{BufferPolicy, InsertAt, ReplayBuffer};
+use sequel_core::checkpoint::StateDict;
 use sequel_core::data::{Batch, GatherBuf, Split, TaskStream};
 use sequel_core::model::ModelOutput;
 use sequel_core::rng::{SeededRng, Stream};
@@ -87,6 +88,24 @@ impl Memory {
     /// Replace the buffer (checkpoint restore).
     pub fn set_buffer(&mut self, buffer: ReplayBuffer) {
         self.buffer = Some(buffer);
+    }
+
+    /// The buffer (once created) under `memory.` (checkpoints).
+    pub fn save(&self, out: &mut StateDict) -> Result<()> {
+        if let Some(b) = &self.buffer {
+            out.extend(b.state("memory.")?);
+        }
+        Ok(())
+    }
+
+    /// Restore what [`Memory::save`] wrote; without a saved buffer the memory stays uncreated.
+    pub fn load(&mut self, state: &StateDict) -> Result<()> {
+        self.buffer = if state.contains_key("memory.header") {
+            Some(ReplayBuffer::from_state(state, "memory.")?)
+        } else {
+            None
+        };
+        Ok(())
     }
 
     pub fn is_empty(&self) -> bool {

@@ -2,7 +2,7 @@
 //! write the run directory. The CLI and tests both go through here.
 
 use sequel_core::config::{parse_config, ExperimentConfig};
-use sequel_core::experiment::{run_experiment, Finished};
+use sequel_core::experiment::{run_experiment, Finished, RunOptions};
 use sequel_core::{Progress, Result};
 
 use crate::Registry;
@@ -56,6 +56,16 @@ pub fn execute(
     progress: &mut dyn Progress,
     git_hash: Option<String>,
 ) -> Result<Finished> {
+    execute_with(p, progress, git_hash, &RunOptions::default())
+}
+
+/// [`execute`] with resume and stop options.
+pub fn execute_with(
+    p: Prepared,
+    progress: &mut dyn Progress,
+    git_hash: Option<String>,
+    opts: &RunOptions,
+) -> Result<Finished> {
     run_experiment(
         &p.config,
         &p.origin,
@@ -64,5 +74,6 @@ pub fn execute(
         p.consolidator,
         progress,
         git_hash,
+        opts,
     )
 }

@@ -21,6 +21,7 @@
 //! training is bit-identical to `naive`.
 
 use candle_core::{backprop::GradStore, Tensor};
+use sequel_core::checkpoint::StateDict;
 use serde::{Deserialize, Serialize};
 
 use sequel_core::data::Batch;
@@ -102,6 +103,20 @@ impl Si {
 impl Algorithm for Si {
     fn name(&self) -> &str {
         "si"
+    }
+
+    /// At a task boundary SI holds Ω and the penalty; θ_start and ω are rebuilt by `before_task`.
+    fn save_state(&self) -> Result<Option<StateDict>> {
+        let mut out = StateDict::new();
+        self.penalty.save(&mut out, "penalty")?;
+        PerParam::save(self.importance.as_ref(), &mut out, "importance")?;
+        Ok(Some(out))
+    }
+
+    fn load_state(&mut self, state: &StateDict) -> Result<()> {
+        self.penalty = QuadraticPenalty::load(state, "penalty")?;
+        self.importance = PerParam::load(state, "importance")?;
+        Ok(())
     }
 
     fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {

@@ -63,6 +63,12 @@ impl<A: Algorithm> Algorithm for Probe<A> {
     fn predict(&self, x: &Tensor, out: &ModelOutput, ctx: &EvalCtx) -> Result<Option<Tensor>> {
         self.lock().predict(x, out, ctx)
     }
+    fn save_state(&self) -> Result<Option<sequel_core::checkpoint::StateDict>> {
+        self.lock().save_state()
+    }
+    fn load_state(&mut self, state: &sequel_core::checkpoint::StateDict) -> Result<()> {
+        self.lock().load_state(state)
+    }
 }
 
 /// A trainer on fmnist-mini (split, 5 tasks, class-IL, 50 samples per task, MLP 784-32-10, one epoch

@@ -13,6 +13,9 @@ const METHODS: &[&str] = &[
     "{ name: er, buffer_size: 40 }",
     "{ name: agem, buffer_size: 40, replay_batch_size: 20 }",
     "{ name: gem, buffer_size: 40, memory_strength: 0.5 }",
+    "{ name: der, buffer_size: 40, alpha: 0.5 }",
+    "{ name: derpp, buffer_size: 40, alpha: 0.5, beta: 0.5 }",
+    "{ name: er-ace, buffer_size: 40 }",
 ];
 
 fn config(out: &Path, algorithm: &str) -> String {

@@ -17,8 +17,12 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use sequel_algos::run::{execute, prepare};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use sequel_algos::run::{execute_with, prepare};
 use sequel_algos::Registry;
+use sequel_core::experiment::{ResumeFrom, RunOptions};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -38,8 +42,21 @@ struct Cli {
 enum Command {
     /// Train the stream of tasks a config describes and write its run directory.
     Run {
-        /// Experiment YAML file.
-        config: PathBuf,
+        /// Experiment YAML file (optional with --resume: the run's own config.yaml is used).
+        #[arg(required_unless_present = "resume")]
+        config: Option<PathBuf>,
+        /// Continue an unfinished run from its newest checkpoint: RUN_DIR is
+        /// `<out>/<name>/.seed-N.partial` (or `<out>/<name>/seed-N`). The result is identical to an
+        /// uninterrupted run; a CONFIG or --set that changes anything is refused.
+        #[arg(long, value_name = "RUN_DIR")]
+        resume: Option<PathBuf>,
+        /// With --resume: continue from the checkpoint after task N instead of the newest (when
+        /// the newest is damaged).
+        #[arg(long, value_name = "N", requires = "resume")]
+        resume_from_task: Option<usize>,
+        /// Stop after task N has finished and been checkpointed (continue later with --resume).
+        #[arg(long, value_name = "N")]
+        stop_after_task: Option<usize>,
         /// Override any key, e.g. `--set optimizer.lr=0.1 --set model.hidden=[256,256]`.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
@@ -189,12 +206,20 @@ fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run {
             config,
+            resume,
+            resume_from_task,
+            stop_after_task,
             mut set,
             seed,
             out,
             threads,
             quiet,
         } => {
+            let config = match (config, &resume) {
+                (Some(c), _) => c,
+                (None, Some(dir)) => dir.join("config.yaml"),
+                (None, None) => anyhow::bail!("give a config file (or --resume RUN_DIR)"),
+            };
             let (text, origin) = read_config(&config)?;
             if let Some(s) = seed {
                 set.push(format!("seed={s}"));
@@ -212,8 +237,29 @@ fn dispatch(cli: Cli) -> Result<()> {
             let hash = option_env!("SEQUEL_GIT_HASH")
                 .filter(|h| !h.is_empty())
                 .map(String::from);
-            let finished = execute(prepared, &mut progress, hash)?;
+            let interrupt = Arc::new(AtomicBool::new(false));
+            {
+                let flag = interrupt.clone();
+                // First Ctrl-C: stop at the next step (the last checkpoint stays intact);
+                // a second one exits at once.
+                let _ = ctrlc::set_handler(move || {
+                    if flag.swap(true, Ordering::SeqCst) {
+                        std::process::exit(130);
+                    }
+                    eprintln!("\nstopping at the next step (Ctrl-C again to exit now)");
+                });
+            }
+            let opts = RunOptions {
+                resume: resume.map(|dir| ResumeFrom {
+                    dir,
+                    task: resume_from_task,
+                }),
+                stop_after_task,
+                interrupt: Some(interrupt),
+            };
+            let finished = execute_with(prepared, &mut progress, hash, &opts);
             progress.finish();
+            let finished = finished?;
             say!(
                 "{}run directory: {}",
                 display::report(&finished.outcome),

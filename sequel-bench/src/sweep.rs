@@ -114,6 +114,15 @@ pub fn run(registry: &Registry, a: Args) -> Result<()> {
                 let status = std::fs::File::create(&log).and_then(|f| {
                     let mut cmd = Command::new(&exe);
                     cmd.arg("run").arg(&p.config);
+                    // An interrupted point continues from its newest checkpoint.
+                    let partial = a
+                        .out
+                        .join(&p.name)
+                        .join(format!(".seed-{}.partial", p.seed));
+                    if !sequel_core::checkpoint::available(&partial.join("checkpoints")).is_empty()
+                    {
+                        cmd.arg("--resume").arg(&partial);
+                    }
                     for o in p.all_overrides() {
                         cmd.arg("--set").arg(o);
                     }

@@ -1,12 +1,14 @@
 //! From a validated config to a finished run directory.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Device;
 
 use crate::algorithm::Algorithm;
+use crate::checkpoint;
 use crate::config::ExperimentConfig;
 use crate::consolidation::Consolidation;
 use crate::data::{discovery::load_dataset, TaskStream};
@@ -58,9 +60,43 @@ pub struct Finished {
     pub outcome: RunOutcome,
 }
 
+/// How [`run_experiment`] starts and stops, beyond the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue an unfinished run from its checkpoint instead of starting afresh.
+    pub resume: Option<ResumeFrom>,
+    /// Stop once this many tasks are finished and checkpointed (tests, staged runs).
+    pub stop_after_task: Option<usize>,
+    /// Set to true (e.g. by a Ctrl-C handler) to stop at the next step.
+    pub interrupt: Option<Arc<AtomicBool>>,
+}
+
+/// Which unfinished run to continue, and from which checkpoint.
+#[derive(Debug, Clone)]
+pub struct ResumeFrom {
+    /// The run's staging folder (`<out>/<name>/.seed-<s>.partial`) or its final name.
+    pub dir: PathBuf,
+    /// Resume after this task instead of the newest checkpoint (e.g. when the newest is damaged).
+    pub task: Option<usize>,
+}
+
+/// The fingerprint checkpoints record: the resolved config without `output` (where the run is
+/// written does not change what it computes).
+pub fn config_fingerprint(resolved_yaml: &str) -> Result<String> {
+    let mut v: serde_yaml::Value =
+        serde_yaml::from_str(resolved_yaml).map_err(|e| Error::msg(e.to_string()))?;
+    if let Some(m) = v.as_mapping_mut() {
+        m.remove("output");
+    }
+    let text = serde_yaml::to_string(&v).map_err(|e| Error::msg(e.to_string()))?;
+    Ok(checkpoint::config_hash(&text))
+}
+
 /// Run `cfg` and write its run directory. `resolved_yaml` is the full config with defaults filled
 /// in (written as config.yaml). A run that stops on a non-finite loss still writes the finished
-/// tasks' results, then returns the error.
+/// tasks' results, then returns the error. A run stopped on request (`opts`) leaves its staging
+/// folder with the checkpoints and returns [`Error::Stopped`] naming how to continue.
+#[allow(clippy::too_many_arguments)]
 pub fn run_experiment(
     cfg: &ExperimentConfig,
     origin: &str,
@@ -69,6 +105,7 @@ pub fn run_experiment(
     consolidation: Option<Consolidation>,
     progress: &mut dyn Progress,
     git_hash: Option<String>,
+    opts: &RunOptions,
 ) -> Result<Finished> {
     let start = Instant::now();
     let algo_name = algorithm.name().to_string();
@@ -78,9 +115,57 @@ pub fn run_experiment(
     // Data and model errors come first so that they leave no run folder behind; an unwritable
     // output folder is still reported before any training.
     let mut trainer = build_trainer(cfg, origin, algorithm, consolidation)?;
-    let dir = RunDir::create(&cfg.output.dir, &cfg.name, cfg.seed)?;
+    trainer.config_hash = config_fingerprint(resolved_yaml)?;
+    trainer.stop_after_task = opts.stop_after_task;
+    trainer.interrupt = opts.interrupt.clone();
+    let dir = match &opts.resume {
+        None => {
+            let dir = RunDir::create(&cfg.output.dir, &cfg.name, cfg.seed)?;
+            // Written now too, so that an unfinished run can be resumed from its folder alone.
+            dir.write("config.yaml", resolved_yaml.as_bytes())?;
+            dir
+        }
+        Some(r) => {
+            let dir = RunDir::reopen(&r.dir)?;
+            check_same_config(&dir, resolved_yaml)?;
+            if trainer.algorithm.save_state()?.is_none() {
+                return Err(Error::Msg(format!(
+                    "algorithm `{algo_name}` cannot be resumed: it does not implement \
+                     Algorithm::save_state, so its checkpoints hold weights only"
+                )));
+            }
+            let ckpt_dir = dir.staging().join("checkpoints");
+            let available = checkpoint::available(&ckpt_dir);
+            let t = match (r.task, available.last()) {
+                (Some(t), _) if available.contains(&t) => t,
+                (Some(t), _) => {
+                    return Err(Error::Msg(format!(
+                        "no checkpoint after task {t} in {}; available: {available:?}",
+                        ckpt_dir.display()
+                    )))
+                }
+                (None, Some(&t)) => t,
+                (None, None) => {
+                    return Err(Error::Msg(format!(
+                        "{} has no checkpoint yet (the run stopped during task 1): start it \
+                         again with `sequel run CONFIG`",
+                        dir.staging().display()
+                    )))
+                }
+            };
+            trainer.restore(checkpoint::load(&ckpt_dir, t)?)?;
+            tracing::info!(after_task = t, "resuming");
+            dir
+        }
+    };
     trainer.checkpoint_dir = Some(dir.staging().join("checkpoints"));
     let mut outcome = trainer.run(progress)?;
+    if let Some(Error::Stopped(why)) = &outcome.failure {
+        return Err(Error::Stopped(format!(
+            "{why}; continue with `sequel run --resume {}`",
+            dir.staging().display()
+        )));
+    }
     let info = RunInfo {
         name: cfg.name.clone(),
         seed: cfg.seed,
@@ -108,6 +193,30 @@ pub fn run_experiment(
         ))),
         None => Ok(Finished { dir: path, outcome }),
     }
+}
+
+/// Refuse to resume a run with a config that computes something else, naming the keys.
+fn check_same_config(dir: &RunDir, resolved_yaml: &str) -> Result<()> {
+    let path = dir.staging().join("config.yaml");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let parse = |t: &str| -> Result<serde_yaml::Value> {
+        let mut v: serde_yaml::Value =
+            serde_yaml::from_str(t).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        if let Some(m) = v.as_mapping_mut() {
+            m.remove("output");
+        }
+        Ok(v)
+    };
+    let diff = checkpoint::yaml_differences(&parse(&text)?, &parse(resolved_yaml)?);
+    if diff.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Msg(format!(
+        "the config differs from the one the run was started with ({}) in: {}; resume with the \
+         same config (`sequel run --resume DIR` alone uses it), or start a new run",
+        path.display(),
+        diff.join(", ")
+    )))
 }
 
 /// The protocol choices that change numbers between libraries (protocols.md §4), spelled out.

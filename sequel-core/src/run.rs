@@ -54,20 +54,12 @@ impl RunDir {
         };
         fs::create_dir_all(&parent).map_err(|e| unwritable(&parent, e))?;
         // One writer per run directory: a second run with the same name and seed would delete
-        // this one's staging folder. A lock left by a process that no longer exists is taken over.
+        // this one's staging folder.
         let lock = parent.join(format!(".seed-{seed}.lock"));
-        if let Ok(text) = fs::read_to_string(&lock) {
-            let pid = text.trim();
-            let alive = Path::new("/proc").join(pid).exists();
-            if alive && pid != std::process::id().to_string() {
-                return Err(Error::Msg(format!(
-                    "another run (pid {pid}) is writing {}; wait for it, or delete {} if that process is gone",
-                    final_dir.display(),
-                    lock.display()
-                )));
-            }
-        }
-        fs::write(&lock, std::process::id().to_string()).map_err(|e| unwritable(&parent, e))?;
+        take_lock(&lock, &final_dir).map_err(|e| match e {
+            Error::Io { source, .. } => unwritable(&parent, source),
+            e => e,
+        })?;
         if staging.exists() {
             fs::remove_dir_all(&staging).map_err(|e| unwritable(&staging, e))?;
         }
@@ -75,6 +67,52 @@ impl RunDir {
         let probe = staging.join(".probe");
         fs::write(&probe, b"").map_err(|e| unwritable(&staging, e))?;
         let _ = fs::remove_file(probe);
+        Ok(Self {
+            staging,
+            final_dir,
+            lock,
+        })
+    }
+
+    /// Reopen the staging folder of an unfinished run (`<name>/.seed-<s>.partial`, or its
+    /// final name `<name>/seed-<s>` when only the staging folder exists) to continue it.
+    pub fn reopen(path: &Path) -> Result<Self> {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let parent = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let seed = name
+            .strip_prefix(".seed-")
+            .and_then(|n| n.strip_suffix(".partial"))
+            .or_else(|| name.strip_prefix("seed-"))
+            .filter(|s| s.parse::<u64>().is_ok())
+            .ok_or_else(|| {
+                Error::Msg(format!(
+                    "{} is not a run directory: expected <out>/<name>/.seed-N.partial (an \
+                     unfinished run) or <out>/<name>/seed-N",
+                    path.display()
+                ))
+            })?
+            .to_string();
+        let final_dir = parent.join(format!("seed-{seed}"));
+        let staging = parent.join(format!(".seed-{seed}.partial"));
+        if !staging.is_dir() {
+            return Err(Error::Msg(if final_dir.join("summary.json").is_file() {
+                format!(
+                    "{} has finished: there is nothing to resume",
+                    final_dir.display()
+                )
+            } else {
+                format!(
+                    "no unfinished run at {}: start it with `sequel run CONFIG`",
+                    staging.display()
+                )
+            }));
+        }
+        let lock = parent.join(format!(".seed-{seed}.lock"));
+        take_lock(&lock, &final_dir)?;
         Ok(Self {
             staging,
             final_dir,
@@ -117,6 +155,23 @@ impl RunDir {
         }
         Ok(self.final_dir.clone())
     }
+}
+
+/// Write our pid into `lock`, unless a live process holds it. A lock left by a process that no
+/// longer exists is taken over.
+fn take_lock(lock: &Path, final_dir: &Path) -> Result<()> {
+    if let Ok(text) = fs::read_to_string(lock) {
+        let pid = text.trim();
+        let alive = Path::new("/proc").join(pid).exists();
+        if alive && pid != std::process::id().to_string() {
+            return Err(Error::Msg(format!(
+                "another run (pid {pid}) is writing {}; wait for it, or delete {} if that process is gone",
+                final_dir.display(),
+                lock.display()
+            )));
+        }
+    }
+    fs::write(lock, std::process::id().to_string()).map_err(|e| Error::io(lock, e))
 }
 
 /// Facts about the run recorded in summary.json.
