@@ -6,6 +6,8 @@ pub mod consolidation;
 pub mod er;
 pub mod ewc;
 pub mod ewc_online;
+pub mod gdumb;
+pub mod icarl;
 pub mod importance;
 pub mod joint;
 pub mod lwf;
