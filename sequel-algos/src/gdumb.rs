@@ -536,4 +536,44 @@ mod tests {
     fn five_tasks_in_task_il_multi_head() {
         run_scenario(&["benchmark.scenario=task-il", "benchmark.task_il_head=multi"]);
     }
+
+    #[test]
+    fn a_diverging_fit_is_reported_as_a_non_finite_loss() {
+        let g = Gdumb::new(GdumbConfig {
+            buffer_size: 20,
+            fit_epochs: 8,
+            max_lr: 1e12,
+            min_lr: 1e11,
+            clip_grad_norm: 0.0,
+            ..Default::default()
+        })
+        .unwrap();
+        let mut t = mini_trainer(Box::new(g), &["benchmark.tasks=2"]);
+        let out = t.run(&mut Silent).unwrap();
+        assert!(
+            matches!(out.failure, Some(Error::NonFiniteLoss { task: 1, .. })),
+            "{:?}",
+            out.failure
+        );
+        assert!(out.matrix.rows.is_empty());
+    }
+
+    #[test]
+    fn registry_builds_it_from_yaml_keys() {
+        let reg = crate::Registry::builtin();
+        let spec: serde_yaml::Value = serde_yaml::from_str(
+            "{ name: gdumb, buffer_size: 500, fit_epochs: 3, fit_batch_size: 8, max_lr: 0.1, min_lr: 0.001, warmup_epochs: 0, momentum: 0.5, weight_decay: 0.0, clip_grad_norm: 5 }",
+        )
+        .unwrap();
+        let (a, resolved) = reg.build_algorithm(&spec, "t.yaml").unwrap();
+        assert_eq!(a.name(), "gdumb");
+        assert_eq!(resolved["fit_batch_size"].as_u64(), Some(8));
+        let bad: serde_yaml::Value = serde_yaml::from_str("{ name: gdumb, fit_epoch: 3 }").unwrap();
+        let e = reg
+            .build_algorithm(&bad, "t.yaml")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("fit_epoch"), "{e}");
+    }
 }

@@ -970,4 +970,21 @@ mod tests {
         assert_ne!(before, after);
         assert_eq!(after, scores(&fresh));
     }
+
+    #[test]
+    fn registry_builds_it_from_yaml_keys() {
+        let reg = crate::Registry::builtin();
+        let spec: serde_yaml::Value = serde_yaml::from_str("{ name: icarl }").unwrap();
+        let (a, resolved) = reg.build_algorithm(&spec, "t.yaml").unwrap();
+        assert_eq!(a.name(), "icarl");
+        assert_eq!(resolved["buffer_size"].as_u64(), Some(200));
+        let zero: serde_yaml::Value =
+            serde_yaml::from_str("{ name: icarl, buffer_size: 0 }").unwrap();
+        let e = reg
+            .build_algorithm(&zero, "t.yaml")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("algorithm.buffer_size"), "{e}");
+    }
 }

@@ -335,7 +335,7 @@ fn unknown_algorithm_lists_the_valid_ones() {
     );
     assert!(e.contains("did you mean `naive`"), "{e}");
     assert!(
-        e.contains("valid: ewc, ewc-online, joint, lwf, mas, naive, si"),
+        e.contains("valid: er, ewc, ewc-online, gdumb, icarl, joint, lwf, mas, naive, si"),
         "{e}"
     );
 }
