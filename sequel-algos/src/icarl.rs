@@ -447,14 +447,10 @@ impl Algorithm for Icarl {
         if ctx.task == 0 {
             let groups: usize = stream.tasks.iter().map(|t| t.units.len()).sum();
             if self.memory_size < groups {
-                return Err(Error::Config {
-                    file: String::new(),
-                    path: "algorithm.buffer_size".into(),
-                    message: format!(
-                        "iCaRL keeps at least one exemplar per class and task: {groups} are needed, got {}",
-                        self.memory_size
-                    ),
-                });
+                return Err(Error::msg(format!(
+                    "algorithm.buffer_size: iCaRL keeps at least one exemplar per class and task: {groups} are needed, got {}",
+                    self.memory_size
+                )));
             }
         }
         let n = stream.num_units;
