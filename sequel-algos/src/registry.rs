@@ -187,6 +187,16 @@ impl Registry {
             "ER with asymmetric CE: incoming logits masked to the batch's and unseen classes, replay unmasked (Caccia et al. 2022)",
             |c| Ok(Box::new(crate::er_ace::ErAce::new(c)?) as Box<dyn Algorithm>),
         );
+        r.register_algorithm(
+            "icarl",
+            "iCaRL: exemplars by herding, BCE with distillation, nearest-mean-of-exemplars prediction (Rebuffi et al. 2017)",
+            |c| Ok(Box::new(crate::icarl::Icarl::new(c)?) as Box<dyn Algorithm>),
+        );
+        r.register_algorithm(
+            "gdumb",
+            "GDumb: class-balanced greedy memory; after each task re-initialise and train on the memory only (Prabhu et al. 2020)",
+            |c| Ok(Box::new(crate::gdumb::Gdumb::new(c)?) as Box<dyn Algorithm>),
+        );
         use crate::consolidation as c;
         fn boxed<T: Consolidator + 'static>(x: Result<T>) -> Result<Box<dyn Consolidator>> {
             Ok(Box::new(x?))

@@ -1,0 +1,999 @@
+//! iCaRL — incremental Classifier and Representation Learning (Rebuffi, Kolesnikov, Sperl & Lampert,
+//! CVPR 2017).
+//!
+//! **Representation update** (H0, H2). Task t trains on its own samples ∪ every stored exemplar
+//! (the trainer batches them like any training set). At the start of task t > 1 the model is forked
+//! into a frozen copy `f_old` (as in LwF). With `σ` the sigmoid, each sample `(x, y)` of a batch gets
+//! the targets
+//!
+//! `q_u = σ(f_old(x)_u)` for the *past* units `u ∈ P_t`,   `q_u = [u = y]` for the other covered units
+//!
+//! and the loss is the binary cross-entropy with logits `z = f_θ(x)`, averaged over the covered
+//! (sample, unit) cells:
+//!
+//! `L(θ) = (1/|C|) Σ_{(i,u) ∈ C} −[ q_iu log σ(z_iu) + (1 − q_iu) log(1 − σ(z_iu)) ]`.
+//!
+//! **Exemplars** (H5). The memory of `K` samples (`buffer_size`) is split evenly:
+//! `m = ⌊K / #groups seen⌋` per group. A new group's exemplars are chosen by herding on
+//! L2-normalised features φ (evaluation mode, extracted in chunks): with `μ` the group's mean
+//! feature, for `k = 1..m` pick, among the samples not picked yet,
+//!
+//! `p_k = argmin_x ‖ μ − (1/k)(φ(x) + Σ_{j<k} φ(p_j)) ‖`,
+//!
+//! then every older group keeps only the first `m` of its exemplars — herding order makes that
+//! prefix the best `m`-subset the herding found.
+//!
+//! **Prediction** (H6): nearest mean of exemplars. `μ_u` = normalised mean of the normalised features
+//! of unit u's exemplars (the current model's features); a sample scores `−‖φ(x)/‖φ(x)‖ − μ_u‖²` on
+//! each unit with exemplars and `−10³⁰` (never wins) on the others; before any exemplar exists
+//! (the untrained model) the logits are used.
+//!
+//! **Units are classes.** The paper's classes are our output units. A herding *group* is a
+//! (task, unit) pair: in split and permuted class-IL every unit belongs to one task, so groups are
+//! exactly the paper's classes; in domain-IL a unit recurs in every task and each task's samples of
+//! it form their own group, so the memory stays balanced across domains (the NME mean of a unit
+//! pools all its groups).
+//!
+//! **Which units the BCE covers.** `P_t` = units of tasks `1..t−1` that task t does not use
+//! (in class-IL: the past classes). With a single head (class-IL, domain-IL, masked task-IL) every
+//! sample covers the units of tasks `1..t` — those seen so far, like the paper's growing output
+//! layer; units of future tasks get no gradient. In multi-head task-IL a sample covers only its own
+//! task's head (an exemplar of task k is distilled on head k, a current sample is trained one-hot on
+//! head t), the per-sample counterpart of `loss::task_loss`. In domain-IL `P_t` is empty (every past
+//! unit is also a current one), so iCaRL becomes exemplar rehearsal with BCE and NME.
+//!
+//! **Deviations.** No data augmentation, so no flipped copies in the class means; the paper's weight
+//! decay is the optimizer's `weight_decay`; `⌊K / #groups⌋` leaves `K mod #groups` slots unused, as
+//! in the paper. Exemplars are [`SampleRef`]s in herding order per group ([`Icarl::state`]).
+
+use sequel_core::checkpoint::StateDict;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use sequel_core::algorithm::task_samples;
+use sequel_core::data::{Batch, GatherBuf, SampleRef, Split, TaskStream};
+use sequel_core::model::{Model, ModelOutput};
+use sequel_core::{Algorithm, Error, EvalCtx, Result, StepCtx, TaskCtx};
+
+use crate::check;
+
+/// Samples per forward pass when extracting features (never a whole class at once).
+const CHUNK: usize = 256;
+
+/// Score of a unit without exemplars: below any `−‖a − b‖²` of unit vectors (≥ −4).
+const ABSENT: f32 = -1e30;
+
+/// YAML keys of `algorithm: { name: icarl, ... }`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IcarlConfig {
+    /// Memory size K in samples (the paper's 2000 is for CIFAR-100's 100 classes). Default 200:
+    /// ER's default and Mammoth's smallest buffer, so replay methods compare at equal memory.
+    #[serde(default = "crate::er::default_buffer_size")]
+    pub buffer_size: usize,
+}
+
+impl Default for IcarlConfig {
+    fn default() -> Self {
+        Self {
+            buffer_size: crate::er::default_buffer_size(),
+        }
+    }
+}
+
+/// The exemplars of one herding group, in herding order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExemplarSet {
+    /// Task whose samples the group was chosen from.
+    pub task: u32,
+    /// Output unit (class) of every sample of the group.
+    pub unit: u32,
+    pub samples: Vec<SampleRef>,
+}
+
+/// Which cells of a batch's logits the BCE covers and which of them are distilled, for one task.
+#[derive(Debug, Clone, Default)]
+struct LossPlan {
+    /// Units seen so far (single head).
+    seen: Vec<bool>,
+    /// `P_t`: units of past tasks not used by the current one.
+    past: Vec<bool>,
+}
+
+/// Class means for the weights they were computed with.
+struct MeanCache {
+    fingerprint: Vec<f32>,
+    /// `U × d`, unit rows (zeros for units without exemplars).
+    means: Tensor,
+    /// `1 × U`: 0 for units with exemplars, [`ABSENT`] otherwise.
+    penalty: Tensor,
+}
+
+pub struct Icarl {
+    memory_size: usize,
+    teacher: Option<Box<dyn Model>>,
+    plan: LossPlan,
+    exemplars: Vec<ExemplarSet>,
+    /// The trainer may change the weights between `after_task` and evaluation (a consolidation
+    /// strategy), so the means are keyed by a fingerprint of the weights they were computed with.
+    means: Mutex<Option<MeanCache>>,
+    gather: GatherBuf,
+}
+
+impl Icarl {
+    pub fn new(cfg: IcarlConfig) -> Result<Self> {
+        check::at_least_one("buffer_size", cfg.buffer_size)?;
+        Ok(Self {
+            memory_size: cfg.buffer_size,
+            teacher: None,
+            plan: LossPlan::default(),
+            exemplars: Vec::new(),
+            means: Mutex::new(None),
+            gather: GatherBuf::default(),
+        })
+    }
+
+    /// The exemplar sets, oldest group first, each in herding order.
+    pub fn exemplars(&self) -> &[ExemplarSet] {
+        &self.exemplars
+    }
+
+    /// Exemplars per group for `groups` groups.
+    fn per_group(&self, groups: usize) -> usize {
+        self.memory_size / groups.max(1)
+    }
+
+    /// The exemplars as named tensors under `prefix` (checkpoints; see [`Icarl::load_exemplars`]).
+    pub fn exemplar_state(&self, prefix: &str) -> Result<HashMap<String, Tensor>> {
+        let dev = Device::Cpu;
+        let u32s = |v: Vec<u32>| -> Result<Tensor> {
+            let n = v.len();
+            Ok(Tensor::from_vec(v, n, &dev)?)
+        };
+        let e = &self.exemplars;
+        let flat = || e.iter().flat_map(|g| g.samples.iter());
+        let mut m = HashMap::new();
+        m.insert(
+            format!("{prefix}group_task"),
+            u32s(e.iter().map(|g| g.task).collect())?,
+        );
+        m.insert(
+            format!("{prefix}group_unit"),
+            u32s(e.iter().map(|g| g.unit).collect())?,
+        );
+        m.insert(
+            format!("{prefix}group_len"),
+            u32s(e.iter().map(|g| g.samples.len() as u32).collect())?,
+        );
+        m.insert(
+            format!("{prefix}sample_task"),
+            u32s(flat().map(|s| s.task).collect())?,
+        );
+        m.insert(
+            format!("{prefix}sample_index"),
+            u32s(flat().map(|s| s.index).collect())?,
+        );
+        Ok(m)
+    }
+
+    /// Replace the exemplars with those of [`Icarl::exemplar_state`]'s tensors.
+    pub fn load_exemplars(&mut self, state: &HashMap<String, Tensor>, prefix: &str) -> Result<()> {
+        let get = |k: &str| -> Result<Vec<u32>> {
+            Ok(state
+                .get(&format!("{prefix}{k}"))
+                .ok_or_else(|| Error::msg(format!("checkpoint lacks `{prefix}{k}`")))?
+                .to_vec1::<u32>()?)
+        };
+        let (tasks, units, lens) = (get("group_task")?, get("group_unit")?, get("group_len")?);
+        let (s_task, s_index) = (get("sample_task")?, get("sample_index")?);
+        let total: usize = lens.iter().map(|&l| l as usize).sum();
+        if tasks.len() != units.len()
+            || tasks.len() != lens.len()
+            || s_task.len() != total
+            || s_index.len() != total
+        {
+            return Err(Error::msg("malformed iCaRL exemplars in checkpoint"));
+        }
+        let mut at = 0;
+        self.exemplars = (0..tasks.len())
+            .map(|g| {
+                let l = lens[g] as usize;
+                let samples = (at..at + l)
+                    .map(|i| SampleRef {
+                        task: s_task[i],
+                        index: s_index[i],
+                    })
+                    .collect();
+                at += l;
+                ExemplarSet {
+                    task: tasks[g],
+                    unit: units[g],
+                    samples,
+                }
+            })
+            .collect();
+        *self.means.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(())
+    }
+
+    /// The iCaRL loss of a batch (see the module documentation).
+    pub fn bce_loss(&self, logits: &Tensor, batch: &Batch, stream: &TaskStream) -> Result<Tensor> {
+        let units = logits.dim(D::Minus1)?;
+        let rows = batch.len();
+        let mut cover = vec![0f32; rows * units];
+        let mut distil = vec![0f32; rows * units];
+        let mut onehot = vec![0f32; rows * units];
+        for i in 0..rows {
+            let row = i * units;
+            if stream.mask_in_training() {
+                let own = &stream.tasks[batch.tasks[i] as usize].units;
+                cover[row + own.start..row + own.end].fill(1.0);
+            } else {
+                for (u, &s) in self.plan.seen.iter().enumerate().take(units) {
+                    cover[row + u] = if s { 1.0 } else { 0.0 };
+                }
+            }
+            for (u, &p) in self.plan.past.iter().enumerate().take(units) {
+                if p && cover[row + u] > 0.0 {
+                    distil[row + u] = 1.0;
+                }
+            }
+            onehot[row + batch.units[i] as usize] = 1.0;
+        }
+        let count: f32 = cover.iter().sum();
+        if count == 0.0 {
+            return Err(Error::msg("iCaRL: a batch covers no output unit"));
+        }
+        let dev = logits.device();
+        let shape = (rows, units);
+        let onehot = Tensor::from_vec(onehot, shape, dev)?;
+        let targets = match &self.teacher {
+            Some(teacher) if distil.iter().any(|&d| d > 0.0) => {
+                let old = teacher.forward(&batch.x, false)?.logits.detach();
+                let soft = candle_nn::ops::sigmoid(&old)?;
+                let distil = Tensor::from_vec(distil, shape, dev)?;
+                (&onehot + distil.mul(&(soft - &onehot)?)?)?
+            }
+            _ => onehot,
+        };
+        let cover = Tensor::from_vec(cover, shape, dev)?;
+        let z = logits.to_dtype(DType::F32)?;
+        Ok((bce_with_logits(&z, &targets)?.mul(&cover)?.sum_all()? / count as f64)?)
+    }
+
+    /// Features of `refs` (evaluation mode, chunked), L2-normalised, as host rows, with each
+    /// sample's unit.
+    fn features_of(
+        &mut self,
+        model: &dyn Model,
+        stream: &TaskStream,
+        refs: &[SampleRef],
+        device: &Device,
+    ) -> Result<(Vec<Vec<f32>>, Vec<u32>)> {
+        features_of(model, stream, refs, device, &mut self.gather)
+    }
+
+    /// Normalised class means of the exemplars under `model`'s current weights.
+    fn class_means(
+        &self,
+        model: &dyn Model,
+        stream: &TaskStream,
+        device: &Device,
+    ) -> Result<MeanCache> {
+        let units = stream.num_units;
+        let refs: Vec<SampleRef> = self
+            .exemplars
+            .iter()
+            .flat_map(|g| g.samples.iter().copied())
+            .collect();
+        let (feats, ys) = features_of(model, stream, &refs, device, &mut GatherBuf::default())?;
+        let dim = feats.first().map_or(0, Vec::len);
+        let mut sum = vec![0f64; units * dim];
+        let mut count = vec![0usize; units];
+        for (f, &u) in feats.iter().zip(&ys) {
+            let u = u as usize;
+            count[u] += 1;
+            for (s, &v) in sum[u * dim..(u + 1) * dim].iter_mut().zip(f) {
+                *s += v as f64;
+            }
+        }
+        let mut means = vec![0f32; units * dim];
+        let mut penalty = vec![ABSENT; units];
+        for u in 0..units {
+            if count[u] == 0 {
+                continue;
+            }
+            penalty[u] = 0.0;
+            let row = &sum[u * dim..(u + 1) * dim];
+            let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
+            for (m, &s) in means[u * dim..(u + 1) * dim].iter_mut().zip(row) {
+                *m = (s / norm) as f32;
+            }
+        }
+        Ok(MeanCache {
+            fingerprint: fingerprint(model)?,
+            means: Tensor::from_vec(means, (units, dim), device)?,
+            penalty: Tensor::from_vec(penalty, (1, units), device)?,
+        })
+    }
+}
+
+/// Element-wise `−[q log σ(z) + (1 − q) log(1 − σ(z))]`, in the overflow-free form
+/// `max(z, 0) − z·q + log(1 + e^{−|z|})`.
+fn bce_with_logits(z: &Tensor, q: &Tensor) -> Result<Tensor> {
+    let soft_plus = (z.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    Ok(((z.relu()? - z.mul(q)?)? + soft_plus)?)
+}
+
+fn features_of(
+    model: &dyn Model,
+    stream: &TaskStream,
+    refs: &[SampleRef],
+    device: &Device,
+    buf: &mut GatherBuf,
+) -> Result<(Vec<Vec<f32>>, Vec<u32>)> {
+    let mut feats = Vec::with_capacity(refs.len());
+    let mut units = Vec::with_capacity(refs.len());
+    for chunk in refs.chunks(CHUNK) {
+        let batch = stream.gather(chunk, Split::Train, buf, device)?;
+        let f = model
+            .forward(&batch.x, false)?
+            .features
+            .flatten_from(1)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        feats.extend(f.into_iter().map(normalised));
+        units.extend_from_slice(&batch.units);
+    }
+    Ok((feats, units))
+}
+
+fn normalised(mut v: Vec<f32>) -> Vec<f32> {
+    let norm = v
+        .iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt()
+        .max(1e-12);
+    v.iter_mut().for_each(|x| *x = (*x as f64 / norm) as f32);
+    v
+}
+
+/// Per-parameter sums of the weights: equal sums mean (for any practical purpose) equal weights.
+fn fingerprint(model: &dyn Model) -> Result<Vec<f32>> {
+    model
+        .params()
+        .iter()
+        .map(|p| {
+            Ok(p.var
+                .as_tensor()
+                .sum_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?)
+        })
+        .collect()
+}
+
+/// Herding (the paper's Algorithm 4, without repetition): indices of up to `m` of `features` in
+/// the order picked, each minimising the distance between the mean feature and the running mean
+/// of the picks. Ties go to the lower index.
+pub fn herding(features: &[Vec<f32>], m: usize) -> Vec<usize> {
+    let n = features.len();
+    let Some(dim) = features.first().map(Vec::len) else {
+        return Vec::new();
+    };
+    let mut mu = vec![0f64; dim];
+    for f in features {
+        for (a, &v) in mu.iter_mut().zip(f) {
+            *a += v as f64;
+        }
+    }
+    mu.iter_mut().for_each(|a| *a /= n as f64);
+    let mut picked_sum = vec![0f64; dim];
+    let mut taken = vec![false; n];
+    let mut order = Vec::with_capacity(m.min(n));
+    for k in 1..=m.min(n) {
+        let inv_k = 1.0 / k as f64;
+        let mut best: Option<(f64, usize)> = None;
+        for (i, f) in features.iter().enumerate() {
+            if taken[i] {
+                continue;
+            }
+            let d: f64 = mu
+                .iter()
+                .zip(&picked_sum)
+                .zip(f)
+                .map(|((&m, &s), &v)| {
+                    let r = m - (s + v as f64) * inv_k;
+                    r * r
+                })
+                .sum();
+            if best.is_none_or(|(b, _)| d < b) {
+                best = Some((d, i));
+            }
+        }
+        let Some((_, i)) = best else { break };
+        taken[i] = true;
+        for (s, &v) in picked_sum.iter_mut().zip(&features[i]) {
+            *s += v as f64;
+        }
+        order.push(i);
+    }
+    order
+}
+
+/// NME scores `−‖φ̂ − μ_u‖² + penalty_u` of `features` (`B × d`, normalised here) against the
+/// normalised class means (`U × d`).
+pub fn nme_scores(features: &Tensor, means: &Tensor, penalty: &Tensor) -> Result<Tensor> {
+    let f = features.flatten_from(1)?.to_dtype(DType::F32)?;
+    let norm = (f.sqr()?.sum_keepdim(D::Minus1)?.sqrt()? + 1e-12)?;
+    let f = f.broadcast_div(&norm)?;
+    let f2 = f.sqr()?.sum_keepdim(D::Minus1)?; // B × 1
+    let m2 = means.sqr()?.sum_keepdim(D::Minus1)?.t()?; // 1 × U
+    let cross = f.matmul(&means.t()?)?; // B × U
+    let d2 = (cross * -2.0)?.broadcast_add(&f2)?.broadcast_add(&m2)?;
+    Ok(d2.neg()?.broadcast_add(penalty)?)
+}
+
+impl Algorithm for Icarl {
+    fn name(&self) -> &str {
+        "icarl"
+    }
+
+    /// The exemplars; the teacher, the loss plan and the class means are rebuilt from the model
+    /// and the stream.
+    fn save_state(&self) -> Result<Option<StateDict>> {
+        self.exemplar_state("").map(Some)
+    }
+
+    fn load_state(&mut self, state: &StateDict) -> Result<()> {
+        self.load_exemplars(state, "")
+    }
+
+    fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+        let stream = ctx.stream;
+        if ctx.task == 0 {
+            let groups: usize = stream.tasks.iter().map(|t| t.units.len()).sum();
+            if self.memory_size < groups {
+                return Err(Error::msg(format!(
+                    "algorithm.buffer_size: iCaRL keeps at least one exemplar per class and task: {groups} are needed, got {}",
+                    self.memory_size
+                )));
+            }
+        }
+        let n = stream.num_units;
+        let mut seen = vec![false; n];
+        let mut past = vec![false; n];
+        for (k, task) in stream.tasks[..=ctx.task].iter().enumerate() {
+            for u in task.units.clone() {
+                seen[u] = true;
+                past[u] |= k < ctx.task;
+            }
+        }
+        for u in stream.tasks[ctx.task].units.clone() {
+            past[u] = false;
+        }
+        self.plan = LossPlan { seen, past };
+        self.teacher = if ctx.task > 0 {
+            Some(ctx.model.fork()?)
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
+        let mut samples = task_samples(ctx.stream, ctx.task);
+        samples.extend(
+            self.exemplars
+                .iter()
+                .flat_map(|g| g.samples.iter().copied()),
+        );
+        Ok(samples)
+    }
+
+    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        self.bce_loss(&out.logits, batch, ctx.stream)
+    }
+
+    fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+        // The teacher is only needed while training on the task.
+        self.teacher = None;
+        let samples = task_samples(ctx.stream, ctx.task);
+        let (feats, units) = self.features_of(ctx.model, ctx.stream, &samples, ctx.device)?;
+        let mut by_unit: Vec<(u32, Vec<usize>)> = Vec::new();
+        for (i, &u) in units.iter().enumerate() {
+            match by_unit.iter_mut().find(|(v, _)| *v == u) {
+                Some((_, idx)) => idx.push(i),
+                None => by_unit.push((u, vec![i])),
+            }
+        }
+        by_unit.sort_by_key(|(u, _)| *u);
+        let m = self.per_group(self.exemplars.len() + by_unit.len());
+        for g in &mut self.exemplars {
+            g.samples.truncate(m);
+        }
+        for (unit, idx) in by_unit {
+            let class: Vec<Vec<f32>> = idx.iter().map(|&i| feats[i].clone()).collect();
+            let picks = herding(&class, m);
+            self.exemplars.push(ExemplarSet {
+                task: ctx.task as u32,
+                unit,
+                samples: picks.into_iter().map(|p| samples[idx[p]]).collect(),
+            });
+        }
+        *self.means.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(())
+    }
+
+    fn predict(&self, _x: &Tensor, out: &ModelOutput, ctx: &EvalCtx) -> Result<Option<Tensor>> {
+        if self.exemplars.iter().all(|g| g.samples.is_empty()) {
+            return Ok(None);
+        }
+        let device = out.features.device();
+        let mut cache = self.means.lock().unwrap_or_else(|e| e.into_inner());
+        let stale = match cache.as_ref() {
+            Some(c) => c.fingerprint != fingerprint(ctx.model)?,
+            None => true,
+        };
+        if stale {
+            *cache = Some(self.class_means(ctx.model, ctx.stream, device)?);
+        }
+        let c = cache
+            .as_ref()
+            .ok_or_else(|| Error::msg("iCaRL class means missing"))?;
+        nme_scores(&out.features, &c.means, &c.penalty).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{mini_trainer, Probe};
+    use sequel_core::trainer::Silent;
+
+    fn icarl(k: usize) -> Icarl {
+        Icarl::new(IcarlConfig { buffer_size: k }).unwrap()
+    }
+
+    #[test]
+    fn herding_follows_the_running_mean_not_the_nearest_points() {
+        // Mean (0.04, 0). Nearest points to it, in order: C, D, E, A, B. Herding picks C (nearest),
+        // then B (pulls the running mean back from C towards μ), then A — and only then D, E.
+        let pts = [
+            vec![1.0f32, 0.0], // A
+            vec![-1.0, 0.0],   // B
+            vec![0.2, 0.0],    // C
+            vec![0.0, 1.0],    // D
+            vec![0.0, -1.0],   // E
+        ];
+        let (a, b, c, d, e) = (0, 1, 2, 3, 4);
+        assert_eq!(herding(&pts, 3), vec![c, b, a]);
+        assert_eq!(herding(&pts, 5), vec![c, b, a, d, e]);
+        // Asking for more than there are returns each point once.
+        assert_eq!(herding(&pts, 9).len(), 5);
+        assert!(herding(&[], 3).is_empty());
+    }
+
+    #[test]
+    fn nme_picks_the_nearest_class_mean_and_never_a_unit_without_exemplars() {
+        let dev = Device::Cpu;
+        // Units 0 and 2 have means along ±x; unit 1 has none (zero row, penalised).
+        let means = Tensor::new(&[[1.0f32, 0.0], [0.0, 0.0], [-0.6, 0.8]], &dev).unwrap();
+        let penalty = Tensor::new(&[[0.0f32, ABSENT, 0.0]], &dev).unwrap();
+        // Unnormalised features: the scale must not matter.
+        let f = Tensor::new(
+            &[[5.0f32, 0.5], [-0.3, 0.5], [0.0, -2.0], [-1.0, -0.1]],
+            &dev,
+        )
+        .unwrap();
+        let s = nme_scores(&f, &means, &penalty).unwrap();
+        let pred: Vec<u32> = s.argmax(D::Minus1).unwrap().to_vec1().unwrap();
+        // Rows 3 and 4 are more than √2 away from both means, so a zero "mean" (distance 1) would
+        // win without the penalty.
+        assert_eq!(pred, vec![0, 2, 0, 2]);
+        let unpenalised = nme_scores(&f, &means, &penalty.zeros_like().unwrap())
+            .unwrap()
+            .argmax(D::Minus1)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        assert_eq!(unpenalised[2], 1);
+        // Score = −‖f/‖f‖ − μ‖².
+        let row0: Vec<f32> = s.get(0).unwrap().to_vec1().unwrap();
+        let n = (25.0f32 + 0.25).sqrt();
+        let want = -((5.0 / n - 1.0).powi(2) + (0.5 / n).powi(2));
+        assert!((row0[0] - want).abs() < 1e-5, "{} vs {want}", row0[0]);
+    }
+
+    #[test]
+    fn bce_matches_the_formula_with_distillation_on_past_units_only() {
+        let t = mini_trainer(Box::new(crate::naive::Naive), &[]);
+        let mut alg = icarl(200);
+        // Task 2 (0-based 1) of split class-IL: units 0–1 past, 2–3 current, 4–9 unseen.
+        let mut seen = vec![false; 10];
+        let mut past = vec![false; 10];
+        seen[..4].fill(true);
+        past[..2].fill(true);
+        alg.plan = LossPlan { seen, past };
+        let teacher = t.model.fork().unwrap();
+        // A different student so teacher and student logits differ.
+        for p in t.model.params().iter() {
+            p.var.set(&(p.var.as_tensor() * 1.5).unwrap()).unwrap();
+        }
+        let refs = [
+            SampleRef {
+                task: 1,
+                index: t.stream.tasks[1].train[0],
+            },
+            SampleRef {
+                task: 0,
+                index: t.stream.tasks[0].train[3],
+            },
+        ];
+        let batch = t
+            .stream
+            .gather(&refs, Split::Train, &mut GatherBuf::default(), &Device::Cpu)
+            .unwrap();
+        // The exemplar of task 1 has its label on a past unit: its target there is σ(z_old), not 1.
+        assert!(batch.units[1] < 2 && (2..4).contains(&batch.units[0]));
+        let z: Vec<Vec<f32>> = t
+            .model
+            .forward(&batch.x, true)
+            .unwrap()
+            .logits
+            .to_vec2()
+            .unwrap();
+        let zo: Vec<Vec<f32>> = teacher
+            .forward(&batch.x, false)
+            .unwrap()
+            .logits
+            .to_vec2()
+            .unwrap();
+        alg.teacher = Some(teacher);
+        let logits = t.model.forward(&batch.x, true).unwrap().logits;
+        let got = alg
+            .bce_loss(&logits, &batch, &t.stream)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+        let mut want = 0.0;
+        for i in 0..2 {
+            for u in 0..4 {
+                let q = if u < 2 {
+                    sig(zo[i][u] as f64)
+                } else if batch.units[i] as usize == u {
+                    1.0
+                } else {
+                    0.0
+                };
+                let p = sig(z[i][u] as f64);
+                want -= q * p.ln() + (1.0 - q) * (1.0 - p).ln();
+            }
+        }
+        want /= 8.0;
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    }
+
+    /// Records what the trainer gave iCaRL.
+    struct Record {
+        icarl: Icarl,
+        train_sizes: Vec<usize>,
+        after: Vec<Vec<ExemplarSet>>,
+    }
+
+    impl Algorithm for Record {
+        fn name(&self) -> &str {
+            "icarl-record"
+        }
+        fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+            self.icarl.before_task(ctx)
+        }
+        fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
+            let s = self.icarl.training_samples(ctx)?;
+            self.train_sizes.push(s.len());
+            Ok(s)
+        }
+        fn loss(&mut self, o: &ModelOutput, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+            self.icarl.loss(o, b, ctx)
+        }
+        fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+            self.icarl.after_task(ctx)?;
+            self.after.push(self.icarl.exemplars().to_vec());
+            Ok(())
+        }
+        fn predict(&self, x: &Tensor, o: &ModelOutput, ctx: &EvalCtx) -> Result<Option<Tensor>> {
+            self.icarl.predict(x, o, ctx)
+        }
+    }
+
+    fn record(k: usize) -> Probe<Record> {
+        Probe::new(Record {
+            icarl: icarl(k),
+            train_sizes: Vec::new(),
+            after: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn exemplars_are_herded_shrunk_in_herding_order_and_trained_on() {
+        let probe = record(40);
+        let mut t = mini_trainer(Box::new(probe.clone()), &["benchmark.tasks=3"]);
+        t.run(&mut Silent).unwrap();
+        let r = probe.lock();
+        // m = 40/2, 40/4, 40/6 per class.
+        let per = [20usize, 10, 6];
+        for (task, sets) in r.after.iter().enumerate() {
+            assert_eq!(sets.len(), 2 * (task + 1));
+            for g in sets {
+                assert!(!g.samples.is_empty());
+                assert!(g.samples.len() <= per[task], "{g:?}");
+                assert!(g.samples.iter().all(|s| s.task == g.task));
+            }
+        }
+        // Shrinking keeps the first m, in herding order.
+        for (pair, &m) in r.after.windows(2).zip(&per[1..]) {
+            for (old, new) in pair[0].iter().zip(&pair[1]) {
+                assert_eq!((old.task, old.unit), (new.task, new.unit));
+                let keep = old.samples.len().min(m);
+                assert_eq!(new.samples, old.samples[..keep].to_vec());
+            }
+        }
+        // Task t trains on its 50 samples plus every exemplar kept after task t − 1.
+        let stored = |sets: &[ExemplarSet]| sets.iter().map(|g| g.samples.len()).sum::<usize>();
+        assert_eq!(
+            r.train_sizes,
+            vec![50, 50 + stored(&r.after[0]), 50 + stored(&r.after[1])]
+        );
+        // Herding happened on the right class: every exemplar's unit is its group's unit.
+        let mut buf = GatherBuf::default();
+        for g in &r.after[2] {
+            let b = t
+                .stream
+                .gather(&g.samples, Split::Train, &mut buf, &Device::Cpu)
+                .unwrap();
+            assert!(b.units.iter().all(|&u| u == g.unit));
+        }
+    }
+
+    #[test]
+    fn buffer_too_small_for_one_exemplar_per_class_is_a_config_error() {
+        let mut t = mini_trainer(Box::new(icarl(9)), &[]);
+        let e = t.run(&mut Silent).err().unwrap().to_string();
+        assert!(e.contains("algorithm.buffer_size"), "{e}");
+    }
+
+    fn run_scenario(overrides: &[&str]) {
+        let probe = record(100);
+        let mut t = mini_trainer(Box::new(probe.clone()), overrides);
+        let out = t.run(&mut Silent).unwrap();
+        assert!(out.failure.is_none(), "{overrides:?}: {:?}", out.failure);
+        assert_eq!(out.matrix.rows.len(), 5);
+        assert!(out.matrix.rows.iter().flatten().all(|a| a.is_finite()));
+        let r = probe.lock();
+        let sets = r.after.last().unwrap();
+        let total: usize = sets.iter().map(|g| g.samples.len()).sum();
+        assert!(total <= 100 && total > 0, "{total}");
+        assert!(sets.iter().all(|g| g.samples.len() <= 10));
+        // NME is what evaluation uses once exemplars exist, and it beats chance on the last task.
+        let ctx = EvalCtx {
+            task: 4,
+            trained_tasks: 5,
+            stream: &t.stream,
+            model: t.model.as_ref(),
+        };
+        let refs: Vec<SampleRef> = sets[sets.len() - 1].samples.clone();
+        let b = t
+            .stream
+            .gather(&refs, Split::Train, &mut GatherBuf::default(), &Device::Cpu)
+            .unwrap();
+        let o = t.model.forward(&b.x, false).unwrap();
+        let s = r.icarl.predict(&b.x, &o, &ctx).unwrap().unwrap();
+        assert_eq!(s.dims(), &[refs.len(), 10]);
+        let last = out.matrix.rows[4][4];
+        assert!(
+            last > 0.5,
+            "{overrides:?}: accuracy on the last task {last}"
+        );
+    }
+
+    #[test]
+    fn five_tasks_in_class_il() {
+        run_scenario(&[]);
+    }
+
+    #[test]
+    fn five_tasks_in_task_il_single_head() {
+        run_scenario(&["benchmark.scenario=task-il"]);
+    }
+
+    #[test]
+    fn five_tasks_in_task_il_multi_head() {
+        run_scenario(&["benchmark.scenario=task-il", "benchmark.task_il_head=multi"]);
+    }
+
+    #[test]
+    fn multi_head_covers_each_samples_own_head() {
+        // In multi-head task-IL a sample covers only its own head: the current sample is trained
+        // one-hot on head 2 (units 2–3), the exemplar of task 1 is distilled on head 1 (units 0–1).
+        let t = mini_trainer(
+            Box::new(crate::naive::Naive),
+            &["benchmark.scenario=task-il", "benchmark.task_il_head=multi"],
+        );
+        let mut alg = icarl(200);
+        let mut seen = vec![false; 10];
+        let mut past = vec![false; 10];
+        seen[..4].fill(true);
+        past[..2].fill(true);
+        alg.plan = LossPlan { seen, past };
+        let teacher = t.model.fork().unwrap();
+        for p in t.model.params().iter() {
+            p.var.set(&(p.var.as_tensor() * 0.5).unwrap()).unwrap();
+        }
+        let refs = [
+            SampleRef {
+                task: 1,
+                index: t.stream.tasks[1].train[0],
+            },
+            SampleRef {
+                task: 0,
+                index: t.stream.tasks[0].train[0],
+            },
+        ];
+        let batch = t
+            .stream
+            .gather(&refs, Split::Train, &mut GatherBuf::default(), &Device::Cpu)
+            .unwrap();
+        let zo: Vec<Vec<f32>> = teacher
+            .forward(&batch.x, false)
+            .unwrap()
+            .logits
+            .to_vec2()
+            .unwrap();
+        alg.teacher = Some(teacher);
+        let logits = t.model.forward(&batch.x, true).unwrap().logits;
+        let got = alg
+            .bce_loss(&logits, &batch, &t.stream)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        let z: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+        let bce = |q: f64, z: f32| {
+            let p = sig(z as f64);
+            -(q * p.ln() + (1.0 - q) * (1.0 - p).ln())
+        };
+        let current: f64 = (2..4)
+            .map(|u| bce(f64::from(batch.units[0] as usize == u), z[0][u]))
+            .sum();
+        let exemplar: f64 = (0..2).map(|u| bce(sig(zo[1][u] as f64), z[1][u])).sum();
+        let want = (current + exemplar) / 4.0;
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    }
+
+    #[test]
+    fn domain_il_keeps_one_group_per_task_and_unit() {
+        let probe = record(60);
+        let mut t = mini_trainer(
+            Box::new(probe.clone()),
+            &["benchmark.scenario=domain-il", "benchmark.tasks=3"],
+        );
+        let out = t.run(&mut Silent).unwrap();
+        assert!(out.failure.is_none());
+        let r = probe.lock();
+        let sets = r.after.last().unwrap();
+        let keys: Vec<(u32, u32)> = sets.iter().map(|g| (g.task, g.unit)).collect();
+        assert_eq!(keys, vec![(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]);
+        assert!(sets.iter().all(|g| g.samples.len() <= 10));
+        // No unit is "past only" in domain-IL, so nothing is distilled.
+        assert!(r.icarl.plan.past.iter().all(|&p| !p));
+    }
+
+    #[test]
+    fn permuted_class_il_runs() {
+        let probe = record(60);
+        let mut t = mini_trainer(
+            Box::new(probe.clone()),
+            &[
+                "benchmark.kind=permuted",
+                "benchmark.tasks=3",
+                "benchmark.classes_per_task=null",
+            ],
+        );
+        let out = t.run(&mut Silent).unwrap();
+        assert!(out.failure.is_none());
+        let r = probe.lock();
+        // 10 classes per task, each task its own block of units.
+        assert_eq!(r.after.last().unwrap().len(), 30);
+        assert_eq!(r.after.last().unwrap()[29].unit, 29);
+    }
+
+    #[test]
+    fn untrained_model_uses_logits_and_state_round_trips() {
+        let probe = record(40);
+        let mut t = mini_trainer(Box::new(probe.clone()), &["benchmark.tasks=2"]);
+        {
+            let r = probe.lock();
+            let ctx = EvalCtx {
+                task: 0,
+                trained_tasks: 0,
+                stream: &t.stream,
+                model: t.model.as_ref(),
+            };
+            let x = Tensor::zeros((1, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
+            let o = t.model.forward(&x, false).unwrap();
+            assert!(r.icarl.predict(&x, &o, &ctx).unwrap().is_none());
+        }
+        t.run(&mut Silent).unwrap();
+        let r = probe.lock();
+        let state = r.icarl.exemplar_state("icarl.").unwrap();
+        let mut back = icarl(40);
+        back.load_exemplars(&state, "icarl.").unwrap();
+        assert_eq!(back.exemplars(), r.icarl.exemplars());
+        assert!(!back.exemplars().is_empty());
+    }
+
+    #[test]
+    fn class_means_follow_the_weights_evaluated() {
+        // A consolidation strategy may change the weights after `after_task`: the means used by
+        // `predict` must be those of the weights being evaluated, not stale ones.
+        let probe = record(40);
+        let mut t = mini_trainer(Box::new(probe.clone()), &["benchmark.tasks=2"]);
+        t.run(&mut Silent).unwrap();
+        let r = probe.lock();
+        let ctx = EvalCtx {
+            task: 0,
+            trained_tasks: 2,
+            stream: &t.stream,
+            model: t.model.as_ref(),
+        };
+        let refs = &r.icarl.exemplars()[0].samples;
+        let b = t
+            .stream
+            .gather(refs, Split::Train, &mut GatherBuf::default(), &Device::Cpu)
+            .unwrap();
+        let scores = |a: &Icarl| -> Vec<Vec<f32>> {
+            let o = t.model.forward(&b.x, false).unwrap();
+            a.predict(&b.x, &o, &ctx)
+                .unwrap()
+                .unwrap()
+                .to_vec2()
+                .unwrap()
+        };
+        let before = scores(&r.icarl);
+        for p in t.model.params().iter().filter(|p| p.head.is_none()) {
+            let noise = p.var.as_tensor().ones_like().unwrap();
+            p.var
+                .set(&(p.var.as_tensor() + (noise * 0.05)).unwrap())
+                .unwrap();
+        }
+        let after = scores(&r.icarl);
+        let mut fresh = icarl(40);
+        fresh
+            .load_exemplars(&r.icarl.exemplar_state("").unwrap(), "")
+            .unwrap();
+        assert_ne!(before, after);
+        assert_eq!(after, scores(&fresh));
+    }
+
+    #[test]
+    fn registry_builds_it_from_yaml_keys() {
+        let reg = crate::Registry::builtin();
+        let spec: serde_yaml::Value = serde_yaml::from_str("{ name: icarl }").unwrap();
+        let (a, resolved) = reg.build_algorithm(&spec, "t.yaml").unwrap();
+        assert_eq!(a.name(), "icarl");
+        assert_eq!(resolved["buffer_size"].as_u64(), Some(200));
+        let zero: serde_yaml::Value =
+            serde_yaml::from_str("{ name: icarl, buffer_size: 0 }").unwrap();
+        let e = reg
+            .build_algorithm(&zero, "t.yaml")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("algorithm.buffer_size"), "{e}");
+    }
+}
