@@ -16,6 +16,8 @@ const METHODS: &[&str] = &[
     "{ name: der, buffer_size: 40, alpha: 0.5 }",
     "{ name: derpp, buffer_size: 40, alpha: 0.5, beta: 0.5 }",
     "{ name: er-ace, buffer_size: 40 }",
+    "{ name: icarl, buffer_size: 40 }",
+    "{ name: gdumb, buffer_size: 40, fit_epochs: 8 }",
 ];
 
 fn config(out: &Path, algorithm: &str) -> String {

@@ -364,3 +364,117 @@ fn full_fashion_mnist_smoke_run() {
     .unwrap();
     assert_eq!(csv.lines().count(), 7);
 }
+
+/// A run long enough to be stopped from outside during task 3: 5 tasks of 1000 steps each.
+fn slow_config(dir: &Path) -> String {
+    write(
+        dir,
+        "slow.yaml",
+        "name: slow\nseed: 4\n\
+         benchmark: { dataset: fmnist-mini, kind: split, tasks: 5, scenario: class-il, train_subset: 200 }\n\
+         model: { kind: mlp, hidden: [32] }\n\
+         optimizer: { kind: sgd, lr: 0.05 }\n\
+         training: { epochs: 50, batch_size: 10, log_every: 0 }\n\
+         algorithm: { name: er, buffer_size: 50 }\n",
+    )
+}
+
+/// Start a run, wait until task 2's checkpoint exists, then signal it while task 3 trains.
+fn interrupt_during_task_3(dir: &Path, cfg: &str, signal: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sequel"))
+        .args(["run", cfg, "--out", "runs", "--quiet"])
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ckpt = dir.join("runs/slow/.seed-4.partial/checkpoints/state-2.json");
+    let start = std::time::Instant::now();
+    while !ckpt.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before task 2 was checkpointed"
+        );
+        assert!(
+            start.elapsed().as_secs() < 300,
+            "no checkpoint after 5 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run must still be training when it is signalled"
+    );
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_uninterrupted_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = slow_config(tmp.path());
+    let killed = interrupt_during_task_3(tmp.path(), &cfg, "-KILL");
+    assert!(!killed.status.success());
+    let partial = tmp.path().join("runs/slow/.seed-4.partial");
+    assert!(!tmp.path().join("runs/slow/seed-4").exists());
+    let resumed = sequel(
+        &["run", "--resume", partial.to_str().unwrap(), "--quiet"],
+        tmp.path(),
+    );
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    let got = std::fs::read(tmp.path().join("runs/slow/seed-4/accuracy_matrix.csv")).unwrap();
+    let full = sequel(&["run", &cfg, "--out", "full", "--quiet"], tmp.path());
+    assert!(full.status.success(), "{}", stderr(&full));
+    let want = std::fs::read(tmp.path().join("full/slow/seed-4/accuracy_matrix.csv")).unwrap();
+    assert_eq!(got, want, "resumed and uninterrupted matrices differ");
+}
+
+#[test]
+fn ctrl_c_stops_cleanly_with_a_resume_hint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = slow_config(tmp.path());
+    let out = interrupt_during_task_3(tmp.path(), &cfg, "-INT");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("sequel run --resume"), "{err}");
+    // Signalled during task 3 (a slow machine may deliver it a task later): the task in progress
+    // is abandoned and the newest checkpoint is the task before it.
+    let task: usize = err
+        .split("interrupted during task ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(task >= 3, "{err}");
+    let ckpt = tmp.path().join("runs/slow/.seed-4.partial/checkpoints");
+    assert_eq!(
+        sequel_core::checkpoint::available(&ckpt).last(),
+        Some(&(task - 1))
+    );
+    // No stray temporary files from a half-written checkpoint.
+    for e in std::fs::read_dir(&ckpt).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with('.'), "leftover {name}");
+    }
+    // A different config is refused, naming the key.
+    let partial = tmp.path().join("runs/slow/.seed-4.partial");
+    let refused = sequel(
+        &[
+            "run",
+            &cfg,
+            "--resume",
+            partial.to_str().unwrap(),
+            "--set",
+            "optimizer.lr=0.1",
+        ],
+        tmp.path(),
+    );
+    assert!(!refused.status.success());
+    let e = stderr(&refused);
+    assert!(e.contains("optimizer.lr") && e.lines().count() == 1, "{e}");
+}

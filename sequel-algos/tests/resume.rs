@@ -1,0 +1,227 @@
+//! Checkpoint and resume: a run stopped after task 2 and resumed must write exactly the files an
+//! uninterrupted run writes, for every algorithm, with a consolidator, and with state that only a
+//! full checkpoint carries (Adam moments kept across tasks, dropout masks).
+
+use std::path::Path;
+
+use sequel_algos::run::{execute_with, prepare};
+use sequel_algos::Registry;
+use sequel_core::experiment::{ResumeFrom, RunOptions};
+use sequel_core::trainer::Silent;
+use sequel_core::Error;
+
+fn config(out: &Path, algorithm: &str, extra: &str) -> String {
+    format!(
+        "name: resume\nseed: 3\n\
+         benchmark: {{ dataset: fmnist-mini, kind: split, tasks: 4, classes_per_task: 2, scenario: class-il, train_subset: 40 }}\n\
+         model: {{ kind: mlp, hidden: [16] }}\n\
+         optimizer: {{ kind: sgd, lr: 0.05, momentum: 0.9, reset_each_task: false }}\n\
+         training: {{ epochs: 1, batch_size: 10, log_every: 1 }}\n\
+         algorithm: {algorithm}\n\
+         output: {{ dir: {} }}\n{extra}",
+        out.display()
+    )
+}
+
+fn run(text: &str, name: &str, opts: &RunOptions) -> sequel_core::Result<std::path::PathBuf> {
+    let p = prepare(
+        text,
+        "test.yaml",
+        &[format!("name={name}")],
+        &Registry::builtin(),
+    )?;
+    Ok(execute_with(p, &mut Silent, None, opts)?.dir)
+}
+
+fn stopped_after(text: &str, name: &str, task: usize) -> String {
+    let stop = RunOptions {
+        stop_after_task: Some(task),
+        ..RunOptions::default()
+    };
+    match run(text, name, &stop) {
+        Err(Error::Stopped(m)) => m,
+        other => panic!("expected a stop, got {:?}", other.map(|_| ())),
+    }
+}
+
+fn resume(
+    out: &Path,
+    name: &str,
+    text: &str,
+    task: Option<usize>,
+) -> sequel_core::Result<std::path::PathBuf> {
+    let opts = RunOptions {
+        resume: Some(ResumeFrom {
+            dir: out.join(name).join(".seed-3.partial"),
+            task,
+        }),
+        ..RunOptions::default()
+    };
+    run(text, name, &opts)
+}
+
+/// The files that must match byte for byte (timings differ, so metrics.csv and summary.json are
+/// compared on their accuracy columns only through the matrix).
+fn results(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut names = vec!["accuracy_matrix.csv".to_string(), "config.yaml".to_string()];
+    if dir.join("accuracy_matrix_raw.csv").exists() {
+        names.push("accuracy_matrix_raw.csv".into());
+    }
+    names.extend((1..=4).map(|t| format!("checkpoints/task-{t}.safetensors")));
+    names
+        .into_iter()
+        .map(|n| {
+            let bytes = std::fs::read(dir.join(&n)).unwrap_or_else(|e| panic!("{n}: {e}"));
+            (n, bytes)
+        })
+        .collect()
+}
+
+/// The train log without its timing-free columns changing: loss, accuracy and lr per step.
+fn log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("train_log.csv")).unwrap()
+}
+
+fn check_resume_is_identical(algorithm: &str, extra: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = config(tmp.path(), algorithm, extra);
+    let full = run(&text, "full", &RunOptions::default()).unwrap();
+    let msg = stopped_after(&text, "part", 2);
+    assert!(msg.contains("--resume"), "{msg}");
+    let resumed = resume(tmp.path(), "part", &text, None).unwrap();
+    assert_eq!(resumed, tmp.path().join("part/seed-3"));
+    let (a, b) = (results(&full), results(&resumed));
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        if name == "config.yaml" {
+            continue; // differs in `name` only
+        }
+        assert!(x == y, "{algorithm} {extra}: {name} differs after resume");
+    }
+    assert_eq!(log(&full), log(&resumed), "{algorithm}: train_log.csv");
+}
+
+#[test]
+fn every_algorithm_resumes_bit_identically() {
+    for algo in [
+        "naive",
+        "joint",
+        "{ name: ewc, lambda: 10 }",
+        "{ name: ewc-online, lambda: 10 }",
+        "{ name: si, c: 1 }",
+        "{ name: mas, lambda: 0.1 }",
+        "lwf",
+        "{ name: er, buffer_size: 30 }",
+        "{ name: agem, buffer_size: 40, replay_batch_size: 10 }",
+        "{ name: gem, buffer_size: 40 }",
+        "{ name: der, buffer_size: 30, alpha: 0.5 }",
+        "{ name: derpp, buffer_size: 30, alpha: 0.5, beta: 0.5 }",
+        "{ name: er-ace, buffer_size: 30 }",
+        "{ name: icarl, buffer_size: 40 }",
+        "{ name: gdumb, buffer_size: 40, fit_epochs: 2 }",
+    ] {
+        check_resume_is_identical(algo, "");
+    }
+}
+
+#[test]
+fn optimizer_moments_dropout_and_consolidation_survive_a_resume() {
+    // Adam kept across tasks, dropout masks, and a consolidator that keeps task vectors and θ̄.
+    check_resume_is_identical(
+        "{ name: er, buffer_size: 30 }",
+        "consolidation: { name: ties, k: 0.5, lambda: 0.8 }\n",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let text = config(tmp.path(), "{ name: der, buffer_size: 30 }", "")
+        .replace(
+            "{ kind: sgd, lr: 0.05, momentum: 0.9, reset_each_task: false }",
+            "{ kind: adam, lr: 0.003, reset_each_task: false }",
+        )
+        .replace("hidden: [16] }", "hidden: [16], dropout: 0.3 }");
+    let full = run(&text, "full", &RunOptions::default()).unwrap();
+    stopped_after(&text, "part", 1);
+    let resumed = resume(tmp.path(), "part", &text, None).unwrap();
+    assert_eq!(
+        std::fs::read(full.join("accuracy_matrix.csv")).unwrap(),
+        std::fs::read(resumed.join("accuracy_matrix.csv")).unwrap()
+    );
+    assert_eq!(log(&full), log(&resumed));
+}
+
+#[test]
+fn a_changed_config_is_refused_naming_the_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = config(tmp.path(), "{ name: er, buffer_size: 30 }", "");
+    stopped_after(&text, "part", 1);
+    let changed = text
+        .replace("lr: 0.05", "lr: 0.1")
+        .replace("buffer_size: 30", "buffer_size: 31");
+    let e = resume(tmp.path(), "part", &changed, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("algorithm.buffer_size, optimizer.lr"), "{e}");
+    // Where the run is written is not part of what it computes.
+    let moved = text.replace(&format!("dir: {}", tmp.path().display()), "dir: elsewhere");
+    resume(tmp.path(), "part", &moved, None).unwrap();
+}
+
+#[test]
+fn a_damaged_checkpoint_is_detected_and_an_earlier_one_can_be_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = config(tmp.path(), "{ name: si, c: 1 }", "");
+    let full = run(&text, "full", &RunOptions::default()).unwrap();
+    stopped_after(&text, "part", 3);
+    let ckpt = tmp.path().join("part/.seed-3.partial/checkpoints");
+    // Only the two newest states are kept.
+    assert_eq!(sequel_core::checkpoint::available(&ckpt), vec![2, 3]);
+    // Truncate the newest tensors file.
+    let f = ckpt.join("state-3.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    let e = resume(tmp.path(), "part", &text, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("damaged") && e.contains("--resume-from-task"),
+        "{e}"
+    );
+    // A flipped byte in the JSON record is caught too.
+    let j = ckpt.join("state-2.json");
+    let mut text2 = std::fs::read(&j).unwrap();
+    let n = text2.len();
+    text2[n - 5] ^= 1;
+    std::fs::write(ckpt.join("state-2.json.bak"), std::fs::read(&j).unwrap()).unwrap();
+    std::fs::write(&j, &text2).unwrap();
+    let e = resume(tmp.path(), "part", &text, Some(2))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("damaged"), "{e}");
+    // Restore the intact task-2 record and fall back to it explicitly.
+    std::fs::rename(ckpt.join("state-2.json.bak"), &j).unwrap();
+    let resumed = resume(tmp.path(), "part", &text, Some(2)).unwrap();
+    assert_eq!(
+        std::fs::read(full.join("accuracy_matrix.csv")).unwrap(),
+        std::fs::read(resumed.join("accuracy_matrix.csv")).unwrap()
+    );
+}
+
+#[test]
+fn resuming_a_finished_or_unknown_run_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = config(tmp.path(), "naive", "");
+    run(&text, "done", &RunOptions::default()).unwrap();
+    let opts = |dir: &str| RunOptions {
+        resume: Some(ResumeFrom {
+            dir: tmp.path().join(dir),
+            task: None,
+        }),
+        ..RunOptions::default()
+    };
+    let e = run(&text, "done", &opts("done/seed-3"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nothing to resume"), "{e}");
+    let e = run(&text, "done", &opts("nope/seed-3"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no unfinished run"), "{e}");
+}
