@@ -86,8 +86,7 @@ pub struct ErAce {
     memory: Memory,
     /// Per output unit: whether it has been the target of an incoming sample.
     seen: Vec<bool>,
-    /// Tasks and slots of the last step's buffer draw.
-    replayed: Vec<u32>,
+    /// Slots of the last step's memory draw.
     last_slots: Vec<u32>,
 }
 
@@ -99,7 +98,6 @@ impl ErAce {
             replay_batch_size: cfg.replay_batch_size,
             memory: Memory::new(cfg.buffer_size, cfg.buffer_policy, cfg.insert, false),
             seen: Vec::new(),
-            replayed: Vec::new(),
             last_slots: Vec::new(),
         })
     }
@@ -187,10 +185,28 @@ impl Algorithm for ErAce {
         self.memory.ensure(ctx.stream, ctx.rng)
     }
 
-    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-        self.replayed.clear();
+    /// From task 2 on the memory batch is appended to the incoming one, so one forward pass
+    /// serves both terms.
+    fn prepare_batch(&mut self, batch: Batch, ctx: &mut StepCtx) -> Result<Batch> {
         self.last_slots.clear();
-        for &u in &batch.units {
+        if ctx.task == 0 {
+            return Ok(batch);
+        }
+        match self
+            .memory
+            .draw(self.replay_batch_size, ctx.stream, ctx.device)?
+        {
+            Some(d) => {
+                self.last_slots = d.slots;
+                batch.append(&d.batch)
+            }
+            None => Ok(batch),
+        }
+    }
+
+    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        let n = batch.incoming;
+        for &u in &batch.units[..n] {
             let s = self
                 .seen
                 .get_mut(u as usize)
@@ -200,21 +216,19 @@ impl Algorithm for ErAce {
         if ctx.task == 0 {
             return ctx.task_loss(out, batch);
         }
-        let mut loss = asymmetric_ce(&out.logits, batch, &self.seen, ctx.stream)?;
-        if let Some(d) = self
-            .memory
-            .draw(self.replay_batch_size, ctx.stream, ctx.device)?
-        {
-            let f = ctx.model.forward(&d.batch.x, true)?.logits;
-            loss = (loss + task_loss(&f, &d.batch, ctx.stream)?)?;
-            self.replayed = d.batch.tasks;
-            self.last_slots = d.slots;
+        let incoming = batch.narrow(0, n)?;
+        let mut loss = asymmetric_ce(
+            &out.logits.narrow(0, 0, n)?,
+            &incoming,
+            &self.seen,
+            ctx.stream,
+        )?;
+        let k = batch.len() - n;
+        if k > 0 {
+            let replayed = batch.narrow(n, k)?;
+            loss = (loss + task_loss(&out.logits.narrow(0, n, k)?, &replayed, ctx.stream)?)?;
         }
         Ok(loss)
-    }
-
-    fn replayed_tasks(&self) -> Vec<u32> {
-        self.replayed.clone()
     }
 
     fn after_step(&mut self, batch: &Batch, out: &ModelOutput, _ctx: &mut StepCtx) -> Result<()> {
@@ -337,6 +351,9 @@ mod tests {
         fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
             self.ace.before_task(ctx)
         }
+        fn prepare_batch(&mut self, batch: Batch, ctx: &mut StepCtx) -> Result<Batch> {
+            self.ace.prepare_batch(batch, ctx)
+        }
         fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
             let loss = self.ace.loss(out, batch, ctx)?;
             let l = loss.to_scalar::<f32>()? as f64;
@@ -345,8 +362,15 @@ mod tests {
                 assert!(self.ace.last_slots().is_empty());
                 return Ok(loss);
             }
-            let incoming = asymmetric_ce(&out.logits, batch, self.ace.seen(), ctx.stream)?
-                .to_scalar::<f32>()? as f64;
+            let n = batch.incoming;
+            let batch = &batch.narrow(0, n)?;
+            let incoming = asymmetric_ce(
+                &out.logits.narrow(0, 0, n)?,
+                batch,
+                self.ace.seen(),
+                ctx.stream,
+            )?
+            .to_scalar::<f32>()? as f64;
             let slots = self.ace.last_slots().to_vec();
             assert_eq!(slots.len(), 10);
             let buffer = self.ace.memory().buffer().unwrap();
@@ -371,9 +395,6 @@ mod tests {
                 .filter(|&&u| masked[u as usize] != 0.0)
                 .count();
             Ok(loss)
-        }
-        fn replayed_tasks(&self) -> Vec<u32> {
-            self.ace.replayed_tasks()
         }
         fn after_step(
             &mut self,

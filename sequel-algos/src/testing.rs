@@ -48,9 +48,6 @@ impl<A: Algorithm> Algorithm for Probe<A> {
     fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
         self.lock().loss(out, batch, ctx)
     }
-    fn replayed_tasks(&self) -> Vec<u32> {
-        self.lock().replayed_tasks()
-    }
     fn edit_gradients(&mut self, grads: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
         self.lock().edit_gradients(grads, ctx)
     }

@@ -80,13 +80,6 @@ pub trait Algorithm: Send {
         ctx.task_loss(out, batch)
     }
 
-    /// Tasks of samples the last [`Algorithm::loss`] call forwarded itself, outside the batch
-    /// (e.g. DER's buffer draws). In multi-head task-IL the trainer drops the gradients of heads
-    /// whose task is in neither the batch nor this list. Default: none.
-    fn replayed_tasks(&self) -> Vec<u32> {
-        Vec::new()
-    }
-
     /// H3: edit gradients before the optimizer step (projection, clipping).
     fn edit_gradients(&mut self, _grads: &mut GradStore, _ctx: &mut StepCtx) -> Result<()> {
         Ok(())

@@ -536,11 +536,9 @@ impl Trainer {
                 if self.stream.mask_in_training() {
                     // Heads of tasks absent from the batch get no gradient at all (not a zero
                     // one), so weight decay and momentum leave them alone, as with separate heads.
-                    // Samples the loss forwarded itself (replay outside the batch) count as present.
-                    let replayed = self.algorithm.replayed_tasks();
-                    let present = |h: u32| batch.tasks.contains(&h) || replayed.contains(&h);
+                    // Replayed samples are part of the batch, so their heads count as present.
                     for p in self.model.params().iter() {
-                        if p.head.is_some_and(|h| !present(h as u32)) {
+                        if p.head.is_some_and(|h| !batch.tasks.contains(&(h as u32))) {
                             grads.remove(p.var.as_tensor());
                         }
                     }

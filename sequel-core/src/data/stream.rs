@@ -151,6 +151,19 @@ impl Batch {
         })
     }
 
+    /// Samples `start..start + len` as a batch of their own (incoming as far as they were).
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Batch> {
+        let r = start..start + len;
+        Ok(Batch {
+            x: self.x.narrow(0, start, len)?,
+            y: self.y.narrow(0, start, len)?,
+            units: self.units[r.clone()].to_vec(),
+            tasks: self.tasks[r.clone()].to_vec(),
+            refs: self.refs[r].to_vec(),
+            incoming: self.incoming.saturating_sub(start).min(len),
+        })
+    }
+
     /// The task shared by every sample, if there is one.
     pub fn single_task(&self) -> Option<u32> {
         let first = *self.tasks.first()?;
