@@ -125,11 +125,23 @@ fn every_algorithm_resumes_bit_identically() {
 
 #[test]
 fn optimizer_moments_dropout_and_consolidation_survive_a_resume() {
-    // Adam kept across tasks, dropout masks, and a consolidator that keeps task vectors and θ̄.
-    check_resume_is_identical(
-        "{ name: er, buffer_size: 30 }",
-        "consolidation: { name: ties, k: 0.5, lambda: 0.8 }\n",
-    );
+    // Every consolidation strategy: θ₀, θ̄ₜ, the kept task vectors and DARE's seeded drops.
+    for c in [
+        "{ name: lines, gamma: 0.5 }",
+        "{ name: average }",
+        "{ name: ema }",
+        "{ name: task-arithmetic }",
+        "{ name: ties, k: 0.5, lambda: 0.8 }",
+        "{ name: ties, anchor: initial }",
+        "{ name: dare }",
+        "{ name: magmax }",
+    ] {
+        check_resume_is_identical(
+            "{ name: er, buffer_size: 30 }",
+            &format!("consolidation: {c}\n"),
+        );
+    }
+    // Adam kept across tasks and dropout masks.
     let tmp = tempfile::tempdir().unwrap();
     let text = config(tmp.path(), "{ name: der, buffer_size: 30 }", "")
         .replace(
