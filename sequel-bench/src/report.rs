@@ -1,7 +1,7 @@
 //! `sequel report`: SVG plots and one self-contained report.html for a set of runs.
 //!
-//! Plots: the accuracy-matrix heatmap (of each group's first seed), per-task accuracy over the
-//! stream, average accuracy after each task with a ±1 std band over seeds, and forgetting after
+//! Plots: the accuracy-matrix heatmap and per-task accuracy over the stream (both the mean over a
+//! group's seeds), average accuracy after each task with a ±1 std band over seeds, and forgetting after
 //! each task. When runs have `accuracy_matrix_raw.csv` (a consolidator ran), the raw curve is
 //! drawn dashed next to the consolidated one. Everything is inlined: the HTML opens from disk
 //! with no network.
@@ -159,9 +159,43 @@ fn curve_plot(series: &[Series], metric: Metric, title: &str, y_label: &str) -> 
     Ok(svg)
 }
 
-/// Accuracy on each task (one line per task) after each training task, first seed of a series.
+/// The element-wise mean of a series' matrices over the seeds that finished as many tasks as the
+/// longest one (a failed seed's partial matrix is left out), with the number of seeds averaged.
+fn mean_matrix(s: &Series) -> (AccuracyMatrix, usize) {
+    let longest = s.matrices.iter().map(|m| m.0.rows.len()).max().unwrap_or(0);
+    let full: Vec<&AccuracyMatrix> = s
+        .matrices
+        .iter()
+        .map(|m| &m.0)
+        .filter(|m| m.rows.len() == longest)
+        .collect();
+    let n = full.len().max(1) as f64;
+    let mean = |pick: &dyn Fn(&AccuracyMatrix) -> &Vec<f64>| -> Vec<f64> {
+        let len = full.first().map_or(0, |m| pick(m).len());
+        (0..len)
+            .map(|j| full.iter().map(|m| pick(m)[j]).sum::<f64>() / n)
+            .collect()
+    };
+    let m = AccuracyMatrix {
+        init: mean(&|m| &m.init),
+        rows: (0..longest).map(|i| mean(&|m| &m.rows[i])).collect(),
+        counts: full.first().map_or_else(Vec::new, |m| m.counts.clone()),
+    };
+    (m, full.len())
+}
+
+fn seeds_note(n: usize) -> String {
+    if n > 1 {
+        format!(" (mean of {n} seeds)")
+    } else {
+        String::new()
+    }
+}
+
+/// Accuracy on each task (one line per task) after each training task, mean over seeds.
 fn per_task_plot(s: &Series) -> Result<String> {
-    let m = &s.matrices[0].0;
+    let (m, seeds) = mean_matrix(s);
+    let m = &m;
     let t = m.num_tasks();
     let mut svg = String::new();
     {
@@ -169,7 +203,7 @@ fn per_task_plot(s: &Series) -> Result<String> {
         root.fill(&WHITE).map_err(svg_err)?;
         let mut chart = ChartBuilder::on(&root)
             .caption(
-                format!("{}: accuracy on each task", s.label),
+                format!("{}: accuracy on each task{}", s.label, seeds_note(seeds)),
                 ("sans-serif", 20),
             )
             .margin(12)
@@ -217,7 +251,8 @@ fn per_task_plot(s: &Series) -> Result<String> {
 
 /// The accuracy matrix as a heatmap with the values written in the cells.
 fn heatmap(s: &Series) -> Result<String> {
-    let m = &s.matrices[0].0;
+    let (m, seeds) = mean_matrix(s);
+    let m = &m;
     let t = m.num_tasks();
     let rows: Vec<(String, &Vec<f64>)> = std::iter::once(("init".to_string(), &m.init))
         .chain(
@@ -237,7 +272,7 @@ fn heatmap(s: &Series) -> Result<String> {
         let root = SVGBackend::with_string(&mut svg, (w as u32, h as u32)).into_drawing_area();
         root.fill(&WHITE).map_err(svg_err)?;
         root.draw(&Text::new(
-            format!("{}: accuracy matrix (%)", s.label),
+            format!("{}: accuracy matrix (%){}", s.label, seeds_note(seeds)),
             (10, 10),
             ("sans-serif", 18),
         ))
@@ -430,4 +465,37 @@ pub fn run(paths: &[PathBuf], by: Option<&str>, out: Option<PathBuf>) -> Result<
     let path = out.join("report.html");
     sequel_core::run::write_atomic(&path, html.as_bytes())?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix(rows: &[[f64; 2]]) -> AccuracyMatrix {
+        AccuracyMatrix {
+            init: vec![0.1, 0.2],
+            rows: rows.iter().map(|r| r.to_vec()).collect(),
+            counts: vec![10, 10],
+        }
+    }
+
+    #[test]
+    fn heatmaps_average_the_seeds_that_finished() {
+        let s = Series {
+            label: "x".into(),
+            matrices: vec![
+                (matrix(&[[0.9, 0.0], [0.5, 0.8]]), None),
+                (matrix(&[[0.7, 0.0], [0.3, 1.0]]), None),
+                // A failed seed with one task only is left out.
+                (matrix(&[[0.0, 0.0]]), None),
+            ],
+        };
+        let (m, n) = mean_matrix(&s);
+        assert_eq!(n, 2);
+        let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12);
+        assert!(close(&m.rows[0], &[0.8, 0.0]), "{:?}", m.rows);
+        assert!(close(&m.rows[1], &[0.4, 0.9]), "{:?}", m.rows);
+        assert!(close(&m.init, &[0.1, 0.2]));
+        assert!(heatmap(&s).unwrap().contains("mean of 2 seeds"));
+    }
 }
