@@ -11,7 +11,8 @@
 //! (−10⁹) on every other seen class. So new data does not push down the logits of old classes —
 //! the abrupt change of the old classes' representation the paper measures at each task switch —
 //! while the replayed samples are classified over all units, unmasked. Each term is a mean over
-//! its own batch; the buffer batch gets its own forward pass in training mode inside the loss hook.
+//! its own batch; the buffer batch is appended to the incoming one, so one training-mode forward
+//! pass serves both terms and the loss splits the rows.
 //! The buffer is a reservoir filled every step with the incoming samples.
 //!
 //! On the first task the loss is the plain cross-entropy of the incoming batch (no mask, no

@@ -215,6 +215,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             threads,
             quiet,
         } => {
+            if stop_after_task == Some(0) {
+                anyhow::bail!("--stop-after-task must be at least 1 (the first checkpoint is written after task 1)");
+            }
             let config = match (config, &resume) {
                 (Some(c), _) => c,
                 (None, Some(dir)) => dir.join("config.yaml"),

@@ -114,12 +114,14 @@ pub fn run(registry: &Registry, a: Args) -> Result<()> {
                 let status = std::fs::File::create(&log).and_then(|f| {
                     let mut cmd = Command::new(&exe);
                     cmd.arg("run").arg(&p.config);
-                    // An interrupted point continues from its newest checkpoint.
+                    // An interrupted point continues from its newest checkpoint, unless its
+                    // config changed since: then it starts afresh, replacing the partial run.
                     let partial = a
                         .out
                         .join(&p.name)
                         .join(format!(".seed-{}.partial", p.seed));
                     if !sequel_core::checkpoint::available(&partial.join("checkpoints")).is_empty()
+                        && unchanged(registry, p, &partial)
                     {
                         cmd.arg("--resume").arg(&partial);
                     }
@@ -192,4 +194,17 @@ pub fn run(registry: &Registry, a: Args) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// Whether a point's config (with its seed) is the one its unfinished run was started with.
+fn unchanged(registry: &Registry, p: &SweepPoint, partial: &std::path::Path) -> bool {
+    let mut o = p.all_overrides();
+    o.push(format!("seed={}", p.seed));
+    crate::read_config(&p.config)
+        .ok()
+        .and_then(|(text, origin)| prepare(&text, &origin, &o, registry).ok())
+        .and_then(|prepared| {
+            sequel_core::experiment::config_differences(partial, &prepared.resolved_yaml).ok()
+        })
+        .is_some_and(|d| d.is_empty())
 }

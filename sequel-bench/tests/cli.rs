@@ -478,3 +478,108 @@ fn ctrl_c_stops_cleanly_with_a_resume_hint() {
     let e = stderr(&refused);
     assert!(e.contains("optimizer.lr") && e.lines().count() == 1, "{e}");
 }
+
+#[test]
+fn a_sweep_resumes_a_stopped_point_and_restarts_one_whose_config_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = write(
+        tmp.path(),
+        "c.yaml",
+        "name: s\nbenchmark: { dataset: fmnist-mini, kind: split, tasks: 4, classes_per_task: 2, scenario: class-il, train_subset: 60 }\n\
+         algorithm: { name: er, buffer_size: 30 }\n",
+    );
+    let sweep = |out: &str, lr: &str| {
+        sequel(
+            &[
+                "sweep",
+                &f,
+                "--grid",
+                &format!("optimizer.lr={lr}"),
+                "--out",
+                out,
+            ],
+            tmp.path(),
+        )
+    };
+    // The uninterrupted reference.
+    assert!(sweep("ref", "0.05").status.success());
+    // The same point, stopped after task 2 by hand, then completed by the sweep.
+    let name = "s-optimizer.lr=0.05";
+    let stop = sequel(
+        &[
+            "run",
+            &f,
+            "--set",
+            "optimizer.lr=0.05",
+            "--set",
+            &format!("name={name}"),
+            "--seed",
+            "0",
+            "--out",
+            "part",
+            "--stop-after-task",
+            "2",
+            "--quiet",
+        ],
+        tmp.path(),
+    );
+    assert!(!stop.status.success());
+    assert!(stderr(&stop).contains("--resume"), "{}", stderr(&stop));
+    // A marker: a resumed run does not redo task 1, so it cannot write this file again.
+    let marker = |root: &str, dir: &str| {
+        tmp.path().join(format!(
+            "{root}/{name}/{dir}/checkpoints/task-1.safetensors"
+        ))
+    };
+    std::fs::remove_file(marker("part", ".seed-0.partial")).unwrap();
+    let o = sweep("part", "0.05");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = std::fs::read_to_string(
+        tmp.path()
+            .join(format!("part/.sweep-logs/{name}-seed-0.log")),
+    )
+    .unwrap();
+    assert!(!log.contains("error"), "{log}");
+    let matrix = |root: &str| {
+        std::fs::read(
+            tmp.path()
+                .join(format!("{root}/{name}/seed-0/accuracy_matrix.csv")),
+        )
+        .unwrap()
+    };
+    assert_eq!(matrix("ref"), matrix("part"));
+    assert!(
+        !marker("part", "seed-0").exists(),
+        "the sweep reran the point instead of resuming"
+    );
+    // A stopped point whose config has changed since is run afresh instead of failing to resume.
+    let stop = sequel(
+        &[
+            "run",
+            &f,
+            "--set",
+            "optimizer.lr=0.05",
+            "--set",
+            "model.hidden=[8]",
+            "--set",
+            &format!("name={name}"),
+            "--seed",
+            "0",
+            "--out",
+            "changed",
+            "--stop-after-task",
+            "1",
+            "--quiet",
+        ],
+        tmp.path(),
+    );
+    assert!(!stop.status.success());
+    std::fs::remove_file(marker("changed", ".seed-0.partial")).unwrap();
+    let o = sweep("changed", "0.05");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(matrix("ref"), matrix("changed"));
+    assert!(
+        marker("changed", "seed-0").exists(),
+        "a fresh run writes every task"
+    );
+}

@@ -120,6 +120,14 @@ impl ReplayBuffer {
             BufferPolicy::TaskQuota => capacity / groups,
             _ => 0,
         };
+        if policy == BufferPolicy::TaskQuota && quota == 0 {
+            // Every task would get 0 slots: the method would silently never replay.
+            return Err(Error::Msg(format!(
+                "algorithm.buffer_size ({capacity}) is smaller than the number of tasks ({groups}): \
+                 buffer_policy task_quota gives each task ⌊{capacity}/{groups}⌋ = 0 slots; raise \
+                 buffer_size to at least {groups} or set buffer_policy: reservoir"
+            )));
+        }
         Ok(Self {
             capacity,
             policy,
@@ -633,6 +641,20 @@ mod tests {
             // A reservoir over the task, not its first samples.
             assert!(slots.iter().any(|&s| b.sample(s as usize).index >= 10));
         }
+    }
+
+    #[test]
+    fn a_task_quota_smaller_than_one_slot_per_task_is_an_error_naming_the_key() {
+        let e = ReplayBuffer::new(
+            10,
+            BufferPolicy::TaskQuota,
+            20,
+            0,
+            SeededRng::new(0, Stream::Buffer),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("algorithm.buffer_size") && e.contains("reservoir"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! From a validated config to a finished run directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
@@ -161,6 +161,11 @@ pub fn run_experiment(
     trainer.checkpoint_dir = Some(dir.staging().join("checkpoints"));
     let mut outcome = trainer.run(progress)?;
     if let Some(Error::Stopped(why)) = &outcome.failure {
+        if outcome.matrix.rows.is_empty() {
+            return Err(Error::Stopped(
+                "interrupted during task 1, before any checkpoint: start the run again".into(),
+            ));
+        }
         return Err(Error::Stopped(format!(
             "{why}; continue with `sequel run --resume {}`",
             dir.staging().display()
@@ -195,9 +200,10 @@ pub fn run_experiment(
     }
 }
 
-/// Refuse to resume a run with a config that computes something else, naming the keys.
-fn check_same_config(dir: &RunDir, resolved_yaml: &str) -> Result<()> {
-    let path = dir.staging().join("config.yaml");
+/// Keys (dotted paths) whose values differ between the config an unfinished run was started with
+/// (`<staging>/config.yaml`) and `resolved_yaml`, ignoring `output`.
+pub fn config_differences(staging: &Path, resolved_yaml: &str) -> Result<Vec<String>> {
+    let path = staging.join("config.yaml");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let parse = |t: &str| -> Result<serde_yaml::Value> {
         let mut v: serde_yaml::Value =
@@ -207,14 +213,22 @@ fn check_same_config(dir: &RunDir, resolved_yaml: &str) -> Result<()> {
         }
         Ok(v)
     };
-    let diff = checkpoint::yaml_differences(&parse(&text)?, &parse(resolved_yaml)?);
+    Ok(checkpoint::yaml_differences(
+        &parse(&text)?,
+        &parse(resolved_yaml)?,
+    ))
+}
+
+/// Refuse to resume a run with a config that computes something else, naming the keys.
+fn check_same_config(dir: &RunDir, resolved_yaml: &str) -> Result<()> {
+    let diff = config_differences(dir.staging(), resolved_yaml)?;
     if diff.is_empty() {
         return Ok(());
     }
     Err(Error::Msg(format!(
         "the config differs from the one the run was started with ({}) in: {}; resume with the \
          same config (`sequel run --resume DIR` alone uses it), or start a new run",
-        path.display(),
+        dir.staging().join("config.yaml").display(),
         diff.join(", ")
     )))
 }

@@ -156,6 +156,19 @@ impl Trainer {
                 )));
                 return Ok(outcome);
             }
+            // Also checked between tasks: end-of-task work (a GDumb re-fit, Fisher estimates,
+            // evaluation) runs no training step that would notice the flag.
+            if t > 0
+                && self
+                    .interrupt
+                    .as_ref()
+                    .is_some_and(|f| f.load(Ordering::Relaxed))
+            {
+                outcome.failure = Some(Error::Stopped(format!(
+                    "interrupted after task {t}; its checkpoint is intact"
+                )));
+                return Ok(outcome);
+            }
             let start = Instant::now();
             let steps = match self.train_task(t, progress, &mut outcome.log) {
                 Ok(s) => s,
@@ -326,7 +339,8 @@ impl Trainer {
         let Checkpoint { meta, tensors } = ckpt;
         if meta.config_hash != self.config_hash {
             return Err(Error::msg(
-                "the checkpoint was written by a different config (hash mismatch)",
+                "the checkpoint was written by a different config (hash mismatch); resume with \
+                 `sequel run --resume DIR` alone (it uses the run's own config.yaml), or start a new run",
             ));
         }
         let missing = |k: &str| Error::msg(format!("checkpoint lacks `{k}`"));
