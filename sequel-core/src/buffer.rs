@@ -654,7 +654,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("algorithm.buffer_size") && e.contains("reservoir"), "{e}");
+        assert!(
+            e.contains("algorithm.buffer_size") && e.contains("reservoir"),
+            "{e}"
+        );
     }
 
     #[test]
