@@ -477,6 +477,19 @@ fn ctrl_c_stops_cleanly_with_a_resume_hint() {
     assert!(!refused.status.success());
     let e = stderr(&refused);
     assert!(e.contains("optimizer.lr") && e.lines().count() == 1, "{e}");
+    // The same run resumed ends where the uninterrupted one does.
+    let resumed = sequel(
+        &["run", "--resume", partial.to_str().unwrap(), "--quiet"],
+        tmp.path(),
+    );
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    let full = sequel(&["run", &cfg, "--out", "full", "--quiet"], tmp.path());
+    assert!(full.status.success(), "{}", stderr(&full));
+    for f in ["accuracy_matrix.csv", "checkpoints/task-5.safetensors"] {
+        let got = std::fs::read(tmp.path().join("runs/slow/seed-4").join(f)).unwrap();
+        let want = std::fs::read(tmp.path().join("full/slow/seed-4").join(f)).unwrap();
+        assert!(got == want, "{f} differs after Ctrl-C and resume");
+    }
 }
 
 #[test]
