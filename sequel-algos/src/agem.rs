@@ -137,9 +137,7 @@ impl Algorithm for Agem {
     }
 
     fn save_state(&self) -> Result<Option<StateDict>> {
-        let mut out = StateDict::new();
-        self.memory.save(&mut out)?;
-        Ok(Some(out))
+        self.memory.state()
     }
 
     fn load_state(&mut self, state: &StateDict) -> Result<()> {

@@ -222,9 +222,7 @@ impl Algorithm for Der {
     }
 
     fn save_state(&self) -> Result<Option<StateDict>> {
-        let mut out = StateDict::new();
-        self.memory.save(&mut out)?;
-        Ok(Some(out))
+        self.memory.state()
     }
 
     fn load_state(&mut self, state: &StateDict) -> Result<()> {

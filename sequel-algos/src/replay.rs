@@ -98,6 +98,13 @@ impl Memory {
         Ok(())
     }
 
+    /// The whole state of an algorithm whose only carried state is this memory.
+    pub fn state(&self) -> Result<Option<StateDict>> {
+        let mut out = StateDict::new();
+        self.save(&mut out)?;
+        Ok(Some(out))
+    }
+
     /// Restore what [`Memory::save`] wrote; without a saved buffer the memory stays uncreated.
     pub fn load(&mut self, state: &StateDict) -> Result<()> {
         self.buffer = if state.contains_key("memory.header") {
