@@ -180,6 +180,7 @@ fn time_steps(algo: &str, batch_size: usize, steps: usize, timed: usize) -> anyh
             model: model.as_ref(),
             device: &dev,
             rng: &mut trng,
+            interrupt: None,
         };
         algorithm.before_task(&mut ctx)?;
         if task == timed {
@@ -194,6 +195,7 @@ fn time_steps(algo: &str, batch_size: usize, steps: usize, timed: usize) -> anyh
             model: model.as_ref(),
             device: &dev,
             rng: &mut trng,
+            interrupt: None,
         })?;
     }
     let second = batches(timed, &mut buf)?;
@@ -224,6 +226,7 @@ fn time_importance(algo: &str) -> anyhow::Result<(usize, f64)> {
         model: t.model.as_ref(),
         device: &dev,
         rng: &mut rng,
+        interrupt: None,
     };
     let start = Instant::now();
     t.algorithm.after_task(&mut ctx)?;

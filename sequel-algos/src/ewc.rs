@@ -365,6 +365,7 @@ mod tests {
                 model: model.as_ref(),
                 device: &dev,
                 rng: &mut rng,
+                interrupt: None,
             };
             let spec = FisherSpec {
                 kind,
@@ -433,6 +434,7 @@ mod tests {
             model: model.as_ref(),
             device: &dev,
             rng: &mut rng,
+            interrupt: None,
         };
         let spec = FisherSpec {
             kind: FisherKind::Empirical,
@@ -473,6 +475,7 @@ mod tests {
             model: model.as_ref(),
             device: &dev,
             rng: &mut rng,
+            interrupt: None,
         };
         let mut spec = FisherSpec {
             kind: FisherKind::Empirical,

@@ -210,6 +210,12 @@ impl Gdumb {
         let mut slots: Vec<u32> = (0..len as u32).collect();
         let mut step = 0;
         for epoch in 0..self.cfg.fit_epochs {
+            if ctx.interrupted() {
+                return Err(Error::Stopped(format!(
+                    "interrupted during the GDumb fit after task {}; the checkpoint of the last finished task is intact",
+                    ctx.task + 1
+                )));
+            }
             opt.set_learning_rate(self.learning_rate(epoch) as f32);
             ctx.rng.shuffle(&mut slots);
             for chunk in slots.chunks(self.cfg.fit_batch_size) {
@@ -551,6 +557,21 @@ mod tests {
     #[test]
     fn five_tasks_in_task_il_multi_head() {
         run_scenario(&["benchmark.scenario=task-il", "benchmark.task_il_head=multi"]);
+    }
+
+    #[test]
+    fn ctrl_c_stops_the_fit() {
+        // GDumb trains no step on the stream, so only the fit itself can notice the flag.
+        let mut t = mini_trainer(Box::new(gdumb(20, 1000)), &["benchmark.tasks=2"]);
+        t.interrupt = Some(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
+            true,
+        )));
+        let out = t.run(&mut Silent).unwrap();
+        match out.failure {
+            Some(Error::Stopped(m)) => assert!(m.contains("GDumb fit after task 1"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(out.matrix.rows.is_empty());
     }
 
     #[test]

@@ -212,6 +212,7 @@ mod tests {
             model: model.as_ref(),
             device: &dev,
             rng: &mut rng,
+            interrupt: None,
         };
         let got = mas_importance(&ctx, &samples, Granularity::PerSample, 1)
             .unwrap()

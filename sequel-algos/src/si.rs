@@ -276,6 +276,7 @@ mod tests {
             model: t.model.as_ref(),
             device: &candle_core::Device::Cpu,
             rng: &mut rng,
+            interrupt: None,
         };
         si.before_task(&mut ctx).unwrap();
         // ω alternating −1, +1 over every weight.

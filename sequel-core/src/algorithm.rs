@@ -6,6 +6,8 @@
 //! `before_task → training_samples → [prepare_batch → forward → loss → backward → edit_gradients →
 //! optimizer step → after_step]* → after_task → consolidation → evaluation (predict)`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{backprop::GradStore, Device, Tensor};
 
 use crate::checkpoint::StateDict;
@@ -24,6 +26,16 @@ pub struct TaskCtx<'a> {
     pub device: &'a Device,
     /// The algorithm's own seeded random stream (buffer sampling etc.).
     pub rng: &'a mut SeededRng,
+    /// Set when the user asked to stop (Ctrl-C): long task-level work (a re-fit, an importance
+    /// estimate) should return [`crate::Error::Stopped`] at its next convenient point.
+    pub interrupt: Option<&'a AtomicBool>,
+}
+
+impl TaskCtx<'_> {
+    /// Whether the user asked to stop.
+    pub fn interrupted(&self) -> bool {
+        self.interrupt.is_some_and(|f| f.load(Ordering::Relaxed))
+    }
 }
 
 /// What hooks at step granularity see.

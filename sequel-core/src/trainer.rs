@@ -488,6 +488,7 @@ impl Trainer {
                 model: self.model.as_ref(),
                 device: &self.device,
                 rng: &mut self.algo_rng,
+                interrupt: self.interrupt.as_deref(),
             };
             self.algorithm.before_task(&mut ctx)?;
             self.algorithm.training_samples(&mut ctx)?
@@ -583,6 +584,7 @@ impl Trainer {
             model: self.model.as_ref(),
             device: &self.device,
             rng: &mut self.algo_rng,
+            interrupt: self.interrupt.as_deref(),
         };
         self.algorithm.after_task(&mut ctx)?;
         Ok(step)
