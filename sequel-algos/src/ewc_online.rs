@@ -28,7 +28,7 @@ use crate::ewc::{
     check_fisher, empirical, one, per_sample, scalar, task_fisher, ten, FisherKind, FisherSpec,
 };
 use crate::importance::Granularity;
-use crate::penalty::{PerParam, QuadraticPenalty};
+use crate::penalty::{load_penalty_state, save_penalty_state, PerParam, QuadraticPenalty};
 
 /// YAML keys of `algorithm: { name: ewc-online, ... }`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,15 +113,11 @@ impl Algorithm for OnlineEwc {
     }
 
     fn save_state(&self) -> Result<Option<StateDict>> {
-        let mut out = StateDict::new();
-        self.penalty.save(&mut out, "penalty")?;
-        PerParam::save(self.running.as_ref(), &mut out, "running")?;
-        Ok(Some(out))
+        save_penalty_state(&self.penalty, self.running.as_ref())
     }
 
     fn load_state(&mut self, state: &StateDict) -> Result<()> {
-        self.penalty = QuadraticPenalty::load(state, "penalty")?;
-        self.running = PerParam::load(state, "running")?;
+        (self.penalty, self.running) = load_penalty_state(state)?;
         Ok(())
     }
 

@@ -31,7 +31,7 @@ use sequel_core::{Algorithm, Result, StepCtx, TaskCtx};
 use crate::check;
 use crate::ewc::{one, per_sample, scalar, ten};
 use crate::importance::{mean_gradient_statistic, subset, training_logits, Granularity, Reduce};
-use crate::penalty::{PerParam, QuadraticPenalty};
+use crate::penalty::{load_penalty_state, save_penalty_state, PerParam, QuadraticPenalty};
 
 /// YAML keys of `algorithm: { name: mas, ... }`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,15 +137,11 @@ impl Algorithm for Mas {
     }
 
     fn save_state(&self) -> Result<Option<StateDict>> {
-        let mut out = StateDict::new();
-        self.penalty.save(&mut out, "penalty")?;
-        PerParam::save(self.importance.as_ref(), &mut out, "importance")?;
-        Ok(Some(out))
+        save_penalty_state(&self.penalty, self.importance.as_ref())
     }
 
     fn load_state(&mut self, state: &StateDict) -> Result<()> {
-        self.penalty = QuadraticPenalty::load(state, "penalty")?;
-        self.importance = PerParam::load(state, "importance")?;
+        (self.penalty, self.importance) = load_penalty_state(state)?;
         Ok(())
     }
 

@@ -118,6 +118,26 @@ impl PerParam {
     }
 }
 
+/// The checkpoint state of a method that carries a penalty and one per-weight accumulator (online
+/// EWC's running Fisher, SI's and MAS's importance).
+pub fn save_penalty_state(
+    penalty: &QuadraticPenalty,
+    accumulator: Option<&PerParam>,
+) -> Result<Option<StateDict>> {
+    let mut out = StateDict::new();
+    penalty.save(&mut out, "penalty")?;
+    PerParam::save(accumulator, &mut out, "accumulator")?;
+    Ok(Some(out))
+}
+
+/// The inverse of [`save_penalty_state`].
+pub fn load_penalty_state(state: &StateDict) -> Result<(QuadraticPenalty, Option<PerParam>)> {
+    Ok((
+        QuadraticPenalty::load(state, "penalty")?,
+        PerParam::load(state, "accumulator")?,
+    ))
+}
+
 impl QuadraticPenalty {
     /// Save every term under `key` (checkpoints).
     pub fn save(&self, out: &mut StateDict, key: &str) -> Result<()> {

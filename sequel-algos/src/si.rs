@@ -37,7 +37,7 @@ use sequel_core::{Algorithm, Result, StepCtx, TaskCtx};
 
 use crate::check;
 use crate::ewc::scalar;
-use crate::penalty::{PerParam, QuadraticPenalty};
+use crate::penalty::{load_penalty_state, save_penalty_state, PerParam, QuadraticPenalty};
 
 /// YAML keys of `algorithm: { name: si, ... }`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,15 +114,11 @@ impl Algorithm for Si {
 
     /// At a task boundary SI holds Ω and the penalty; θ_start and ω are rebuilt by `before_task`.
     fn save_state(&self) -> Result<Option<StateDict>> {
-        let mut out = StateDict::new();
-        self.penalty.save(&mut out, "penalty")?;
-        PerParam::save(self.importance.as_ref(), &mut out, "importance")?;
-        Ok(Some(out))
+        save_penalty_state(&self.penalty, self.importance.as_ref())
     }
 
     fn load_state(&mut self, state: &StateDict) -> Result<()> {
-        self.penalty = QuadraticPenalty::load(state, "penalty")?;
-        self.importance = PerParam::load(state, "importance")?;
+        (self.penalty, self.importance) = load_penalty_state(state)?;
         Ok(())
     }
 
