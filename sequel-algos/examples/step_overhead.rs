@@ -7,8 +7,9 @@
 //!
 //! Setup: the split-FMNIST protocol's MLP 784-100-100-10 on fmnist-mini, plain SGD, one thread.
 //! Each method first finishes task 1 (so its penalty, path integral or teacher is active), then
-//! the full training step of task 2 — prepare_batch, forward, loss, backward, edit_gradients,
-//! optimizer step, after_step — is timed on pre-gathered batches (data loading excluded).
+//! the trainer's full step of task 2 ([`sequel_core::Trainer::step`]: the loss with its forward
+//! passes, backward, edit_gradients, optimizer step, after_step, memory insertion) is timed on
+//! pre-gathered batches (data loading excluded).
 
 use std::time::Instant;
 
@@ -17,9 +18,8 @@ use sequel_algos::Registry;
 use sequel_core::algorithm::task_samples;
 use sequel_core::config::parse_config;
 use sequel_core::data::{Batch, GatherBuf, Split};
-use sequel_core::optim::build_optimizer;
 use sequel_core::rng::{SeededRng, Stream};
-use sequel_core::{Algorithm, StepCtx, TaskCtx};
+use sequel_core::TaskCtx;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -135,78 +135,35 @@ fn setup(algo: &str, batch_size: usize) -> anyhow::Result<sequel_core::Trainer> 
 
 /// Microseconds per training step of task `timed + 1`, median of 3 repetitions.
 fn time_steps(algo: &str, batch_size: usize, steps: usize, timed: usize) -> anyhow::Result<f64> {
-    let t = setup(algo, batch_size)?;
+    let mut t = setup(algo, batch_size)?;
     let dev = Device::Cpu;
-    let mut algorithm: Box<dyn Algorithm> = t.algorithm;
-    let model = t.model;
-    let stream = t.stream;
-    let mut opt = build_optimizer(&t.cfg.optimizer);
-    let mut rng = SeededRng::new(0, Stream::Algorithm);
     let mut buf = GatherBuf::default();
-    let batches = |task: usize, buf: &mut GatherBuf| -> anyhow::Result<Vec<Batch>> {
-        let refs = task_samples(&stream, task);
+    let mut batches = |t: &sequel_core::Trainer, task: usize| -> anyhow::Result<Vec<Batch>> {
+        let refs = task_samples(&t.stream, task);
         refs.chunks(batch_size)
             .filter(|c| c.len() == batch_size)
-            .map(|c| Ok(stream.gather(c, Split::Train, buf, &dev)?))
+            .map(|c| Ok(t.stream.gather(c, Split::Train, &mut buf, &dev)?))
             .collect()
-    };
-    let mut step = |task: usize, b: &Batch, i: usize, algorithm: &mut Box<dyn Algorithm>| {
-        let mut ctx = StepCtx {
-            task,
-            epoch: 0,
-            step: i,
-            stream: &stream,
-            model: model.as_ref(),
-            device: &dev,
-            rng: &mut rng,
-        };
-        let b = algorithm.prepare_batch(b.clone(), &mut ctx)?;
-        let out = model.forward(&b.x, true)?;
-        let loss = algorithm.loss(&out, &b, &mut ctx)?;
-        let _ = loss.to_scalar::<f32>()?;
-        let mut grads = loss.backward()?;
-        algorithm.edit_gradients(&mut grads, &mut ctx)?;
-        opt.step(model.params(), &grads)?;
-        algorithm.after_step(&b, &out, &mut ctx)?;
-        anyhow::Ok(())
     };
     // Tasks before the timed one, with their boundaries, so penalties, teachers and buffers are
     // in the state they have when `timed` trains.
-    let mut trng = SeededRng::new(1, Stream::Algorithm);
-    for task in 0..=timed {
-        let mut ctx = TaskCtx {
-            task,
-            stream: &stream,
-            model: model.as_ref(),
-            device: &dev,
-            rng: &mut trng,
-            interrupt: None,
-        };
-        algorithm.before_task(&mut ctx)?;
-        if task == timed {
-            break;
+    for task in 0..timed {
+        t.begin_task(task)?;
+        for (i, b) in batches(&t, task)?.iter().enumerate() {
+            t.step(task, 0, i, b)?;
         }
-        for (i, b) in batches(task, &mut buf)?.iter().enumerate() {
-            step(task, b, i, &mut algorithm)?;
-        }
-        algorithm.after_task(&mut TaskCtx {
-            task,
-            stream: &stream,
-            model: model.as_ref(),
-            device: &dev,
-            rng: &mut trng,
-            interrupt: None,
-        })?;
+        t.end_task(task)?;
     }
-    let second = batches(timed, &mut buf)?;
+    t.begin_task(timed)?;
+    let second = batches(&t, timed)?;
     for (i, b) in second.iter().take(20).enumerate() {
-        step(timed, b, i, &mut algorithm)?; // warm-up
+        t.step(timed, 0, i, b)?; // warm-up
     }
     let mut reps = Vec::new();
     for _ in 0..3 {
         let start = Instant::now();
         for i in 0..steps {
-            step(timed, &second[i % second.len()], i, &mut algorithm)?;
+            t.step(timed, 0, i, &second[i % second.len()])?;
         }
         reps.push(start.elapsed().as_secs_f64() * 1e6 / steps as f64);
     }

@@ -35,58 +35,54 @@
 //! normalisation it also moves the running statistics, as in the reference implementations.
 
 use candle_core::{backprop::GradStore, Tensor};
-use sequel_core::checkpoint::StateDict;
 use serde::{Deserialize, Serialize};
 
 use sequel_core::buffer::{BufferPolicy, InsertAt};
-use sequel_core::data::Batch;
-use sequel_core::model::ModelOutput;
-use sequel_core::{Algorithm, Result, StepCtx, TaskCtx};
+use sequel_core::{
+    Algorithm, AlgorithmConfig, Memory, MemoryConfig, Result, StateIo, StepCtx, TaskCtx,
+};
 
 use crate::check;
-use crate::er::default_buffer_size;
 use crate::flat;
-use crate::replay::Memory;
 
-/// YAML keys of `algorithm: { name: agem, ... }`.
+/// YAML keys of `algorithm: { name: agem, ... }`, besides the memory's (`buffer_size: 200`;
+/// `buffer_policy: task_quota`, ⌊buffer_size / T⌋ slots per task; `insert: task_end`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct AgemConfig {
-    /// Episodic memory size in samples, over all tasks. Default 200.
-    #[serde(default = "default_buffer_size")]
-    pub buffer_size: usize,
     /// Memory samples of the reference gradient g_ref (all of them if the memory holds fewer).
     /// Default 256 (the paper).
-    #[serde(default = "default_reference_batch")]
     pub replay_batch_size: usize,
-    /// `task_quota` (default: ⌊buffer_size / T⌋ slots per task), `reservoir` or `class_balanced`.
-    #[serde(default = "task_quota")]
-    pub buffer_policy: BufferPolicy,
-    /// `task_end` (default: insert each finished task) or `step`.
-    #[serde(default = "task_end")]
-    pub insert: InsertAt,
+    #[serde(skip)]
+    pub memory: MemoryConfig,
 }
 
-pub(crate) fn default_reference_batch() -> usize {
-    256
-}
-
-pub(crate) fn task_quota() -> BufferPolicy {
-    BufferPolicy::TaskQuota
-}
-
-pub(crate) fn task_end() -> InsertAt {
-    InsertAt::TaskEnd
+/// The memory of the paper: a fixed quota per task, filled at the task's end.
+pub(crate) fn episodic_memory() -> MemoryConfig {
+    MemoryConfig {
+        buffer_size: 200,
+        buffer_policy: BufferPolicy::TaskQuota,
+        insert: InsertAt::TaskEnd,
+    }
 }
 
 impl Default for AgemConfig {
     fn default() -> Self {
         Self {
-            buffer_size: default_buffer_size(),
-            replay_batch_size: default_reference_batch(),
-            buffer_policy: task_quota(),
-            insert: task_end(),
+            replay_batch_size: 256,
+            memory: episodic_memory(),
         }
+    }
+}
+
+impl AlgorithmConfig for AgemConfig {
+    const NAME: &'static str = "agem";
+    const SUMMARY: &'static str = "A-GEM: project the gradient when it conflicts with a memory batch's (Chaudhry et al. 2019)";
+    fn build(self) -> Result<Box<dyn Algorithm>> {
+        Ok(Box::new(Agem::new(self)?))
+    }
+    fn memory(&mut self) -> Option<&mut MemoryConfig> {
+        Some(&mut self.memory)
     }
 }
 
@@ -111,18 +107,13 @@ pub fn project(g: &Tensor, g_ref: &Tensor) -> Result<Option<Tensor>> {
 
 impl Agem {
     pub fn new(cfg: AgemConfig) -> Result<Self> {
-        check::at_least_one("buffer_size", cfg.buffer_size)?;
         check::at_least_one("replay_batch_size", cfg.replay_batch_size)?;
         Ok(Self {
             replay_batch_size: cfg.replay_batch_size,
-            memory: Memory::new(cfg.buffer_size, cfg.buffer_policy, cfg.insert, false),
+            memory: Memory::new(cfg.memory, false)?,
             steps_with_reference: 0,
             projections: 0,
         })
-    }
-
-    pub fn memory(&self) -> &Memory {
-        &self.memory
     }
 
     /// `(steps with a reference gradient, steps projected)` so far.
@@ -132,29 +123,13 @@ impl Agem {
 }
 
 impl Algorithm for Agem {
-    fn name(&self) -> &str {
-        "agem"
-    }
-
-    fn save_state(&self) -> Result<Option<StateDict>> {
-        self.memory.state()
-    }
-
-    fn load_state(&mut self, state: &StateDict) -> Result<()> {
-        self.memory.load(state)
-    }
-
-    fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        self.memory.ensure(ctx.stream, ctx.rng)
-    }
-
     fn edit_gradients(&mut self, grads: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
-        let Some(drawn) = self
+        let drawn = self
             .memory
-            .draw(self.replay_batch_size, ctx.stream, ctx.device)?
-        else {
+            .draw(self.replay_batch_size, ctx.stream, ctx.device)?;
+        if drawn.is_empty() {
             return Ok(());
-        };
+        }
         let g_ref = flat::loss_gradient(ctx.model, ctx.stream, &drawn.batch)?;
         let params = ctx.model.params();
         let g = flat::flatten(params, grads)?;
@@ -166,10 +141,6 @@ impl Algorithm for Agem {
         Ok(())
     }
 
-    fn after_step(&mut self, batch: &Batch, out: &ModelOutput, _ctx: &mut StepCtx) -> Result<()> {
-        self.memory.after_step(batch, out)
-    }
-
     fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
         tracing::info!(
             task = ctx.task + 1,
@@ -177,7 +148,16 @@ impl Algorithm for Agem {
             projected = self.projections,
             "a-gem projections so far"
         );
-        self.memory.after_task(ctx)
+        Ok(())
+    }
+
+    fn state(&mut self, io: &mut StateIo) -> Result<()> {
+        io.field("steps_with_reference", &mut self.steps_with_reference)?;
+        io.field("projections", &mut self.projections)
+    }
+
+    fn memory(&mut self) -> Option<&mut Memory> {
+        Some(&mut self.memory)
     }
 }
 
@@ -185,7 +165,8 @@ impl Algorithm for Agem {
 mod tests {
     use super::*;
     use crate::testing::{
-        host_dot, host_gradient, host_loss_gradient, mini_run, mini_trainer, Probe, SCENARIOS,
+        host_dot, host_gradient, host_loss_gradient, host_weights, mini_run, probe_run, probed,
+        SCENARIOS,
     };
     use candle_core::Device;
     use sequel_core::data::GatherBuf;
@@ -225,14 +206,11 @@ mod tests {
     }
 
     impl Algorithm for Check {
-        fn name(&self) -> &str {
-            "agem-check"
-        }
-        fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-            self.agem.before_task(ctx)
+        fn memory(&mut self) -> Option<&mut Memory> {
+            self.agem.memory()
         }
         fn edit_gradients(&mut self, grads: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
-            let reference = match self.agem.memory().buffer() {
+            let reference = match self.agem.memory.buffer() {
                 Some(b) if !b.is_empty() => {
                     let mut copy = b.clone();
                     let mut slots = Vec::new();
@@ -273,18 +251,12 @@ mod tests {
             }
             Ok(())
         }
-        fn after_step(&mut self, b: &Batch, o: &ModelOutput, ctx: &mut StepCtx) -> Result<()> {
-            self.agem.after_step(b, o, ctx)
-        }
-        fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-            self.agem.after_task(ctx)
-        }
     }
 
     #[test]
     fn the_hook_projects_exactly_when_the_memory_gradient_conflicts() {
         for overrides in [SCENARIOS[0], SCENARIOS[2]] {
-            let probe = Probe::new(Check {
+            let check = Check {
                 agem: Agem::new(AgemConfig {
                     replay_batch_size: 30,
                     ..AgemConfig::default()
@@ -292,10 +264,9 @@ mod tests {
                 .unwrap(),
                 projected: 0,
                 unchanged: 0,
-            });
-            let mut tr = mini_trainer(Box::new(probe.clone()), overrides);
-            tr.run(&mut sequel_core::trainer::Silent).unwrap();
-            let c = probe.lock();
+            };
+            let (tr, _) = probe_run(check, overrides);
+            let c = &probed::<Check>(&tr).algo;
             // 4 tasks × 5 steps have a memory; both branches are exercised.
             assert_eq!(c.projected + c.unchanged, 20, "{overrides:?}");
             assert!(
@@ -311,14 +282,13 @@ mod tests {
     fn five_tasks_in_every_scenario_and_a_trajectory_unlike_naive() {
         for overrides in SCENARIOS {
             let (_, naive) = mini_run(Box::new(crate::naive::Naive), overrides);
-            let probe = Probe::new(Agem::new(AgemConfig::default()).unwrap());
-            let (rows, w) = mini_run(Box::new(probe.clone()), overrides);
-            assert_eq!(rows.len(), 5);
-            assert_ne!(w, naive, "{overrides:?}");
-            let a = probe.lock();
+            let (t, outcome) = probe_run(Agem::new(AgemConfig::default()).unwrap(), overrides);
+            assert_eq!(outcome.matrix.rows.len(), 5);
+            assert_ne!(host_weights(t.model.as_ref()), naive, "{overrides:?}");
+            let a = &probed::<Agem>(&t).algo;
             assert!(a.projection_counts().1 > 0, "{overrides:?}");
             // Task quota at task end: 200 / 5 = 40 slots for each finished task.
-            let b = a.memory().buffer().unwrap();
+            let b = a.memory.buffer().unwrap();
             assert_eq!(b.len(), 200);
             for k in 0..5 {
                 assert_eq!(b.slots_of_task(k).len(), 40);
@@ -332,7 +302,7 @@ mod tests {
         let (a, resolved) = reg
             .build_algorithm(&serde_yaml::from_str("{ name: agem }").unwrap(), "x.yaml")
             .unwrap();
-        assert_eq!(a.name(), "agem");
+        drop(a);
         let want: serde_yaml::Value = serde_yaml::from_str(
             "{ name: agem, buffer_size: 200, replay_batch_size: 256, buffer_policy: task_quota, insert: task_end }",
         )

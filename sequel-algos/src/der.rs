@@ -14,11 +14,10 @@
 //! own batch. The MSE is the mean over all `|x′| × U` logits (`U` output units): the whole response
 //! is distilled, not only the sample's class — the "dark knowledge" of the title.
 //!
-//! Both draws are appended after the incoming samples, so one training-mode forward pass covers
-//! `[x ; x′ ; x″]` (measured: DER++'s step costs 1.6× naive's this way against 2.9× with three
-//! separate passes). The memory stores only the incoming rows' logits. Without batch
-//! normalisation each row's logits do not depend on the others; with it, the batch statistics span
-//! all three parts (Mammoth forwards the parts separately).
+//! One training-mode forward pass covers `[x ; x′ ; x″]` (measured: DER++'s step costs 1.6×
+//! naive's this way against 2.9× with three separate passes). The memory stores only the incoming
+//! rows' logits. Without batch normalisation each row's logits do not depend on the others; with
+//! it, the batch statistics span all three parts (Mammoth forwards the parts separately).
 //!
 //! **Task-IL.** With a single head (`task_il_head: masked`, the paper's setting) both terms use all
 //! units. In multi-head task-IL each sample only ever uses its own task's head, so the MSE is taken
@@ -31,164 +30,110 @@
 //! `beta: 0` trains exactly as `der`, and `der` with `alpha: 0` exactly as `naive`.
 
 use candle_core::{Tensor, D};
-use sequel_core::checkpoint::StateDict;
 use serde::{Deserialize, Serialize};
 
-use sequel_core::buffer::{BufferPolicy, InsertAt};
 use sequel_core::data::{Batch, TaskStream};
-use sequel_core::loss::task_loss;
-use sequel_core::model::ModelOutput;
-use sequel_core::{Algorithm, Error, Result, StepCtx, TaskCtx};
+use sequel_core::{Algorithm, AlgorithmConfig, Memory, MemoryConfig, Result, StepCtx};
 
 use crate::check;
-use crate::er::{default_buffer_size, default_replay_batch_size, reservoir, step};
-use crate::replay::Memory;
 
-/// YAML keys of `algorithm: { name: der, ... }`.
+/// YAML keys of `algorithm: { name: der, ... }` and `{ name: derpp, ... }`, besides the
+/// memory's (`buffer_size: 200`, `buffer_policy: reservoir`, `insert: step` — the paper's; with
+/// `task_end` the stored logits are the task's final model's, not the paper's method).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct DerConfig {
-    /// Weight α of the logit-matching (MSE) term. Default 0.2.
-    #[serde(default = "default_alpha")]
+    /// Weight α of the logit-matching (MSE) term.
     pub alpha: f64,
-    /// Memory size M in samples. Default 200.
-    #[serde(default = "default_buffer_size")]
-    pub buffer_size: usize,
-    /// Samples per buffer draw (Mammoth's `minibatch_size`). Default 10.
-    #[serde(default = "default_replay_batch_size")]
+    /// Samples per buffer draw (Mammoth's `minibatch_size`).
     pub replay_batch_size: usize,
-    /// `reservoir` (default, the paper), `class_balanced` or `task_quota`.
-    #[serde(default = "reservoir")]
-    pub buffer_policy: BufferPolicy,
-    /// `step` (default, the paper: logits of the inserting step) or `task_end` (evaluation-mode
-    /// logits of the task's final model — not the paper's method).
-    #[serde(default = "step")]
-    pub insert: InsertAt,
-}
-
-/// YAML keys of `algorithm: { name: derpp, ... }`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DerppConfig {
-    /// Weight α of the logit-matching (MSE) term. Default 0.2.
-    #[serde(default = "default_alpha")]
-    pub alpha: f64,
-    /// Weight β of the replay cross-entropy term. Default 1.0.
-    #[serde(default = "crate::ewc::one")]
-    pub beta: f64,
-    /// Memory size M in samples. Default 200.
-    #[serde(default = "default_buffer_size")]
-    pub buffer_size: usize,
-    /// Samples per buffer draw, for each of the two draws. Default 10.
-    #[serde(default = "default_replay_batch_size")]
-    pub replay_batch_size: usize,
-    /// `reservoir` (default), `class_balanced` or `task_quota`.
-    #[serde(default = "reservoir")]
-    pub buffer_policy: BufferPolicy,
-    /// `step` (default) or `task_end`.
-    #[serde(default = "step")]
-    pub insert: InsertAt,
-}
-
-fn default_alpha() -> f64 {
-    0.2
+    #[serde(skip)]
+    pub memory: MemoryConfig,
 }
 
 impl Default for DerConfig {
     fn default() -> Self {
         Self {
-            alpha: default_alpha(),
-            buffer_size: default_buffer_size(),
-            replay_batch_size: default_replay_batch_size(),
-            buffer_policy: reservoir(),
-            insert: step(),
+            alpha: 0.2,
+            replay_batch_size: 10,
+            memory: MemoryConfig::default(),
         }
     }
 }
 
+impl AlgorithmConfig for DerConfig {
+    const NAME: &'static str = "der";
+    const SUMMARY: &'static str = "Dark Experience Replay: CE + alpha * MSE to the logits stored with each buffer sample (Buzzega et al. 2020)";
+    fn build(self) -> Result<Box<dyn Algorithm>> {
+        Ok(Box::new(Der::new(self.into_derpp(0.0))?))
+    }
+    fn memory(&mut self) -> Option<&mut MemoryConfig> {
+        Some(&mut self.memory)
+    }
+}
+
+impl DerConfig {
+    fn into_derpp(self, beta: f64) -> DerppConfig {
+        DerppConfig {
+            alpha: self.alpha,
+            beta,
+            replay_batch_size: self.replay_batch_size,
+            memory: self.memory,
+        }
+    }
+}
+
+/// YAML keys of `algorithm: { name: derpp, ... }`: DER's plus β.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DerppConfig {
+    /// Weight α of the logit-matching (MSE) term.
+    pub alpha: f64,
+    /// Weight β of the replay cross-entropy term.
+    pub beta: f64,
+    /// Samples per buffer draw, for each of the two draws.
+    pub replay_batch_size: usize,
+    #[serde(skip)]
+    pub memory: MemoryConfig,
+}
+
 impl Default for DerppConfig {
     fn default() -> Self {
-        Self {
-            alpha: default_alpha(),
-            beta: 1.0,
-            buffer_size: default_buffer_size(),
-            replay_batch_size: default_replay_batch_size(),
-            buffer_policy: reservoir(),
-            insert: step(),
-        }
+        DerConfig::default().into_derpp(1.0)
+    }
+}
+
+impl AlgorithmConfig for DerppConfig {
+    const NAME: &'static str = "derpp";
+    const SUMMARY: &'static str =
+        "DER++: DER + beta * CE on a second, independent buffer draw (Buzzega et al. 2020)";
+    fn build(self) -> Result<Box<dyn Algorithm>> {
+        Ok(Box::new(Der::new(self)?))
+    }
+    fn memory(&mut self) -> Option<&mut MemoryConfig> {
+        Some(&mut self.memory)
     }
 }
 
 /// DER (β = 0) and DER++.
 pub struct Der {
-    name: &'static str,
     alpha: f64,
     beta: f64,
     replay_batch_size: usize,
     memory: Memory,
-    /// Logits stored with the last step's MSE draw.
-    stored: Option<Tensor>,
-    /// Slots of the last step's (MSE, CE) draws.
-    last_slots: (Vec<u32>, Vec<u32>),
 }
 
 impl Der {
-    pub fn new(cfg: DerConfig) -> Result<Self> {
-        check::non_negative("alpha", cfg.alpha)?;
-        Self::build(
-            "der",
-            cfg.alpha,
-            0.0,
-            cfg.buffer_size,
-            cfg.replay_batch_size,
-            cfg.buffer_policy,
-            cfg.insert,
-        )
-    }
-
-    pub fn plus_plus(cfg: DerppConfig) -> Result<Self> {
+    pub fn new(cfg: DerppConfig) -> Result<Self> {
         check::non_negative("alpha", cfg.alpha)?;
         check::non_negative("beta", cfg.beta)?;
-        Self::build(
-            "derpp",
-            cfg.alpha,
-            cfg.beta,
-            cfg.buffer_size,
-            cfg.replay_batch_size,
-            cfg.buffer_policy,
-            cfg.insert,
-        )
-    }
-
-    fn build(
-        name: &'static str,
-        alpha: f64,
-        beta: f64,
-        buffer_size: usize,
-        replay_batch_size: usize,
-        policy: BufferPolicy,
-        insert: InsertAt,
-    ) -> Result<Self> {
-        check::at_least_one("buffer_size", buffer_size)?;
-        check::at_least_one("replay_batch_size", replay_batch_size)?;
+        check::at_least_one("replay_batch_size", cfg.replay_batch_size)?;
         Ok(Self {
-            name,
-            alpha,
-            beta,
-            replay_batch_size,
-            memory: Memory::new(buffer_size, policy, insert, true),
-            stored: None,
-            last_slots: (Vec::new(), Vec::new()),
+            alpha: cfg.alpha,
+            beta: cfg.beta,
+            replay_batch_size: cfg.replay_batch_size,
+            memory: Memory::new(cfg.memory, true)?,
         })
-    }
-
-    pub fn memory(&self) -> &Memory {
-        &self.memory
-    }
-
-    /// Buffer slots of the last step's MSE draw and CE draw (empty when not drawn).
-    pub fn last_slots(&self) -> (&[u32], &[u32]) {
-        (&self.last_slots.0, &self.last_slots.1)
     }
 }
 
@@ -217,179 +162,44 @@ pub fn logit_mse(
 }
 
 impl Algorithm for Der {
-    fn name(&self) -> &str {
-        self.name
-    }
-
-    fn save_state(&self) -> Result<Option<StateDict>> {
-        self.memory.state()
-    }
-
-    fn load_state(&mut self, state: &StateDict) -> Result<()> {
-        self.memory.load(state)
-    }
-
-    fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        self.memory.ensure(ctx.stream, ctx.rng)
-    }
-
-    /// Both draws are appended to the incoming batch, so the trainer's single forward pass
-    /// covers `[x ; x′ ; x″]` (one pass instead of three; the rows are independent without batch
-    /// normalisation, and with it the statistics span all three parts). Only the incoming rows
-    /// are ever inserted into the memory.
-    fn prepare_batch(&mut self, batch: Batch, ctx: &mut StepCtx) -> Result<Batch> {
-        self.last_slots.0.clear();
-        self.last_slots.1.clear();
-        self.stored = None;
-        let mut batch = batch;
-        if self.alpha > 0.0 {
-            if let Some(d) = self
-                .memory
-                .draw(self.replay_batch_size, ctx.stream, ctx.device)?
-            {
-                let z = d
-                    .logits
-                    .ok_or_else(|| Error::msg("DER's memory must store logits"))?;
-                batch = batch.append(&d.batch)?;
-                self.stored = Some(z);
-                self.last_slots.0 = d.slots;
-            }
+    fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        let size = |w: f64| if w > 0.0 { self.replay_batch_size } else { 0 };
+        let (mse_n, ce_n) = (size(self.alpha), size(self.beta));
+        let (s, dev) = (ctx.stream, ctx.device);
+        let mse = self.memory.draw(mse_n, s, dev)?;
+        let ce = self.memory.draw(ce_n, s, dev)?;
+        let f = ctx.forward(&[batch, &mse.batch, &ce.batch])?;
+        let mut loss = ctx.task_loss(&f.logits(0)?, batch)?;
+        if let Some(z) = &mse.logits {
+            loss = (loss + (logit_mse(&f.logits(1)?, &mse.batch, z, s)? * self.alpha)?)?;
         }
-        if self.beta > 0.0 {
-            if let Some(d) = self
-                .memory
-                .draw(self.replay_batch_size, ctx.stream, ctx.device)?
-            {
-                batch = batch.append(&d.batch)?;
-                self.last_slots.1 = d.slots;
-            }
-        }
-        Ok(batch)
-    }
-
-    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-        let (n, k1, k2) = (
-            batch.incoming,
-            self.last_slots.0.len(),
-            self.last_slots.1.len(),
-        );
-        let rows = |start: usize, len: usize| -> Result<(Tensor, Batch)> {
-            Ok((out.logits.narrow(0, start, len)?, batch.narrow(start, len)?))
-        };
-        let (f, b) = rows(0, n)?;
-        let mut loss = task_loss(&f, &b, ctx.stream)?;
-        if let (Some(z), true) = (&self.stored, k1 > 0) {
-            let (f, b) = rows(n, k1)?;
-            loss = (loss + (logit_mse(&f, &b, z, ctx.stream)? * self.alpha)?)?;
-        }
-        if k2 > 0 {
-            let (f, b) = rows(n + k1, k2)?;
-            loss = (loss + (task_loss(&f, &b, ctx.stream)? * self.beta)?)?;
+        if f.has(2) {
+            loss = (loss + (ctx.task_loss(&f.logits(2)?, &ce.batch)? * self.beta)?)?;
         }
         Ok(loss)
     }
 
-    fn after_step(&mut self, batch: &Batch, out: &ModelOutput, _ctx: &mut StepCtx) -> Result<()> {
-        self.memory.after_step(batch, out)
-    }
-
-    fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        self.memory.after_task(ctx)
+    fn memory(&mut self) -> Option<&mut Memory> {
+        Some(&mut self.memory)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use candle_core::Device;
     use sequel_core::data::{GatherBuf, SampleRef};
     use sequel_core::trainer::Silent;
     use sequel_core::Trainer;
 
     use super::*;
-    use crate::testing::{mini_trainer, Probe};
-
-    /// DER plus what the tests need to see from the outside: the logits of the training forward
-    /// pass of every incoming sample (recorded at the step, before DER stores anything), the
-    /// slots of every step's two draws, and task 1's head around task 2.
-    struct Spy {
-        der: Der,
-        at_step: HashMap<(u32, u32), Vec<f32>>,
-        draws: Vec<(Vec<u32>, Vec<u32>, usize)>,
-        head0: Vec<Vec<Vec<f32>>>,
-    }
-
-    impl Spy {
-        fn new(der: Der) -> Probe<Self> {
-            Probe::new(Self {
-                der,
-                at_step: HashMap::new(),
-                draws: Vec::new(),
-                head0: Vec::new(),
-            })
-        }
-    }
-
-    fn head_values(ctx: &TaskCtx, head: usize) -> Vec<Vec<f32>> {
-        ctx.model
-            .params()
-            .iter()
-            .filter(|p| p.head == Some(head))
-            .map(|p| p.var.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-            .collect()
-    }
-
-    impl Algorithm for Spy {
-        fn name(&self) -> &str {
-            "der-spy"
-        }
-        fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-            if ctx.task == 1 {
-                self.head0.push(head_values(ctx, 0));
-            }
-            self.der.before_task(ctx)
-        }
-        fn prepare_batch(&mut self, batch: Batch, ctx: &mut StepCtx) -> Result<Batch> {
-            self.der.prepare_batch(batch, ctx)
-        }
-        fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-            let len = self.der.memory().buffer().map_or(0, |b| b.len());
-            let l = self.der.loss(out, batch, ctx)?;
-            let (a, b) = self.der.last_slots();
-            self.draws.push((a.to_vec(), b.to_vec(), len));
-            Ok(l)
-        }
-        fn after_step(
-            &mut self,
-            batch: &Batch,
-            out: &ModelOutput,
-            ctx: &mut StepCtx,
-        ) -> Result<()> {
-            let z = out.logits.to_vec2::<f32>()?;
-            for (r, row) in batch.refs.iter().zip(z).take(batch.incoming) {
-                self.at_step.insert((r.task, r.index), row);
-            }
-            self.der.after_step(batch, out, ctx)
-        }
-        fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-            if ctx.task == 1 {
-                self.head0.push(head_values(ctx, 0));
-            }
-            self.der.after_task(ctx)
-        }
-    }
+    use crate::testing::{mini_trainer, probe_run, probed, Probe};
 
     fn der(alpha: f64) -> Der {
-        Der::new(DerConfig {
-            alpha,
-            ..DerConfig::default()
-        })
-        .unwrap()
+        derpp(alpha, 0.0)
     }
 
     fn derpp(alpha: f64, beta: f64) -> Der {
-        Der::plus_plus(DerppConfig {
+        Der::new(DerppConfig {
             alpha,
             beta,
             ..DerppConfig::default()
@@ -410,16 +220,20 @@ mod tests {
         let mut t = mini_trainer(algo, over);
         let out = t.run(&mut Silent).unwrap();
         assert!(out.failure.is_none());
-        (out.matrix.rows, weights(&t))
+        (out.results.matrix.rows, weights(&t))
     }
 
     #[test]
     fn stored_logits_are_those_of_the_inserting_step() {
-        let probe = Spy::new(der(0.2));
-        let mut t = mini_trainer(Box::new(probe.clone()), &[]);
-        t.run(&mut Silent).unwrap();
-        let spy = probe.lock();
-        let buffer = spy.der.memory().buffer().unwrap();
+        let (t, _) = probe_run(der(0.2), &[]);
+        let p = probed::<Der>(&t);
+        let mut at_step = std::collections::HashMap::new();
+        for s in &p.steps {
+            for (r, row) in s.parts[0].iter().zip(s.logits.to_vec2::<f32>().unwrap()) {
+                at_step.insert((r.task, r.index), row);
+            }
+        }
+        let buffer = p.algo.memory.buffer().unwrap();
         assert_eq!(buffer.len(), 200);
         let slots: Vec<u32> = (0..buffer.len() as u32).collect();
         // Every stored row is bit-identical to the training forward pass of its step.
@@ -427,7 +241,7 @@ mod tests {
             let r = buffer.sample(s as usize);
             assert_eq!(
                 buffer.logits(s as usize),
-                spy.at_step[&(r.task, r.index)].as_slice(),
+                at_step[&(r.task, r.index)].as_slice(),
                 "slot {s} ({r:?})"
             );
         }
@@ -458,25 +272,31 @@ mod tests {
 
     #[test]
     fn derpp_draws_its_two_batches_independently() {
-        let probe = Spy::new(derpp(0.2, 1.0));
-        let mut t = mini_trainer(Box::new(probe.clone()), &[]);
-        t.run(&mut Silent).unwrap();
-        let spy = probe.lock();
+        let (t, _) = probe_run(derpp(0.2, 1.0), &[]);
+        let p: &Probe<Der> = probed(&t);
         // From the second step on, both draws happen; overlap of two independent uniform draws of
-        // n₁ and n₂ out of N slots is n₁n₂/N on average.
+        // n₁ and n₂ out of N stored samples is n₁n₂/N on average. A sample is stored at most
+        // once, so its reference identifies its slot.
         let (mut observed, mut expected, mut differ) = (0.0, 0.0, 0);
-        for (a, b, len) in &spy.draws[1..] {
-            assert_eq!(a.len(), 10.min(*len));
-            assert_eq!(b.len(), 10.min(*len));
-            observed += a.iter().filter(|s| b.contains(s)).count() as f64;
-            expected += (a.len() * b.len()) as f64 / *len as f64;
-            let (mut x, mut y) = (a.clone(), b.clone());
-            x.sort();
-            y.sort();
-            differ += usize::from(x != y);
+        let mut stored = 0usize;
+        for s in &p.steps {
+            let (a, b) = (&s.parts[1], &s.parts[2]);
+            assert_eq!(a.len(), 10.min(stored));
+            assert_eq!(b.len(), 10.min(stored));
+            if stored > 0 {
+                observed += a.iter().filter(|r| b.contains(r)).count() as f64;
+                expected += (a.len() * b.len()) as f64 / stored as f64;
+                let key = |v: &Vec<SampleRef>| {
+                    let mut k: Vec<(u32, u32)> = v.iter().map(|r| (r.task, r.index)).collect();
+                    k.sort();
+                    k
+                };
+                differ += usize::from(key(a) != key(b));
+            }
+            stored = (stored + s.parts[0].len()).min(200);
         }
-        assert!(spy.draws[0].0.is_empty() && spy.draws[0].1.is_empty());
-        assert!(differ > spy.draws.len() * 9 / 10, "{differ}");
+        assert!(p.steps[0].parts[1].is_empty() && p.steps[0].parts[2].is_empty());
+        assert!(differ > p.steps.len() * 9 / 10, "{differ}");
         assert!(
             (observed - expected).abs() < 0.2 * expected,
             "overlap {observed} vs {expected}"
@@ -568,12 +388,21 @@ mod tests {
             "benchmark.tasks=2",
         ];
         for (algo, moves) in [(der(0.2), true), (der(0.0), false)] {
-            let probe = Spy::new(algo);
-            let mut t = mini_trainer(Box::new(probe.clone()), &over);
-            t.run(&mut Silent).unwrap();
-            let spy = probe.lock();
-            assert_eq!(spy.head0.len(), 2);
-            assert_eq!(spy.head0[0] != spy.head0[1], moves);
+            let (t, _) = probe_run(algo, &over);
+            let p = probed::<Der>(&t);
+            let head0 = |w: &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+                t.model
+                    .params()
+                    .iter()
+                    .zip(w)
+                    .filter(|(p, _)| p.head == Some(0))
+                    .map(|(_, v)| v.clone())
+                    .collect()
+            };
+            // Task 1's head across the training of task 2.
+            let (before, after) = (head0(&p.weights_before[1]), head0(&p.weights_after[1]));
+            assert!(!before.is_empty());
+            assert_eq!(before != after, moves);
         }
     }
 
@@ -589,7 +418,7 @@ mod tests {
                 let spec: serde_yaml::Value =
                     serde_yaml::from_str(&format!("{{ name: {name} }}")).unwrap();
                 let (algo, resolved) = reg.build_algorithm(&spec, "t.yaml").unwrap();
-                assert_eq!(algo.name(), name);
+                assert_eq!(resolved.get("name").and_then(|n| n.as_str()), Some(name));
                 assert!(resolved.get("alpha").is_some());
                 let mut t = mini_trainer(algo, over);
                 let out = t.run(&mut Silent).unwrap();

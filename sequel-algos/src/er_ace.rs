@@ -37,48 +37,48 @@
 //! for growing label spaces (Mammoth lists it for class-IL and task-IL only).
 
 use candle_core::Tensor;
-use sequel_core::checkpoint::StateDict;
 use serde::{Deserialize, Serialize};
 
-use sequel_core::buffer::{BufferPolicy, InsertAt};
 use sequel_core::data::{Batch, TaskStream};
 use sequel_core::loss::task_loss;
-use sequel_core::model::ModelOutput;
-use sequel_core::{Algorithm, Error, Result, StepCtx, TaskCtx};
+use sequel_core::state::Flags;
+use sequel_core::{
+    Algorithm, AlgorithmConfig, Error, Memory, MemoryConfig, Result, StateIo, StepCtx, TaskCtx,
+};
 
 use crate::check;
-use crate::er::{default_buffer_size, default_replay_batch_size, reservoir, step};
-use crate::replay::Memory;
 
 /// The −∞ stand-in of the additive masks (as [`sequel_core::loss::unit_mask`]).
 const MASKED: f32 = -1e9;
 
-/// YAML keys of `algorithm: { name: er-ace, ... }`.
+/// YAML keys of `algorithm: { name: er-ace, ... }`, besides the memory's (`buffer_size: 200`,
+/// `buffer_policy: reservoir`, `insert: step`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ErAceConfig {
-    /// Memory size M in samples. Default 200.
-    #[serde(default = "default_buffer_size")]
-    pub buffer_size: usize,
-    /// Samples drawn from the memory per step. Default 10 (Mammoth's `minibatch_size` = batch size).
-    #[serde(default = "default_replay_batch_size")]
+    /// Samples drawn from the memory per step (Mammoth's `minibatch_size` = batch size).
     pub replay_batch_size: usize,
-    /// `reservoir` (default), `class_balanced` or `task_quota`.
-    #[serde(default = "reservoir")]
-    pub buffer_policy: BufferPolicy,
-    /// `step` (default: insert every step) or `task_end`.
-    #[serde(default = "step")]
-    pub insert: InsertAt,
+    #[serde(skip)]
+    pub memory: MemoryConfig,
 }
 
 impl Default for ErAceConfig {
     fn default() -> Self {
         Self {
-            buffer_size: default_buffer_size(),
-            replay_batch_size: default_replay_batch_size(),
-            buffer_policy: reservoir(),
-            insert: step(),
+            replay_batch_size: 10,
+            memory: MemoryConfig::default(),
         }
+    }
+}
+
+impl AlgorithmConfig for ErAceConfig {
+    const NAME: &'static str = "er-ace";
+    const SUMMARY: &'static str = "ER with asymmetric CE: incoming logits masked to the batch's and unseen classes, replay unmasked (Caccia et al. 2022)";
+    fn build(self) -> Result<Box<dyn Algorithm>> {
+        Ok(Box::new(ErAce::new(self)?))
+    }
+    fn memory(&mut self) -> Option<&mut MemoryConfig> {
+        Some(&mut self.memory)
     }
 }
 
@@ -86,35 +86,17 @@ pub struct ErAce {
     replay_batch_size: usize,
     memory: Memory,
     /// Per output unit: whether it has been the target of an incoming sample.
-    seen: Vec<bool>,
-    /// Slots of the last step's memory draw.
-    last_slots: Vec<u32>,
+    seen: Flags,
 }
 
 impl ErAce {
     pub fn new(cfg: ErAceConfig) -> Result<Self> {
-        check::at_least_one("buffer_size", cfg.buffer_size)?;
         check::at_least_one("replay_batch_size", cfg.replay_batch_size)?;
         Ok(Self {
             replay_batch_size: cfg.replay_batch_size,
-            memory: Memory::new(cfg.buffer_size, cfg.buffer_policy, cfg.insert, false),
-            seen: Vec::new(),
-            last_slots: Vec::new(),
+            memory: Memory::new(cfg.memory, false)?,
+            seen: Flags::default(),
         })
-    }
-
-    pub fn memory(&self) -> &Memory {
-        &self.memory
-    }
-
-    /// The units seen as incoming targets so far.
-    pub fn seen(&self) -> &[bool] {
-        &self.seen
-    }
-
-    /// Buffer slots of the last step's draw (empty when none).
-    pub fn last_slots(&self) -> &[u32] {
-        &self.last_slots
     }
 }
 
@@ -158,86 +140,37 @@ pub fn asymmetric_ce(
 }
 
 impl Algorithm for ErAce {
-    fn name(&self) -> &str {
-        "er-ace"
-    }
-
-    fn save_state(&self) -> Result<Option<StateDict>> {
-        let mut out = StateDict::new();
-        self.memory.save(&mut out)?;
-        let seen: Vec<u8> = self.seen.iter().map(|&s| s as u8).collect();
-        out.insert(
-            "seen".into(),
-            Tensor::from_vec(seen.clone(), seen.len(), &candle_core::Device::Cpu)?,
-        );
-        Ok(Some(out))
-    }
-
-    fn load_state(&mut self, state: &StateDict) -> Result<()> {
-        self.memory.load(state)?;
-        if let Some(t) = state.get("seen") {
-            self.seen = t.to_vec1::<u8>()?.into_iter().map(|s| s != 0).collect();
-        }
+    fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+        self.seen.0.resize(ctx.stream.num_units, false);
         Ok(())
     }
 
-    fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        self.seen.resize(ctx.stream.num_units, false);
-        self.memory.ensure(ctx.stream, ctx.rng)
-    }
-
-    /// From task 2 on the memory batch is appended to the incoming one, so one forward pass
-    /// serves both terms.
-    fn prepare_batch(&mut self, batch: Batch, ctx: &mut StepCtx) -> Result<Batch> {
-        self.last_slots.clear();
-        if ctx.task == 0 {
-            return Ok(batch);
+    fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        for &u in &batch.units {
+            let s = self.seen.0.get_mut(u as usize);
+            *s.ok_or_else(|| Error::msg(format!("target unit {u} outside the output units")))? =
+                true;
         }
-        match self
+        if ctx.task == 0 {
+            return ctx.ce(batch);
+        }
+        let replay = self
             .memory
-            .draw(self.replay_batch_size, ctx.stream, ctx.device)?
-        {
-            Some(d) => {
-                self.last_slots = d.slots;
-                batch.append(&d.batch)
-            }
-            None => Ok(batch),
-        }
-    }
-
-    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-        let n = batch.incoming;
-        for &u in &batch.units[..n] {
-            let s = self
-                .seen
-                .get_mut(u as usize)
-                .ok_or_else(|| Error::msg(format!("target unit {u} outside the output units")))?;
-            *s = true;
-        }
-        if ctx.task == 0 {
-            return ctx.task_loss(out, batch);
-        }
-        let incoming = batch.narrow(0, n)?;
-        let mut loss = asymmetric_ce(
-            &out.logits.narrow(0, 0, n)?,
-            &incoming,
-            &self.seen,
-            ctx.stream,
-        )?;
-        let k = batch.len() - n;
-        if k > 0 {
-            let replayed = batch.narrow(n, k)?;
-            loss = (loss + task_loss(&out.logits.narrow(0, n, k)?, &replayed, ctx.stream)?)?;
+            .draw(self.replay_batch_size, ctx.stream, ctx.device)?;
+        let f = ctx.forward(&[batch, &replay.batch])?;
+        let mut loss = asymmetric_ce(&f.logits(0)?, batch, &self.seen.0, ctx.stream)?;
+        if f.has(1) {
+            loss = (loss + task_loss(&f.logits(1)?, &replay.batch, ctx.stream)?)?;
         }
         Ok(loss)
     }
 
-    fn after_step(&mut self, batch: &Batch, out: &ModelOutput, _ctx: &mut StepCtx) -> Result<()> {
-        self.memory.after_step(batch, out)
+    fn state(&mut self, io: &mut StateIo) -> Result<()> {
+        io.field("seen", &mut self.seen)
     }
 
-    fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        self.memory.after_task(ctx)
+    fn memory(&mut self) -> Option<&mut Memory> {
+        Some(&mut self.memory)
     }
 }
 
@@ -248,7 +181,7 @@ mod tests {
     use sequel_core::trainer::Silent;
 
     use super::*;
-    use crate::testing::{mini_trainer, Probe};
+    use crate::testing::mini_trainer;
 
     fn stream(over: &[&str]) -> TaskStream {
         mini_trainer(Box::new(crate::naive::Naive), over).stream
@@ -346,36 +279,31 @@ mod tests {
     }
 
     impl Algorithm for Check {
-        fn name(&self) -> &str {
-            "er-ace-check"
-        }
         fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
             self.ace.before_task(ctx)
         }
-        fn prepare_batch(&mut self, batch: Batch, ctx: &mut StepCtx) -> Result<Batch> {
-            self.ace.prepare_batch(batch, ctx)
-        }
-        fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-            let loss = self.ace.loss(out, batch, ctx)?;
+        fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+            let loss = self.ace.loss(batch, ctx)?;
             let l = loss.to_scalar::<f32>()? as f64;
+            let out = ctx.incoming_output().unwrap().clone();
+            let parts = ctx.forwarded_parts().to_vec();
             if ctx.task == 0 {
-                assert_eq!(l, ctx.task_loss(out, batch)?.to_scalar::<f32>()? as f64);
-                assert!(self.ace.last_slots().is_empty());
+                assert_eq!(
+                    l,
+                    ctx.task_loss(&out.logits, batch)?.to_scalar::<f32>()? as f64
+                );
+                assert_eq!(parts.len(), 1, "no replay on the first task");
                 return Ok(loss);
             }
-            let n = batch.incoming;
-            let batch = &batch.narrow(0, n)?;
-            let incoming = asymmetric_ce(
-                &out.logits.narrow(0, 0, n)?,
-                batch,
-                self.ace.seen(),
-                ctx.stream,
-            )?
-            .to_scalar::<f32>()? as f64;
-            let slots = self.ace.last_slots().to_vec();
-            assert_eq!(slots.len(), 10);
-            let buffer = self.ace.memory().buffer().unwrap();
-            let b = buffer.gather(&slots, ctx.stream, &mut GatherBuf::default(), ctx.device)?;
+            let incoming = asymmetric_ce(&out.logits, batch, &self.ace.seen.0, ctx.stream)?
+                .to_scalar::<f32>()? as f64;
+            assert_eq!(parts[1].len(), 10);
+            let b = ctx.stream.gather(
+                &parts[1],
+                sequel_core::data::Split::Train,
+                &mut GatherBuf::default(),
+                ctx.device,
+            )?;
             let z = ctx.model.forward(&b.x, true)?.logits;
             let lse = z.exp()?.sum(D::Minus1)?.log()?.to_vec1::<f32>()?;
             let z = z.to_vec2::<f32>()?;
@@ -389,7 +317,7 @@ mod tests {
             );
             self.checked += 1;
             // Replayed targets the incoming batch's mask removes.
-            let masked = ace_mask(&batch.units, &batch.tasks, self.ace.seen(), ctx.stream);
+            let masked = ace_mask(&batch.units, &batch.tasks, &self.ace.seen.0, ctx.stream);
             self.old_targets_replayed += b
                 .units
                 .iter()
@@ -397,33 +325,24 @@ mod tests {
                 .count();
             Ok(loss)
         }
-        fn after_step(
-            &mut self,
-            batch: &Batch,
-            out: &ModelOutput,
-            ctx: &mut StepCtx,
-        ) -> Result<()> {
-            self.ace.after_step(batch, out, ctx)
-        }
-        fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-            self.ace.after_task(ctx)
+        fn memory(&mut self) -> Option<&mut Memory> {
+            self.ace.memory()
         }
     }
 
     #[test]
     fn loss_is_masked_incoming_ce_plus_unmasked_replay_ce() {
-        let probe = Probe::new(Check {
+        let check = Check {
             ace: ErAce::new(ErAceConfig::default()).unwrap(),
             checked: 0,
             old_targets_replayed: 0,
-        });
-        let mut t = mini_trainer(Box::new(probe.clone()), &["benchmark.tasks=3"]);
-        t.run(&mut Silent).unwrap();
-        let c = probe.lock();
+        };
+        let (t, _) = crate::testing::probe_run(check, &["benchmark.tasks=3"]);
+        let c = &crate::testing::probed::<Check>(&t).algo;
         assert_eq!(c.checked, 10);
         assert!(c.old_targets_replayed > 50, "{}", c.old_targets_replayed);
         // Three tasks of two classes: six units, all seen.
-        assert_eq!(c.ace.seen(), &[true; 6]);
+        assert_eq!(c.ace.seen.0, &[true; 6]);
     }
 
     #[test]
@@ -437,12 +356,11 @@ mod tests {
             &["benchmark.scenario=task-il", "benchmark.task_il_head=multi"][..],
         ] {
             let (algo, _) = reg.build_algorithm(&spec, "t.yaml").unwrap();
-            assert_eq!(algo.name(), "er-ace");
             let mut t = mini_trainer(algo, over);
             let out = t.run(&mut Silent).unwrap();
             assert!(out.failure.is_none(), "{over:?}");
             assert_eq!(out.matrix.rows.len(), 5);
-            rows.push(out.matrix.rows);
+            rows.push(out.results.matrix.rows);
         }
         let er = mini_trainer(
             Box::new(crate::er::Er::new(Default::default()).unwrap()),

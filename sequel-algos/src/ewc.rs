@@ -26,14 +26,13 @@
 //! statistics). With `lambda: 0` nothing is computed and training is bit-identical to `naive`.
 
 use candle_core::{DType, Tensor, D};
-use sequel_core::checkpoint::StateDict;
 use serde::{Deserialize, Serialize};
 
 use sequel_core::algorithm::task_samples;
 use sequel_core::data::{Batch, SampleRef};
 use sequel_core::model::{Model, ModelOutput};
 use sequel_core::rng::SeededRng;
-use sequel_core::{Algorithm, Result, StepCtx, TaskCtx};
+use sequel_core::{Algorithm, AlgorithmConfig, Result, StateIo, StepCtx, TaskCtx};
 
 use crate::check;
 use crate::importance::{mean_gradient_statistic, subset, training_log_probs, Granularity, Reduce};
@@ -80,38 +79,21 @@ pub struct FisherSpec {
 
 /// YAML keys of `algorithm: { name: ewc, ... }`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct EwcConfig {
     /// Penalty strength λ in `(λ/2)·Σ F(θ − θ*)²`. Default 1.0 (SequeL's `ewc_lambda`;
     /// continual-learning-baselines' permuted MNIST).
-    #[serde(default = "one")]
     pub lambda: f64,
     /// `empirical` (default, as Avalanche, Mammoth and SequeL) or `true`.
-    #[serde(default = "empirical")]
     pub fisher: FisherKind,
     /// `per-sample` (default) or `minibatch`.
-    #[serde(default = "per_sample")]
     pub fisher_mode: Granularity,
     /// Minibatch size of `fisher_mode: minibatch`. Default 10 (the default `training.batch_size`).
-    #[serde(default = "ten")]
     pub fisher_batch_size: usize,
     /// Estimate the Fisher on at most this many of the task's training samples (a seeded random
     /// subset). Default: all of them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub fisher_samples: Option<usize>,
-}
-
-pub(crate) fn one() -> f64 {
-    1.0
-}
-pub(crate) fn ten() -> usize {
-    10
-}
-pub(crate) fn empirical() -> FisherKind {
-    FisherKind::Empirical
-}
-pub(crate) fn per_sample() -> Granularity {
-    Granularity::PerSample
 }
 
 impl Default for EwcConfig {
@@ -123,6 +105,15 @@ impl Default for EwcConfig {
             fisher_batch_size: 10,
             fisher_samples: None,
         }
+    }
+}
+
+impl AlgorithmConfig for EwcConfig {
+    const NAME: &'static str = "ewc";
+    const SUMMARY: &'static str =
+        "Elastic Weight Consolidation, one Fisher + anchor per past task (Kirkpatrick et al. 2017)";
+    fn build(self) -> Result<Box<dyn Algorithm>> {
+        Ok(Box::new(Ewc::new(self)?))
     }
 }
 
@@ -267,29 +258,11 @@ pub(crate) fn task_fisher(ctx: &mut TaskCtx, spec: &FisherSpec) -> Result<PerPar
 }
 
 impl Algorithm for Ewc {
-    fn name(&self) -> &str {
-        "ewc"
-    }
-
-    fn save_state(&self) -> Result<Option<StateDict>> {
-        let mut out = StateDict::new();
-        self.penalty.save(&mut out, "penalty")?;
-        Ok(Some(out))
-    }
-
-    fn load_state(&mut self, state: &StateDict) -> Result<()> {
-        self.penalty = QuadraticPenalty::load(state, "penalty")?;
-        Ok(())
-    }
-
-    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-        let ce = ctx.task_loss(out, batch)?;
-        if self.lambda == 0.0 {
-            return Ok(ce);
-        }
+    fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        let ce = ctx.ce(batch)?;
         match self.penalty.value(ctx.model.params())? {
-            Some(r) => Ok((ce + (r * (self.lambda / 2.0))?)?),
-            None => Ok(ce),
+            Some(r) if self.lambda > 0.0 => Ok((ce + (r * (self.lambda / 2.0))?)?),
+            _ => Ok(ce),
         }
     }
 
@@ -303,12 +276,16 @@ impl Algorithm for Ewc {
         self.last_fisher = Some(fisher);
         Ok(())
     }
+
+    fn state(&mut self, io: &mut StateIo) -> Result<()> {
+        io.scope("penalty", |io| self.penalty.state(io))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{linear_model_task, mini_trainer, Probe};
+    use crate::testing::{linear_model_task, probe_run, probed};
 
     /// Per-sample Fisher of a linear softmax classifier, `F = mean_n ((p − e_y) ⊗ x)²` (weights) and
     /// `mean_n (p − e_y)²` (bias) for the empirical Fisher, `Σ_c p_c ((e_c − p) ⊗ x)²` for the true
@@ -518,9 +495,8 @@ mod tests {
     #[test]
     fn fisher_respects_the_multi_head_mask() {
         // In multi-head task-IL a task's Fisher lives on its own head rows and the shared body.
-        let probe = Probe::new(Ewc::new(EwcConfig::default()).unwrap());
-        let mut t = mini_trainer(
-            Box::new(probe.clone()),
+        let (t, _) = probe_run(
+            Ewc::new(EwcConfig::default()).unwrap(),
             &[
                 "benchmark.scenario=task-il",
                 "benchmark.task_il_head=multi",
@@ -528,8 +504,7 @@ mod tests {
                 "benchmark.train_subset=20",
             ],
         );
-        t.run(&mut sequel_core::trainer::Silent).unwrap();
-        let ewc = probe.lock();
+        let ewc = &probed::<Ewc>(&t).algo;
         let f = ewc.last_fisher().unwrap();
         // Multi-head: the trainable tensors end with head.0.{weight,bias} (task 1) and
         // head.1.{weight,bias} (task 2). Task 2's Fisher lives on its own head only.

@@ -16,41 +16,33 @@
 //! bit-identical to `naive`.
 
 use candle_core::Tensor;
-use sequel_core::checkpoint::StateDict;
 use serde::{Deserialize, Serialize};
 
 use sequel_core::data::Batch;
-use sequel_core::model::{Model, ModelOutput};
-use sequel_core::{Algorithm, Result, StepCtx, TaskCtx};
+use sequel_core::model::Model;
+use sequel_core::{Algorithm, AlgorithmConfig, Result, StateIo, StepCtx, TaskCtx};
 
 use crate::check;
-use crate::ewc::{
-    check_fisher, empirical, one, per_sample, scalar, task_fisher, ten, FisherKind, FisherSpec,
-};
+use crate::ewc::{check_fisher, scalar, task_fisher, FisherKind, FisherSpec};
 use crate::importance::Granularity;
-use crate::penalty::{load_penalty_state, save_penalty_state, PerParam, QuadraticPenalty};
+use crate::penalty::{PerParam, QuadraticPenalty};
 
 /// YAML keys of `algorithm: { name: ewc-online, ... }`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct OnlineEwcConfig {
     /// Penalty strength λ in `λ·Σ F̃(θ − θ*)²` (no ½). Default 1.0.
-    #[serde(default = "one")]
     pub lambda: f64,
     /// Decay γ of the running Fisher, in [0, 1]. Default 1.0 (Mammoth's best on every benchmark).
-    #[serde(default = "one")]
     pub gamma: f64,
     /// `empirical` (default) or `true`; see `ewc`.
-    #[serde(default = "empirical")]
     pub fisher: FisherKind,
     /// `per-sample` (default) or `minibatch`.
-    #[serde(default = "per_sample")]
     pub fisher_mode: Granularity,
     /// Minibatch size of `fisher_mode: minibatch`. Default 10.
-    #[serde(default = "ten")]
     pub fisher_batch_size: usize,
     /// Estimate each Fisher on at most this many training samples. Default: all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub fisher_samples: Option<usize>,
 }
 
@@ -64,6 +56,15 @@ impl Default for OnlineEwcConfig {
             fisher_batch_size: 10,
             fisher_samples: None,
         }
+    }
+}
+
+impl AlgorithmConfig for OnlineEwcConfig {
+    const NAME: &'static str = "ewc-online";
+    const SUMMARY: &'static str =
+        "online EWC: one running Fisher with decay gamma, one anchor (Schwarz et al. 2018)";
+    fn build(self) -> Result<Box<dyn Algorithm>> {
+        Ok(Box::new(OnlineEwc::new(self)?))
     }
 }
 
@@ -108,28 +109,17 @@ impl OnlineEwc {
 }
 
 impl Algorithm for OnlineEwc {
-    fn name(&self) -> &str {
-        "ewc-online"
-    }
-
-    fn save_state(&self) -> Result<Option<StateDict>> {
-        save_penalty_state(&self.penalty, self.running.as_ref())
-    }
-
-    fn load_state(&mut self, state: &StateDict) -> Result<()> {
-        (self.penalty, self.running) = load_penalty_state(state)?;
-        Ok(())
-    }
-
-    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-        let ce = ctx.task_loss(out, batch)?;
-        if self.lambda == 0.0 {
-            return Ok(ce);
-        }
+    fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        let ce = ctx.ce(batch)?;
         match self.penalty.value(ctx.model.params())? {
-            Some(r) => Ok((ce + (r * self.lambda)?)?),
-            None => Ok(ce),
+            Some(r) if self.lambda > 0.0 => Ok((ce + (r * self.lambda)?)?),
+            _ => Ok(ce),
         }
+    }
+
+    fn state(&mut self, io: &mut StateIo) -> Result<()> {
+        io.scope("penalty", |io| self.penalty.state(io))?;
+        io.field("accumulator", &mut self.running)
     }
 
     fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
@@ -151,27 +141,25 @@ impl Algorithm for OnlineEwc {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{mini_trainer, Probe};
+    use crate::testing::{probe_run, probed};
 
     #[test]
     fn running_fisher_is_decayed_before_the_new_one_is_added() {
         // γ enters only when the second Fisher is added, after the last step: the three runs
         // train identically, so F₁ and F₂ are the same in all of them and F̃ = γ·F₁ + F₂.
         let run = |gamma: f64| {
-            let probe = Probe::new(
-                OnlineEwc::new(OnlineEwcConfig {
-                    lambda: 1.0,
-                    gamma,
-                    ..Default::default()
-                })
-                .unwrap(),
-            );
-            let mut t = mini_trainer(
-                Box::new(probe.clone()),
-                &["benchmark.tasks=2", "benchmark.train_subset=20"],
-            );
-            t.run(&mut sequel_core::trainer::Silent).unwrap();
-            let f = probe.lock().running_fisher().unwrap().clone();
+            let algo = OnlineEwc::new(OnlineEwcConfig {
+                lambda: 1.0,
+                gamma,
+                ..Default::default()
+            })
+            .unwrap();
+            let (t, _) = probe_run(algo, &["benchmark.tasks=2", "benchmark.train_subset=20"]);
+            let f = probed::<OnlineEwc>(&t)
+                .algo
+                .running_fisher()
+                .unwrap()
+                .clone();
             (f, t)
         };
         // γ = 0 leaves F₂ alone, so F̃(0.5) − F₂ = 0.5·F₁ and F̃(1) − F₂ = F₁.

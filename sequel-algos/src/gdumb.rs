@@ -38,91 +38,65 @@
 //! authors' (`maxlr 0.05, minlr 0.0005, weight_decay 1e-6, batch_size 16, clip 10`, SGD momentum
 //! 0.9, 128 passes on MNIST), except `buffer_size` (ER's 200, to compare at equal memory).
 
-use candle_core::{backprop::GradStore, DType};
-use sequel_core::checkpoint::{load_list, save_list, StateDict};
 use serde::{Deserialize, Serialize};
 
 use sequel_core::buffer::{BufferPolicy, InsertAt};
 use sequel_core::data::SampleRef;
 use sequel_core::model::Snapshot;
 use sequel_core::optim::{Optimizer, Sgd};
-use sequel_core::{Algorithm, Error, Result, TaskCtx};
+use sequel_core::step::train_step;
+use sequel_core::{
+    Algorithm, AlgorithmConfig, Error, Memory, MemoryConfig, Result, StateIo, TaskCtx,
+};
 
 use crate::check;
-use crate::replay::Memory;
 
 /// YAML keys of `algorithm: { name: gdumb, ... }`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct GdumbConfig {
-    /// Memory size K in samples. Default 200.
-    #[serde(default = "crate::er::default_buffer_size")]
+    /// Memory size K in samples.
     pub buffer_size: usize,
-    /// Epochs (passes over the memory) of each fit. Default 128 (the paper's MNIST value; 256 on
-    /// CIFAR, Mammoth's default).
-    #[serde(default = "default_fit_epochs")]
+    /// Epochs (passes over the memory) of each fit (the paper's MNIST value; 256 on CIFAR,
+    /// Mammoth's default).
     pub fit_epochs: usize,
-    /// Minibatch size of the fit. Default 16.
-    #[serde(default = "default_fit_batch_size")]
+    /// Minibatch size of the fit.
     pub fit_batch_size: usize,
-    /// Learning rate at the start of each cosine cycle. Default 0.05.
-    #[serde(default = "default_max_lr")]
+    /// Learning rate at the start of each cosine cycle.
     pub max_lr: f64,
-    /// Learning rate at the end of each cosine cycle. Default 0.0005.
-    #[serde(default = "default_min_lr")]
+    /// Learning rate at the end of each cosine cycle.
     pub min_lr: f64,
-    /// Epochs at `max_lr / 10` before the cosine cycles. Default 1.
-    #[serde(default = "default_warmup_epochs")]
+    /// Epochs at `max_lr / 10` before the cosine cycles.
     pub warmup_epochs: usize,
-    /// SGD momentum. Default 0.9.
-    #[serde(default = "default_momentum")]
+    /// SGD momentum.
     pub momentum: f64,
-    /// Coupled L2 weight decay. Default 1e-6.
-    #[serde(default = "default_weight_decay")]
+    /// Coupled L2 weight decay.
     pub weight_decay: f64,
-    /// Largest global gradient L2 norm; larger gradients are rescaled to it. 0 disables. Default 10.
-    #[serde(default = "default_clip_grad_norm")]
+    /// Largest global gradient L2 norm; larger gradients are rescaled to it. 0 disables.
     pub clip_grad_norm: f64,
-}
-
-fn default_fit_epochs() -> usize {
-    128
-}
-fn default_fit_batch_size() -> usize {
-    16
-}
-fn default_max_lr() -> f64 {
-    0.05
-}
-fn default_min_lr() -> f64 {
-    0.0005
-}
-fn default_warmup_epochs() -> usize {
-    1
-}
-fn default_momentum() -> f64 {
-    0.9
-}
-fn default_weight_decay() -> f64 {
-    1e-6
-}
-fn default_clip_grad_norm() -> f64 {
-    10.0
 }
 
 impl Default for GdumbConfig {
     fn default() -> Self {
         Self {
-            buffer_size: crate::er::default_buffer_size(),
-            fit_epochs: default_fit_epochs(),
-            fit_batch_size: default_fit_batch_size(),
-            max_lr: default_max_lr(),
-            min_lr: default_min_lr(),
-            warmup_epochs: default_warmup_epochs(),
-            momentum: default_momentum(),
-            weight_decay: default_weight_decay(),
-            clip_grad_norm: default_clip_grad_norm(),
+            buffer_size: 200,
+            fit_epochs: 128,
+            fit_batch_size: 16,
+            max_lr: 0.05,
+            min_lr: 0.0005,
+            warmup_epochs: 1,
+            momentum: 0.9,
+            weight_decay: 1e-6,
+            clip_grad_norm: 10.0,
         }
+    }
+}
+
+impl AlgorithmConfig for GdumbConfig {
+    const NAME: &'static str = "gdumb";
+    const SUMMARY: &'static str = "GDumb: class-balanced greedy memory; after each task re-initialise and train on the memory only (Prabhu et al. 2020)";
+    fn build(self) -> Result<Box<dyn Algorithm>> {
+        Ok(Box::new(Gdumb::new(self)?))
     }
 }
 
@@ -135,7 +109,6 @@ pub struct Gdumb {
 
 impl Gdumb {
     pub fn new(cfg: GdumbConfig) -> Result<Self> {
-        check::at_least_one("buffer_size", cfg.buffer_size)?;
         check::at_least_one("fit_epochs", cfg.fit_epochs)?;
         check::at_least_one("fit_batch_size", cfg.fit_batch_size)?;
         check::positive("max_lr", cfg.max_lr)?;
@@ -153,29 +126,17 @@ impl Gdumb {
         check::unit_interval("momentum", cfg.momentum)?;
         check::non_negative("weight_decay", cfg.weight_decay)?;
         check::non_negative("clip_grad_norm", cfg.clip_grad_norm)?;
+        // The greedy class-balanced sampler at the task's end is the method, not an option.
+        let memory = MemoryConfig {
+            buffer_size: cfg.buffer_size,
+            buffer_policy: BufferPolicy::ClassBalanced,
+            insert: InsertAt::TaskEnd,
+        };
         Ok(Self {
-            memory: Memory::new(
-                cfg.buffer_size,
-                BufferPolicy::ClassBalanced,
-                InsertAt::TaskEnd,
-                false,
-            ),
+            memory: Memory::new(memory, false)?,
             cfg,
             initial: None,
         })
-    }
-
-    pub fn memory(&self) -> &Memory {
-        &self.memory
-    }
-
-    /// θ₀ (checkpoints: a resumed run must put it back with [`Gdumb::set_initial`]).
-    pub fn initial(&self) -> Option<&Snapshot> {
-        self.initial.as_ref()
-    }
-
-    pub fn set_initial(&mut self, s: Snapshot) {
-        self.initial = Some(s);
     }
 
     /// Learning rate of fit epoch `epoch` (0-based): warm-up, then SGDR with `T₀ = 1`, `T_mult = 2`.
@@ -194,19 +155,20 @@ impl Gdumb {
         min + 0.5 * (max - min) * (1.0 + (std::f64::consts::PI * frac).cos())
     }
 
-    /// Train the (re-initialised) model on the memory alone.
+    /// Train the (re-initialised) model on the memory alone, with the trainer's step rules.
     fn fit(&mut self, ctx: &mut TaskCtx) -> Result<()> {
         let len = self.memory.buffer().map_or(0, |b| b.len());
         if len == 0 {
             return Ok(());
         }
-        let params = ctx.model.params();
+        let c = &self.cfg;
         let mut opt = Sgd::new(
-            self.cfg.max_lr as f32,
-            self.cfg.momentum as f32,
+            c.max_lr as f32,
+            c.momentum as f32,
             false,
-            self.cfg.weight_decay as f32,
+            c.weight_decay as f32,
         );
+        let clip = (c.clip_grad_norm > 0.0).then_some(c.clip_grad_norm);
         let mut slots: Vec<u32> = (0..len as u32).collect();
         let mut step = 0;
         for epoch in 0..self.cfg.fit_epochs {
@@ -223,36 +185,16 @@ impl Gdumb {
                     .memory
                     .batch_of(chunk.to_vec(), ctx.stream, ctx.device)?
                     .batch;
-                let out = ctx.model.forward(&batch.x, true)?;
-                let loss = sequel_core::loss::task_loss(&out.logits, &batch, ctx.stream)?;
-                let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-                if !value.is_finite() {
-                    tracing::warn!(
-                        task = ctx.task + 1,
-                        epoch = epoch + 1,
-                        "GDumb's fit on the memory diverged; lower algorithm.max_lr"
-                    );
-                    return Err(Error::NonFiniteLoss {
-                        value,
-                        task: ctx.task + 1,
-                        epoch: epoch + 1,
-                        step: step + 1,
-                    });
-                }
-                let mut grads = loss.backward()?;
-                if ctx.stream.mask_in_training() {
-                    // As in the trainer: heads of tasks absent from the batch get no gradient, so
-                    // weight decay and momentum leave them alone.
-                    for p in params.iter() {
-                        if p.head.is_some_and(|h| !batch.tasks.contains(&(h as u32))) {
-                            grads.remove(p.var.as_tensor());
-                        }
-                    }
-                }
-                if self.cfg.clip_grad_norm > 0.0 {
-                    clip_grad_norm(&mut grads, params, self.cfg.clip_grad_norm)?;
-                }
-                opt.step(params, &grads)?;
+                let at = (ctx.task + 1, epoch + 1, step + 1);
+                train_step(ctx.model, ctx.stream, &batch, &mut opt, clip, at).inspect_err(
+                    |_| {
+                        tracing::warn!(
+                            task = ctx.task + 1,
+                            epoch = epoch + 1,
+                            "GDumb's fit on the memory diverged; lower algorithm.max_lr"
+                        )
+                    },
+                )?;
                 step += 1;
             }
         }
@@ -260,71 +202,20 @@ impl Gdumb {
     }
 }
 
-/// Rescale the trainable parameters' gradients so their global L2 norm is at most `max_norm`.
-fn clip_grad_norm(
-    grads: &mut GradStore,
-    params: &sequel_core::model::ParamSet,
-    max_norm: f64,
-) -> Result<()> {
-    let mut sq = 0f64;
-    let mut present = Vec::new();
-    for (p, g) in params.grads(grads) {
-        if let Some(g) = g {
-            sq += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
-            present.push(p.var.as_tensor().clone());
-        }
-    }
-    let norm = sq.sqrt();
-    if norm <= max_norm {
-        return Ok(());
-    }
-    let scale = max_norm / (norm + 1e-6);
-    for t in present {
-        if let Some(g) = grads.get(&t) {
-            let scaled = (g * scale)?;
-            grads.insert(&t, scaled);
-        }
-    }
-    Ok(())
-}
-
 impl Algorithm for Gdumb {
-    fn name(&self) -> &str {
-        "gdumb"
-    }
-
-    fn save_state(&self) -> Result<Option<StateDict>> {
-        let mut out = StateDict::new();
-        self.memory.save(&mut out)?;
-        if let Some(s) = &self.initial {
-            save_list(&mut out, "initial", &s.tensors)?;
-        }
-        Ok(Some(out))
-    }
-
-    fn load_state(&mut self, state: &StateDict) -> Result<()> {
-        self.memory.load(state)?;
-        self.initial = load_list(state, "initial")?.map(|tensors| Snapshot { tensors });
-        Ok(())
-    }
-
     fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
         if self.initial.is_none() {
             self.initial = Some(ctx.model.params().snapshot()?);
         }
-        self.memory.ensure(ctx.stream, ctx.rng)
+        Ok(())
     }
 
     fn training_samples(&mut self, _ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
         Ok(Vec::new())
     }
 
+    /// The memory is filled (by the trainer) before this runs.
     fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        self.memory.after_task(ctx)?;
         let initial = self
             .initial
             .as_ref()
@@ -332,12 +223,20 @@ impl Algorithm for Gdumb {
         ctx.model.params().restore(initial)?;
         self.fit(ctx)
     }
+
+    fn state(&mut self, io: &mut StateIo) -> Result<()> {
+        io.field("initial", &mut self.initial)
+    }
+
+    fn memory(&mut self) -> Option<&mut Memory> {
+        Some(&mut self.memory)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{mini_trainer, Probe};
+    use crate::testing::{mini_trainer, probe_run, probed};
     use candle_core::Device;
     use sequel_core::data::{GatherBuf, Split};
     use sequel_core::trainer::Silent;
@@ -369,8 +268,8 @@ mod tests {
     }
 
     impl Algorithm for Watch {
-        fn name(&self) -> &str {
-            "gdumb-watch"
+        fn memory(&mut self) -> Option<&mut Memory> {
+            self.g.memory()
         }
         fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
             self.g.before_task(ctx)?;
@@ -386,29 +285,27 @@ mod tests {
         }
         fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
             self.g.after_task(ctx)?;
-            let b = self.g.memory().buffer().unwrap();
+            let b = self.g.memory.buffer().unwrap();
             self.counts.push(b.unit_counts(ctx.stream.num_units));
             self.weights.push(flat(ctx.model));
             Ok(())
         }
     }
 
-    fn watch(k: usize, epochs: usize, scramble: bool) -> Probe<Watch> {
-        Probe::new(Watch {
+    fn watch(k: usize, epochs: usize, scramble: bool) -> Watch {
+        Watch {
             g: gdumb(k, epochs),
             counts: Vec::new(),
             weights: Vec::new(),
             scramble,
-        })
+        }
     }
 
     #[test]
     fn memory_stays_class_balanced_and_the_stream_gives_no_steps() {
-        let probe = watch(30, 1, false);
-        let mut t = mini_trainer(Box::new(probe.clone()), &[]);
-        let out = t.run(&mut Silent).unwrap();
+        let (t, out) = probe_run(watch(30, 1, false), &[]);
         assert!(out.times.iter().all(|x| x.steps == 0));
-        let w = probe.lock();
+        let w = &probed::<Watch>(&t).algo;
         for (task, counts) in w.counts.iter().enumerate() {
             let seen = &counts[..2 * (task + 1)];
             assert_eq!(seen.iter().sum::<usize>(), 30, "task {task}: {counts:?}");
@@ -425,11 +322,8 @@ mod tests {
         let runs: Vec<Vec<Vec<f32>>> = [false, true]
             .into_iter()
             .map(|scramble| {
-                let probe = watch(20, 2, scramble);
-                let mut t = mini_trainer(Box::new(probe.clone()), &["benchmark.tasks=3"]);
-                t.run(&mut Silent).unwrap();
-                let w = probe.lock();
-                w.weights.clone()
+                let (t, _) = probe_run(watch(20, 2, scramble), &["benchmark.tasks=3"]);
+                probed::<Watch>(&t).algo.weights.clone()
             })
             .collect();
         assert_eq!(runs[0], runs[1]);
@@ -440,11 +334,9 @@ mod tests {
 
     #[test]
     fn the_fit_learns_the_memory() {
-        let probe = watch(20, 32, false);
-        let mut t = mini_trainer(Box::new(probe.clone()), &["benchmark.tasks=2"]);
-        t.run(&mut Silent).unwrap();
-        let g = &probe.lock().g;
-        let buffer = g.memory().buffer().unwrap();
+        let (t, _) = probe_run(watch(20, 32, false), &["benchmark.tasks=2"]);
+        let g = &probed::<Watch>(&t).algo.g;
+        let buffer = g.memory.buffer().unwrap();
         let b = t
             .stream
             .gather(
@@ -488,36 +380,6 @@ mod tests {
     }
 
     #[test]
-    fn clipping_bounds_the_global_norm() {
-        let t = mini_trainer(Box::new(crate::naive::Naive), &[]);
-        let params = t.model.params();
-        let loss = params
-            .iter()
-            .map(|p| (p.var.as_tensor().sqr().unwrap().sum_all().unwrap() * 1e3).unwrap())
-            .reduce(|a, b| (a + b).unwrap())
-            .unwrap();
-        let mut grads = loss.backward().unwrap();
-        let norm = |g: &GradStore| -> f64 {
-            params
-                .grads(g)
-                .filter_map(|(_, g)| g)
-                .map(|g| {
-                    g.sqr()
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap() as f64
-                })
-                .sum::<f64>()
-                .sqrt()
-        };
-        assert!(norm(&grads) > 10.0);
-        clip_grad_norm(&mut grads, params, 10.0).unwrap();
-        assert!((norm(&grads) - 10.0).abs() < 1e-3, "{}", norm(&grads));
-    }
-
-    #[test]
     fn invalid_learning_rates_name_the_key() {
         let e = Gdumb::new(GdumbConfig {
             min_lr: 0.1,
@@ -531,8 +393,7 @@ mod tests {
     }
 
     fn run_scenario(overrides: &[&str]) {
-        let probe = watch(40, 4, false);
-        let mut t = mini_trainer(Box::new(probe.clone()), overrides);
+        let mut t = mini_trainer(Box::new(watch(40, 4, false)), overrides);
         let out = t.run(&mut Silent).unwrap();
         assert!(out.failure.is_none(), "{overrides:?}: {:?}", out.failure);
         assert_eq!(out.matrix.rows.len(), 5);
@@ -567,7 +428,7 @@ mod tests {
             true,
         )));
         let out = t.run(&mut Silent).unwrap();
-        match out.failure {
+        match &out.failure {
             Some(Error::Stopped(m)) => assert!(m.contains("GDumb fit after task 1"), "{m}"),
             other => panic!("{other:?}"),
         }
@@ -602,8 +463,7 @@ mod tests {
             "{ name: gdumb, buffer_size: 500, fit_epochs: 3, fit_batch_size: 8, max_lr: 0.1, min_lr: 0.001, warmup_epochs: 0, momentum: 0.5, weight_decay: 0.0, clip_grad_norm: 5 }",
         )
         .unwrap();
-        let (a, resolved) = reg.build_algorithm(&spec, "t.yaml").unwrap();
-        assert_eq!(a.name(), "gdumb");
+        let (_, resolved) = reg.build_algorithm(&spec, "t.yaml").unwrap();
         assert_eq!(resolved["fit_batch_size"].as_u64(), Some(8));
         let bad: serde_yaml::Value = serde_yaml::from_str("{ name: gdumb, fit_epoch: 3 }").unwrap();
         let e = reg

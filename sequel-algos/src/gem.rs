@@ -48,59 +48,52 @@
 //! also move the running statistics, as in the reference implementations.
 
 use candle_core::{backprop::GradStore, Tensor};
-use sequel_core::checkpoint::StateDict;
 use serde::{Deserialize, Serialize};
 
-use sequel_core::buffer::{BufferPolicy, InsertAt};
-use sequel_core::data::Batch;
-use sequel_core::model::ModelOutput;
-use sequel_core::{Algorithm, Error, Result, StepCtx, TaskCtx};
+use sequel_core::{
+    Algorithm, AlgorithmConfig, Error, Memory, MemoryConfig, Result, StateIo, StepCtx, TaskCtx,
+};
 
-use crate::agem::{task_end, task_quota};
 use crate::check;
-use crate::er::default_buffer_size;
 use crate::flat;
 use crate::qp;
-use crate::replay::Memory;
 
 /// Diagonal added to `GGᵀ` (the authors' code).
 pub const EPSILON: f64 = 1e-3;
 
-/// YAML keys of `algorithm: { name: gem, ... }`.
+/// YAML keys of `algorithm: { name: gem, ... }`, besides the memory's (as A-GEM's:
+/// `buffer_size: 200`, `buffer_policy: task_quota`, `insert: task_end`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct GemConfig {
-    /// Episodic memory size in samples, over all tasks. Default 200.
-    #[serde(default = "default_buffer_size")]
-    pub buffer_size: usize,
     /// The margin γ ≥ 0 of the dual, `v ≥ γ`. Default 0.5 (the authors' code, Avalanche).
-    #[serde(default = "default_memory_strength")]
     pub memory_strength: f64,
     /// Samples per past task for its gradient g_k: `null` (default) = every stored sample of the
     /// task, as the paper; a number draws that many at random each step.
-    #[serde(default)]
     pub replay_batch_size: Option<usize>,
-    /// `task_quota` (default: ⌊buffer_size / T⌋ slots per task), `reservoir` or `class_balanced`.
-    #[serde(default = "task_quota")]
-    pub buffer_policy: BufferPolicy,
-    /// `task_end` (default: insert each finished task) or `step`.
-    #[serde(default = "task_end")]
-    pub insert: InsertAt,
-}
-
-fn default_memory_strength() -> f64 {
-    0.5
+    #[serde(skip)]
+    pub memory: MemoryConfig,
 }
 
 impl Default for GemConfig {
     fn default() -> Self {
         Self {
-            buffer_size: default_buffer_size(),
-            memory_strength: default_memory_strength(),
+            memory_strength: 0.5,
             replay_batch_size: None,
-            buffer_policy: task_quota(),
-            insert: task_end(),
+            memory: crate::agem::episodic_memory(),
         }
+    }
+}
+
+impl AlgorithmConfig for GemConfig {
+    const NAME: &'static str = "gem";
+    const SUMMARY: &'static str =
+        "GEM: QP projection so no past task's memory loss increases (Lopez-Paz & Ranzato 2017)";
+    fn build(self) -> Result<Box<dyn Algorithm>> {
+        Ok(Box::new(Gem::new(self)?))
+    }
+    fn memory(&mut self) -> Option<&mut MemoryConfig> {
+        Some(&mut self.memory)
     }
 }
 
@@ -149,7 +142,6 @@ pub fn project(g: &Tensor, rows: &[Tensor], gamma: f64, eps: f64) -> Result<Opti
 
 impl Gem {
     pub fn new(cfg: GemConfig) -> Result<Self> {
-        check::at_least_one("buffer_size", cfg.buffer_size)?;
         check::non_negative("memory_strength", cfg.memory_strength)?;
         if let Some(n) = cfg.replay_batch_size {
             check::at_least_one("replay_batch_size", n)?;
@@ -157,14 +149,10 @@ impl Gem {
         Ok(Self {
             memory_strength: cfg.memory_strength,
             replay_batch_size: cfg.replay_batch_size,
-            memory: Memory::new(cfg.buffer_size, cfg.buffer_policy, cfg.insert, false),
+            memory: Memory::new(cfg.memory, false)?,
             steps_with_constraints: 0,
             projections: 0,
         })
-    }
-
-    pub fn memory(&self) -> &Memory {
-        &self.memory
     }
 
     /// `(steps with at least one constraint, steps projected)` so far.
@@ -197,22 +185,6 @@ impl Gem {
 }
 
 impl Algorithm for Gem {
-    fn name(&self) -> &str {
-        "gem"
-    }
-
-    fn save_state(&self) -> Result<Option<StateDict>> {
-        self.memory.state()
-    }
-
-    fn load_state(&mut self, state: &StateDict) -> Result<()> {
-        self.memory.load(state)
-    }
-
-    fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        self.memory.ensure(ctx.stream, ctx.rng)
-    }
-
     fn edit_gradients(&mut self, grads: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
         let rows = self.past_task_gradients(ctx)?;
         if rows.is_empty() {
@@ -228,10 +200,6 @@ impl Algorithm for Gem {
         Ok(())
     }
 
-    fn after_step(&mut self, batch: &Batch, out: &ModelOutput, _ctx: &mut StepCtx) -> Result<()> {
-        self.memory.after_step(batch, out)
-    }
-
     fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
         tracing::info!(
             task = ctx.task + 1,
@@ -239,7 +207,16 @@ impl Algorithm for Gem {
             projected = self.projections,
             "gem projections so far"
         );
-        self.memory.after_task(ctx)
+        Ok(())
+    }
+
+    fn state(&mut self, io: &mut StateIo) -> Result<()> {
+        io.field("steps_with_constraints", &mut self.steps_with_constraints)?;
+        io.field("projections", &mut self.projections)
+    }
+
+    fn memory(&mut self) -> Option<&mut Memory> {
+        Some(&mut self.memory)
     }
 }
 
@@ -247,7 +224,8 @@ impl Algorithm for Gem {
 mod tests {
     use super::*;
     use crate::testing::{
-        host_dot, host_gradient, host_loss_gradient, mini_run, mini_trainer, Probe, SCENARIOS,
+        host_dot, host_gradient, host_loss_gradient, host_weights, mini_run, probe_run, probed,
+        SCENARIOS,
     };
     use candle_core::Device;
     use sequel_core::data::GatherBuf;
@@ -336,15 +314,12 @@ mod tests {
     }
 
     impl Algorithm for Check {
-        fn name(&self) -> &str {
-            "gem-check"
-        }
-        fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-            self.gem.before_task(ctx)
+        fn memory(&mut self) -> Option<&mut Memory> {
+            self.gem.memory()
         }
         fn edit_gradients(&mut self, grads: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
             let mut rows = Vec::new();
-            if let Some(b) = self.gem.memory().buffer() {
+            if let Some(b) = self.gem.memory.buffer() {
                 for k in 0..ctx.task {
                     let slots = b.slots_of_task(k as u32);
                     let batch =
@@ -395,26 +370,19 @@ mod tests {
             self.projected += 1;
             Ok(())
         }
-        fn after_step(&mut self, b: &Batch, o: &ModelOutput, ctx: &mut StepCtx) -> Result<()> {
-            self.gem.after_step(b, o, ctx)
-        }
-        fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-            self.gem.after_task(ctx)
-        }
     }
 
     #[test]
     fn the_hook_solves_the_dual_over_every_past_task() {
         for overrides in [SCENARIOS[0], SCENARIOS[2]] {
-            let probe = Probe::new(Check {
+            let check = Check {
                 gem: Gem::new(GemConfig::default()).unwrap(),
                 projected: 0,
                 unchanged: 0,
                 constraints: Vec::new(),
-            });
-            let mut tr = mini_trainer(Box::new(probe.clone()), overrides);
-            tr.run(&mut sequel_core::trainer::Silent).unwrap();
-            let c = probe.lock();
+            };
+            let (tr, _) = probe_run(check, overrides);
+            let c = &probed::<Check>(&tr).algo;
             // One constraint per past task: 5 steps each of tasks 2..5.
             let want: Vec<usize> = (1..5).flat_map(|k| [k; 5]).collect();
             assert_eq!(c.constraints, want, "{overrides:?}");
@@ -428,11 +396,13 @@ mod tests {
     fn five_tasks_in_every_scenario_and_a_trajectory_unlike_naive() {
         for overrides in SCENARIOS {
             let (_, naive) = mini_run(Box::new(crate::naive::Naive), overrides);
-            let probe = Probe::new(Gem::new(GemConfig::default()).unwrap());
-            let (rows, w) = mini_run(Box::new(probe.clone()), overrides);
-            assert_eq!(rows.len(), 5);
-            assert_ne!(w, naive, "{overrides:?}");
-            assert!(probe.lock().projection_counts().1 > 0, "{overrides:?}");
+            let (t, outcome) = probe_run(Gem::new(GemConfig::default()).unwrap(), overrides);
+            assert_eq!(outcome.matrix.rows.len(), 5);
+            assert_ne!(host_weights(t.model.as_ref()), naive, "{overrides:?}");
+            assert!(
+                probed::<Gem>(&t).algo.projection_counts().1 > 0,
+                "{overrides:?}"
+            );
         }
     }
 
@@ -458,7 +428,7 @@ mod tests {
         let (a, resolved) = reg
             .build_algorithm(&serde_yaml::from_str("{ name: gem }").unwrap(), "x.yaml")
             .unwrap();
-        assert_eq!(a.name(), "gem");
+        drop(a);
         let want: serde_yaml::Value = serde_yaml::from_str(
             "{ name: gem, buffer_size: 200, memory_strength: 0.5, replay_batch_size: null, buffer_policy: task_quota, insert: task_end }",
         )

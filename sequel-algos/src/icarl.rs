@@ -46,17 +46,14 @@
 //! decay is the optimizer's `weight_decay`; `⌊K / #groups⌋` leaves `K mod #groups` slots unused, as
 //! in the paper. Exemplars are [`SampleRef`]s in herding order per group ([`Icarl::state`]).
 
-use sequel_core::checkpoint::StateDict;
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use sequel_core::algorithm::task_samples;
 use sequel_core::data::{Batch, GatherBuf, SampleRef, Split, TaskStream};
 use sequel_core::model::{Model, ModelOutput};
-use sequel_core::{Algorithm, Error, EvalCtx, Result, StepCtx, TaskCtx};
+use sequel_core::state::{Persist, StateDict};
+use sequel_core::{Algorithm, AlgorithmConfig, Error, EvalCtx, Result, StateIo, StepCtx, TaskCtx};
 
 use crate::check;
 
@@ -68,19 +65,24 @@ const ABSENT: f32 = -1e30;
 
 /// YAML keys of `algorithm: { name: icarl, ... }`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct IcarlConfig {
     /// Memory size K in samples (the paper's 2000 is for CIFAR-100's 100 classes). Default 200:
     /// ER's default and Mammoth's smallest buffer, so replay methods compare at equal memory.
-    #[serde(default = "crate::er::default_buffer_size")]
     pub buffer_size: usize,
 }
 
 impl Default for IcarlConfig {
     fn default() -> Self {
-        Self {
-            buffer_size: crate::er::default_buffer_size(),
-        }
+        Self { buffer_size: 200 }
+    }
+}
+
+impl AlgorithmConfig for IcarlConfig {
+    const NAME: &'static str = "icarl";
+    const SUMMARY: &'static str = "iCaRL: exemplars by herding, BCE with distillation, nearest-mean-of-exemplars prediction (Rebuffi et al. 2017)";
+    fn build(self) -> Result<Box<dyn Algorithm>> {
+        Ok(Box::new(Icarl::new(self)?))
     }
 }
 
@@ -103,9 +105,8 @@ struct LossPlan {
     past: Vec<bool>,
 }
 
-/// Class means for the weights they were computed with.
-struct MeanCache {
-    fingerprint: Vec<f32>,
+/// The class means of the weights being evaluated.
+struct ClassMeans {
     /// `U × d`, unit rows (zeros for units without exemplars).
     means: Tensor,
     /// `1 × U`: 0 for units with exemplars, [`ABSENT`] otherwise.
@@ -117,9 +118,9 @@ pub struct Icarl {
     teacher: Option<Box<dyn Model>>,
     plan: LossPlan,
     exemplars: Vec<ExemplarSet>,
-    /// The trainer may change the weights between `after_task` and evaluation (a consolidation
-    /// strategy), so the means are keyed by a fingerprint of the weights they were computed with.
-    means: Mutex<Option<MeanCache>>,
+    /// Computed by `before_eval` for the weights about to be evaluated (a consolidation strategy
+    /// may change them after `after_task`).
+    means: Option<ClassMeans>,
     gather: GatherBuf,
 }
 
@@ -131,7 +132,7 @@ impl Icarl {
             teacher: None,
             plan: LossPlan::default(),
             exemplars: Vec::new(),
-            means: Mutex::new(None),
+            means: None,
             gather: GatherBuf::default(),
         })
     }
@@ -144,79 +145,6 @@ impl Icarl {
     /// Exemplars per group for `groups` groups.
     fn per_group(&self, groups: usize) -> usize {
         self.memory_size / groups.max(1)
-    }
-
-    /// The exemplars as named tensors under `prefix` (checkpoints; see [`Icarl::load_exemplars`]).
-    pub fn exemplar_state(&self, prefix: &str) -> Result<HashMap<String, Tensor>> {
-        let dev = Device::Cpu;
-        let u32s = |v: Vec<u32>| -> Result<Tensor> {
-            let n = v.len();
-            Ok(Tensor::from_vec(v, n, &dev)?)
-        };
-        let e = &self.exemplars;
-        let flat = || e.iter().flat_map(|g| g.samples.iter());
-        let mut m = HashMap::new();
-        m.insert(
-            format!("{prefix}group_task"),
-            u32s(e.iter().map(|g| g.task).collect())?,
-        );
-        m.insert(
-            format!("{prefix}group_unit"),
-            u32s(e.iter().map(|g| g.unit).collect())?,
-        );
-        m.insert(
-            format!("{prefix}group_len"),
-            u32s(e.iter().map(|g| g.samples.len() as u32).collect())?,
-        );
-        m.insert(
-            format!("{prefix}sample_task"),
-            u32s(flat().map(|s| s.task).collect())?,
-        );
-        m.insert(
-            format!("{prefix}sample_index"),
-            u32s(flat().map(|s| s.index).collect())?,
-        );
-        Ok(m)
-    }
-
-    /// Replace the exemplars with those of [`Icarl::exemplar_state`]'s tensors.
-    pub fn load_exemplars(&mut self, state: &HashMap<String, Tensor>, prefix: &str) -> Result<()> {
-        let get = |k: &str| -> Result<Vec<u32>> {
-            Ok(state
-                .get(&format!("{prefix}{k}"))
-                .ok_or_else(|| Error::msg(format!("checkpoint lacks `{prefix}{k}`")))?
-                .to_vec1::<u32>()?)
-        };
-        let (tasks, units, lens) = (get("group_task")?, get("group_unit")?, get("group_len")?);
-        let (s_task, s_index) = (get("sample_task")?, get("sample_index")?);
-        let total: usize = lens.iter().map(|&l| l as usize).sum();
-        if tasks.len() != units.len()
-            || tasks.len() != lens.len()
-            || s_task.len() != total
-            || s_index.len() != total
-        {
-            return Err(Error::msg("malformed iCaRL exemplars in checkpoint"));
-        }
-        let mut at = 0;
-        self.exemplars = (0..tasks.len())
-            .map(|g| {
-                let l = lens[g] as usize;
-                let samples = (at..at + l)
-                    .map(|i| SampleRef {
-                        task: s_task[i],
-                        index: s_index[i],
-                    })
-                    .collect();
-                at += l;
-                ExemplarSet {
-                    task: tasks[g],
-                    unit: units[g],
-                    samples,
-                }
-            })
-            .collect();
-        *self.means.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
-        Ok(())
     }
 
     /// The iCaRL loss of a batch (see the module documentation).
@@ -282,7 +210,7 @@ impl Icarl {
         model: &dyn Model,
         stream: &TaskStream,
         device: &Device,
-    ) -> Result<MeanCache> {
+    ) -> Result<ClassMeans> {
         let units = stream.num_units;
         let refs: Vec<SampleRef> = self
             .exemplars
@@ -313,8 +241,7 @@ impl Icarl {
                 *m = (s / norm) as f32;
             }
         }
-        Ok(MeanCache {
-            fingerprint: fingerprint(model)?,
+        Ok(ClassMeans {
             means: Tensor::from_vec(means, (units, dim), device)?,
             penalty: Tensor::from_vec(penalty, (1, units), device)?,
         })
@@ -362,19 +289,46 @@ fn normalised(mut v: Vec<f32>) -> Vec<f32> {
     v
 }
 
-/// Per-parameter sums of the weights: equal sums mean (for any practical purpose) equal weights.
-fn fingerprint(model: &dyn Model) -> Result<Vec<f32>> {
-    model
-        .params()
-        .iter()
-        .map(|p| {
-            Ok(p.var
-                .as_tensor()
-                .sum_all()?
-                .to_dtype(DType::F32)?
-                .to_scalar::<f32>()?)
+/// A group as `<key>.task`, `<key>.unit` and its samples' tasks and indices (`<key>.sample_task`,
+/// `<key>.sample_index`), in herding order.
+impl Persist for ExemplarSet {
+    fn save(&self, key: &str, out: &mut StateDict) -> Result<()> {
+        let u32s = |v: Vec<u32>| -> Result<Tensor> {
+            let n = v.len();
+            Ok(Tensor::from_vec(v, n, &Device::Cpu)?)
+        };
+        self.task.save(&format!("{key}.task"), out)?;
+        self.unit.save(&format!("{key}.unit"), out)?;
+        let tasks = u32s(self.samples.iter().map(|r| r.task).collect())?;
+        let indices = u32s(self.samples.iter().map(|r| r.index).collect())?;
+        out.insert(format!("{key}.sample_task"), tasks);
+        out.insert(format!("{key}.sample_index"), indices);
+        Ok(())
+    }
+
+    fn load(key: &str, from: &StateDict) -> Result<Self> {
+        let refs = |k: &str| -> Result<Vec<u32>> {
+            let k = format!("{key}.{k}");
+            let t = from.get(&k);
+            Ok(
+                t.ok_or_else(|| Error::msg(format!("checkpoint lacks `{k}`")))?
+                    .to_vec1()?,
+            )
+        };
+        let (tasks, indices) = (refs("sample_task")?, refs("sample_index")?);
+        if tasks.len() != indices.len() {
+            return Err(Error::msg("malformed iCaRL exemplars in checkpoint"));
+        }
+        Ok(Self {
+            task: u32::load(&format!("{key}.task"), from)?,
+            unit: u32::load(&format!("{key}.unit"), from)?,
+            samples: tasks
+                .into_iter()
+                .zip(indices)
+                .map(|(task, index)| SampleRef { task, index })
+                .collect(),
         })
-        .collect()
+    }
 }
 
 /// Herding (the paper's Algorithm 4, without repetition): indices of up to `m` of `features` in
@@ -439,18 +393,10 @@ pub fn nme_scores(features: &Tensor, means: &Tensor, penalty: &Tensor) -> Result
 }
 
 impl Algorithm for Icarl {
-    fn name(&self) -> &str {
-        "icarl"
-    }
-
     /// The exemplars; the teacher, the loss plan and the class means are rebuilt from the model
     /// and the stream.
-    fn save_state(&self) -> Result<Option<StateDict>> {
-        self.exemplar_state("").map(Some)
-    }
-
-    fn load_state(&mut self, state: &StateDict) -> Result<()> {
-        self.load_exemplars(state, "")
+    fn state(&mut self, io: &mut StateIo) -> Result<()> {
+        io.field("exemplars", &mut self.exemplars)
     }
 
     fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
@@ -495,8 +441,9 @@ impl Algorithm for Icarl {
         Ok(samples)
     }
 
-    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-        self.bce_loss(&out.logits, batch, ctx.stream)
+    fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        let f = ctx.forward(&[batch])?;
+        self.bce_loss(&f.out.logits, batch, ctx.stream)
     }
 
     fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
@@ -525,35 +472,32 @@ impl Algorithm for Icarl {
                 samples: picks.into_iter().map(|p| samples[idx[p]]).collect(),
             });
         }
-        *self.means.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(())
     }
 
-    fn predict(&self, _x: &Tensor, out: &ModelOutput, ctx: &EvalCtx) -> Result<Option<Tensor>> {
-        if self.exemplars.iter().all(|g| g.samples.is_empty()) {
-            return Ok(None);
-        }
-        let device = out.features.device();
-        let mut cache = self.means.lock().unwrap_or_else(|e| e.into_inner());
-        let stale = match cache.as_ref() {
-            Some(c) => c.fingerprint != fingerprint(ctx.model)?,
-            None => true,
+    fn before_eval(&mut self, ctx: &EvalCtx) -> Result<()> {
+        self.means = if self.exemplars.iter().all(|g| g.samples.is_empty()) {
+            None
+        } else {
+            Some(self.class_means(ctx.model, ctx.stream, ctx.device)?)
         };
-        if stale {
-            *cache = Some(self.class_means(ctx.model, ctx.stream, device)?);
-        }
-        let c = cache
+        Ok(())
+    }
+
+    fn predict(&self, out: &ModelOutput, _task: usize, _ctx: &EvalCtx) -> Result<Option<Tensor>> {
+        self.means
             .as_ref()
-            .ok_or_else(|| Error::msg("iCaRL class means missing"))?;
-        nme_scores(&out.features, &c.means, &c.penalty).map(Some)
+            .map(|c| nme_scores(&out.features, &c.means, &c.penalty))
+            .transpose()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{mini_trainer, Probe};
+    use crate::testing::{mini_trainer, probe_run, probed};
     use sequel_core::trainer::Silent;
+    use sequel_core::Trainer;
 
     fn icarl(k: usize) -> Icarl {
         Icarl::new(IcarlConfig { buffer_size: k }).unwrap()
@@ -687,9 +631,6 @@ mod tests {
     }
 
     impl Algorithm for Record {
-        fn name(&self) -> &str {
-            "icarl-record"
-        }
         fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
             self.icarl.before_task(ctx)
         }
@@ -698,33 +639,42 @@ mod tests {
             self.train_sizes.push(s.len());
             Ok(s)
         }
-        fn loss(&mut self, o: &ModelOutput, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-            self.icarl.loss(o, b, ctx)
+        fn loss(&mut self, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+            self.icarl.loss(b, ctx)
         }
         fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
             self.icarl.after_task(ctx)?;
             self.after.push(self.icarl.exemplars().to_vec());
             Ok(())
         }
-        fn predict(&self, x: &Tensor, o: &ModelOutput, ctx: &EvalCtx) -> Result<Option<Tensor>> {
-            self.icarl.predict(x, o, ctx)
+        fn before_eval(&mut self, ctx: &EvalCtx) -> Result<()> {
+            self.icarl.before_eval(ctx)
+        }
+        fn predict(&self, o: &ModelOutput, task: usize, ctx: &EvalCtx) -> Result<Option<Tensor>> {
+            self.icarl.predict(o, task, ctx)
         }
     }
 
-    fn record(k: usize) -> Probe<Record> {
-        Probe::new(Record {
+    fn record(k: usize) -> Record {
+        Record {
             icarl: icarl(k),
             train_sizes: Vec::new(),
             after: Vec::new(),
-        })
+        }
+    }
+
+    fn eval_ctx(t: &Trainer) -> EvalCtx<'_> {
+        EvalCtx {
+            stream: &t.stream,
+            model: t.model.as_ref(),
+            device: &Device::Cpu,
+        }
     }
 
     #[test]
     fn exemplars_are_herded_shrunk_in_herding_order_and_trained_on() {
-        let probe = record(40);
-        let mut t = mini_trainer(Box::new(probe.clone()), &["benchmark.tasks=3"]);
-        t.run(&mut Silent).unwrap();
-        let r = probe.lock();
+        let (t, _) = probe_run(record(40), &["benchmark.tasks=3"]);
+        let r = &probed::<Record>(&t).algo;
         // m = 40/2, 40/4, 40/6 per class.
         let per = [20usize, 10, 6];
         for (task, sets) in r.after.iter().enumerate() {
@@ -768,31 +718,23 @@ mod tests {
     }
 
     fn run_scenario(overrides: &[&str]) {
-        let probe = record(100);
-        let mut t = mini_trainer(Box::new(probe.clone()), overrides);
-        let out = t.run(&mut Silent).unwrap();
-        assert!(out.failure.is_none(), "{overrides:?}: {:?}", out.failure);
+        let (t, out) = probe_run(record(100), overrides);
         assert_eq!(out.matrix.rows.len(), 5);
         assert!(out.matrix.rows.iter().flatten().all(|a| a.is_finite()));
-        let r = probe.lock();
+        let r = &probed::<Record>(&t).algo;
         let sets = r.after.last().unwrap();
         let total: usize = sets.iter().map(|g| g.samples.len()).sum();
         assert!(total <= 100 && total > 0, "{total}");
         assert!(sets.iter().all(|g| g.samples.len() <= 10));
         // NME is what evaluation uses once exemplars exist, and it beats chance on the last task.
-        let ctx = EvalCtx {
-            task: 4,
-            trained_tasks: 5,
-            stream: &t.stream,
-            model: t.model.as_ref(),
-        };
+        let ctx = eval_ctx(&t);
         let refs: Vec<SampleRef> = sets[sets.len() - 1].samples.clone();
         let b = t
             .stream
             .gather(&refs, Split::Train, &mut GatherBuf::default(), &Device::Cpu)
             .unwrap();
         let o = t.model.forward(&b.x, false).unwrap();
-        let s = r.icarl.predict(&b.x, &o, &ctx).unwrap().unwrap();
+        let s = r.icarl.predict(&o, 4, &ctx).unwrap().unwrap();
         assert_eq!(s.dims(), &[refs.len(), 10]);
         let last = out.matrix.rows[4][4];
         assert!(
@@ -877,14 +819,11 @@ mod tests {
 
     #[test]
     fn domain_il_keeps_one_group_per_task_and_unit() {
-        let probe = record(60);
-        let mut t = mini_trainer(
-            Box::new(probe.clone()),
+        let (t, _) = probe_run(
+            record(60),
             &["benchmark.scenario=domain-il", "benchmark.tasks=3"],
         );
-        let out = t.run(&mut Silent).unwrap();
-        assert!(out.failure.is_none());
-        let r = probe.lock();
+        let r = &probed::<Record>(&t).algo;
         let sets = r.after.last().unwrap();
         let keys: Vec<(u32, u32)> = sets.iter().map(|g| (g.task, g.unit)).collect();
         assert_eq!(keys, vec![(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]);
@@ -895,18 +834,15 @@ mod tests {
 
     #[test]
     fn permuted_class_il_runs() {
-        let probe = record(60);
-        let mut t = mini_trainer(
-            Box::new(probe.clone()),
+        let (t, _) = probe_run(
+            record(60),
             &[
                 "benchmark.kind=permuted",
                 "benchmark.tasks=3",
                 "benchmark.classes_per_task=null",
             ],
         );
-        let out = t.run(&mut Silent).unwrap();
-        assert!(out.failure.is_none());
-        let r = probe.lock();
+        let r = &probed::<Record>(&t).algo;
         // 10 classes per task, each task its own block of units.
         assert_eq!(r.after.last().unwrap().len(), 30);
         assert_eq!(r.after.last().unwrap()[29].unit, 29);
@@ -914,78 +850,67 @@ mod tests {
 
     #[test]
     fn untrained_model_uses_logits_and_state_round_trips() {
-        let probe = record(40);
-        let mut t = mini_trainer(Box::new(probe.clone()), &["benchmark.tasks=2"]);
-        {
-            let r = probe.lock();
-            let ctx = EvalCtx {
-                task: 0,
-                trained_tasks: 0,
-                stream: &t.stream,
-                model: t.model.as_ref(),
-            };
-            let x = Tensor::zeros((1, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
-            let o = t.model.forward(&x, false).unwrap();
-            assert!(r.icarl.predict(&x, &o, &ctx).unwrap().is_none());
-        }
-        t.run(&mut Silent).unwrap();
-        let r = probe.lock();
-        let state = r.icarl.exemplar_state("icarl.").unwrap();
+        let t = mini_trainer(Box::new(crate::naive::Naive), &["benchmark.tasks=2"]);
+        let mut fresh = icarl(40);
+        fresh.before_eval(&eval_ctx(&t)).unwrap();
+        let x = Tensor::zeros((1, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
+        let o = t.model.forward(&x, false).unwrap();
+        assert!(fresh.predict(&o, 0, &eval_ctx(&t)).unwrap().is_none());
+        let (t, _) = probe_run(record(40), &["benchmark.tasks=2"]);
+        let r = &probed::<Record>(&t).algo;
+        let mut state = StateDict::new();
+        let mut trained = icarl(40);
+        trained.exemplars = r.icarl.exemplars().to_vec();
+        trained.state(&mut StateIo::save(&mut state)).unwrap();
         let mut back = icarl(40);
-        back.load_exemplars(&state, "icarl.").unwrap();
+        back.state(&mut StateIo::load(&state)).unwrap();
         assert_eq!(back.exemplars(), r.icarl.exemplars());
         assert!(!back.exemplars().is_empty());
     }
 
     #[test]
     fn class_means_follow_the_weights_evaluated() {
-        // A consolidation strategy may change the weights after `after_task`: the means used by
-        // `predict` must be those of the weights being evaluated, not stale ones.
-        let probe = record(40);
-        let mut t = mini_trainer(Box::new(probe.clone()), &["benchmark.tasks=2"]);
-        t.run(&mut Silent).unwrap();
-        let r = probe.lock();
-        let ctx = EvalCtx {
-            task: 0,
-            trained_tasks: 2,
-            stream: &t.stream,
-            model: t.model.as_ref(),
-        };
-        let refs = &r.icarl.exemplars()[0].samples;
+        // A consolidation strategy may change the weights after `after_task`: `before_eval` runs
+        // before every evaluation pass, so the means `predict` uses are those of the weights
+        // being evaluated.
+        let (t, _) = probe_run(record(40), &["benchmark.tasks=2"]);
+        let mut a = icarl(40);
+        a.exemplars = probed::<Record>(&t).algo.icarl.exemplars().to_vec();
+        let refs = &a.exemplars()[0].samples;
         let b = t
             .stream
             .gather(refs, Split::Train, &mut GatherBuf::default(), &Device::Cpu)
             .unwrap();
-        let scores = |a: &Icarl| -> Vec<Vec<f32>> {
+        let scores = |a: &mut Icarl| -> Vec<Vec<f32>> {
+            a.before_eval(&eval_ctx(&t)).unwrap();
             let o = t.model.forward(&b.x, false).unwrap();
-            a.predict(&b.x, &o, &ctx)
+            a.predict(&o, 0, &eval_ctx(&t))
                 .unwrap()
                 .unwrap()
                 .to_vec2()
                 .unwrap()
         };
-        let before = scores(&r.icarl);
+        let before = scores(&mut a);
+        let means_before = a.means.as_ref().unwrap().means.to_vec2::<f32>().unwrap();
         for p in t.model.params().iter().filter(|p| p.head.is_none()) {
             let noise = p.var.as_tensor().ones_like().unwrap();
             p.var
                 .set(&(p.var.as_tensor() + (noise * 0.05)).unwrap())
                 .unwrap();
         }
-        let after = scores(&r.icarl);
-        let mut fresh = icarl(40);
-        fresh
-            .load_exemplars(&r.icarl.exemplar_state("").unwrap(), "")
-            .unwrap();
+        let after = scores(&mut a);
         assert_ne!(before, after);
-        assert_eq!(after, scores(&fresh));
+        assert_ne!(
+            means_before,
+            a.means.as_ref().unwrap().means.to_vec2::<f32>().unwrap()
+        );
     }
 
     #[test]
     fn registry_builds_it_from_yaml_keys() {
         let reg = crate::Registry::builtin();
         let spec: serde_yaml::Value = serde_yaml::from_str("{ name: icarl }").unwrap();
-        let (a, resolved) = reg.build_algorithm(&spec, "t.yaml").unwrap();
-        assert_eq!(a.name(), "icarl");
+        let (_, resolved) = reg.build_algorithm(&spec, "t.yaml").unwrap();
         assert_eq!(resolved["buffer_size"].as_u64(), Some(200));
         let zero: serde_yaml::Value =
             serde_yaml::from_str("{ name: icarl, buffer_size: 0 }").unwrap();

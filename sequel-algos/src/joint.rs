@@ -4,9 +4,8 @@
 //! usual "joint" reference (Avalanche `Cumulative`, SequeL `Joint`).
 
 use sequel_core::algorithm::task_samples;
-use sequel_core::checkpoint::StateDict;
 use sequel_core::data::SampleRef;
-use sequel_core::{Algorithm, Result, TaskCtx};
+use sequel_core::{Algorithm, AlgorithmConfig, Result, TaskCtx};
 use serde::{Deserialize, Serialize};
 
 /// `joint` has no parameters.
@@ -14,28 +13,18 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct JointConfig {}
 
-#[derive(Debug, Default)]
-pub struct Joint;
-
-impl Joint {
-    pub fn new(_cfg: JointConfig) -> Self {
-        Self
+impl AlgorithmConfig for JointConfig {
+    const NAME: &'static str = "joint";
+    const SUMMARY: &'static str = "cumulative training on all tasks seen so far (upper bound)";
+    fn build(self) -> Result<Box<dyn Algorithm>> {
+        Ok(Box::new(Joint))
     }
 }
 
+#[derive(Debug, Default)]
+pub struct Joint;
+
 impl Algorithm for Joint {
-    fn name(&self) -> &str {
-        "joint"
-    }
-
-    fn save_state(&self) -> Result<Option<StateDict>> {
-        Ok(Some(StateDict::new()))
-    }
-
-    fn load_state(&mut self, _state: &StateDict) -> Result<()> {
-        Ok(())
-    }
-
     fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
         Ok((0..=ctx.task)
             .flat_map(|t| task_samples(ctx.stream, t))

@@ -21,7 +21,6 @@ pub mod naive;
 pub mod penalty;
 pub mod qp;
 pub mod registry;
-pub mod replay;
 pub mod run;
 pub mod si;
 #[cfg(test)]

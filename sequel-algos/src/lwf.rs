@@ -24,32 +24,25 @@
 //! backward: they are detached). With `alpha: 0` no teacher is made and training is bit-identical
 //! to `naive`.
 
-use sequel_core::checkpoint::StateDict;
 use std::ops::Range;
 
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use sequel_core::data::Batch;
-use sequel_core::model::{Model, ModelOutput};
-use sequel_core::{Algorithm, Result, StepCtx, TaskCtx};
+use sequel_core::model::Model;
+use sequel_core::{Algorithm, AlgorithmConfig, Result, StepCtx, TaskCtx};
 
 use crate::check;
 
 /// YAML keys of `algorithm: { name: lwf, ... }`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LwfConfig {
     /// Weight α (the paper's λₒ) of the distillation term. Default 1.0.
-    #[serde(default = "crate::ewc::one")]
     pub alpha: f64,
     /// Softmax temperature T > 0. Default 2.0.
-    #[serde(default = "two")]
     pub temperature: f64,
-}
-
-fn two() -> f64 {
-    2.0
 }
 
 impl Default for LwfConfig {
@@ -58,6 +51,15 @@ impl Default for LwfConfig {
             alpha: 1.0,
             temperature: 2.0,
         }
+    }
+}
+
+impl AlgorithmConfig for LwfConfig {
+    const NAME: &'static str = "lwf";
+    const SUMMARY: &'static str =
+        "Learning without Forgetting: distillation from the task-start model (Li & Hoiem 2017)";
+    fn build(self) -> Result<Box<dyn Algorithm>> {
+        Ok(Box::new(Lwf::new(self)?))
     }
 }
 
@@ -153,19 +155,8 @@ fn old_unit_groups(stream: &sequel_core::data::TaskStream, t: usize) -> Vec<Vec<
 }
 
 impl Algorithm for Lwf {
-    fn name(&self) -> &str {
-        "lwf"
-    }
-
-    /// The teacher and its unit groups are rebuilt by `before_task` from the restored model.
-    fn save_state(&self) -> Result<Option<StateDict>> {
-        Ok(Some(StateDict::new()))
-    }
-
-    fn load_state(&mut self, _state: &StateDict) -> Result<()> {
-        Ok(())
-    }
-
+    /// The teacher and its unit groups are rebuilt by `before_task` from the restored model, so
+    /// LwF has no state to save.
     fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
         if ctx.task == 0 || self.alpha == 0.0 {
             return Ok(());
@@ -175,12 +166,13 @@ impl Algorithm for Lwf {
         Ok(())
     }
 
-    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-        let ce = ctx.task_loss(out, batch)?;
+    fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        let f = ctx.forward(&[batch])?;
+        let ce = ctx.task_loss(&f.out.logits, batch)?;
         if self.alpha == 0.0 {
             return Ok(ce);
         }
-        match self.distillation(&out.logits, &batch.x)? {
+        match self.distillation(&f.out.logits, &batch.x)? {
             Some(d) => Ok((ce + (d * self.alpha)?)?),
             None => Ok(ce),
         }
@@ -190,7 +182,7 @@ impl Algorithm for Lwf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{mini_trainer, Probe};
+    use crate::testing::{mini_trainer, probe_run, probed};
 
     #[test]
     fn distillation_equals_the_kl_formula_on_constructed_logits() {
@@ -240,34 +232,31 @@ mod tests {
             seen: Vec<(usize, Option<f32>)>,
         }
         impl Algorithm for Check {
-            fn name(&self) -> &str {
-                "lwf-check"
-            }
             fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
                 self.lwf.before_task(ctx)
             }
-            fn loss(&mut self, o: &ModelOutput, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+            fn loss(&mut self, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+                let l = self.lwf.loss(b, ctx)?;
+                let o = ctx.incoming_output().unwrap().clone();
                 if ctx.step == 0 {
                     let d = self.lwf.distillation(&o.logits, &b.x)?;
                     self.seen
                         .push((ctx.task, d.map(|d| d.to_scalar::<f32>()).transpose()?));
                 }
-                let l = self.lwf.loss(o, b, ctx)?;
                 if ctx.task == 0 {
                     // Exactly the cross-entropy.
-                    let ce = ctx.task_loss(o, b)?.to_scalar::<f32>()?;
+                    let ce = ctx.task_loss(&o.logits, b)?.to_scalar::<f32>()?;
                     assert_eq!(l.to_scalar::<f32>()?, ce);
                 }
                 Ok(l)
             }
         }
-        let probe = Probe::new(Check {
+        let check = Check {
             lwf: Lwf::new(LwfConfig::default()).unwrap(),
             seen: Vec::new(),
-        });
-        let mut t = mini_trainer(Box::new(probe.clone()), &["benchmark.tasks=3"]);
-        t.run(&mut sequel_core::trainer::Silent).unwrap();
-        let c = probe.lock();
+        };
+        let (t, _) = probe_run(check, &["benchmark.tasks=3"]);
+        let c = &probed::<Check>(&t).algo;
         assert_eq!(c.seen[0], (0, None));
         // At the first step of a later task the student still equals the teacher.
         for &(task, d) in &c.seen[1..] {

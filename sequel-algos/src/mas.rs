@@ -20,44 +20,35 @@
 //! bit-identical to `naive`.
 
 use candle_core::{Tensor, D};
-use sequel_core::checkpoint::StateDict;
 use serde::{Deserialize, Serialize};
 
 use sequel_core::algorithm::task_samples;
 use sequel_core::data::{Batch, SampleRef};
 use sequel_core::model::{Model, ModelOutput};
-use sequel_core::{Algorithm, Result, StepCtx, TaskCtx};
+use sequel_core::{Algorithm, AlgorithmConfig, Result, StateIo, StepCtx, TaskCtx};
 
 use crate::check;
-use crate::ewc::{one, per_sample, scalar, ten};
+use crate::ewc::scalar;
 use crate::importance::{mean_gradient_statistic, subset, training_logits, Granularity, Reduce};
-use crate::penalty::{load_penalty_state, save_penalty_state, PerParam, QuadraticPenalty};
+use crate::penalty::{PerParam, QuadraticPenalty};
 
 /// YAML keys of `algorithm: { name: mas, ... }`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct MasConfig {
     /// Penalty strength λ in `λ·Σ Ω(θ − θ*)²` (no ½). Default 1.0 (Avalanche `lambda_reg`, SequeL
     /// `mas_lambda`).
-    #[serde(default = "one")]
     pub lambda: f64,
     /// Weight α of the previous importance in `Ω ← αΩ + (1 − α)Ω^new`, in [0, 1]. Default 0.5
     /// (Avalanche).
-    #[serde(default = "half")]
     pub alpha: f64,
     /// `per-sample` (default) or `minibatch`.
-    #[serde(default = "per_sample")]
     pub importance_mode: Granularity,
     /// Minibatch size of `importance_mode: minibatch`. Default 10.
-    #[serde(default = "ten")]
     pub importance_batch_size: usize,
     /// Estimate Ω on at most this many training samples (a seeded random subset). Default: all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub importance_samples: Option<usize>,
-}
-
-fn half() -> f64 {
-    0.5
 }
 
 impl Default for MasConfig {
@@ -69,6 +60,15 @@ impl Default for MasConfig {
             importance_batch_size: 10,
             importance_samples: None,
         }
+    }
+}
+
+impl AlgorithmConfig for MasConfig {
+    const NAME: &'static str = "mas";
+    const SUMMARY: &'static str =
+        "Memory Aware Synapses: output-norm gradient importance (Aljundi et al. 2018)";
+    fn build(self) -> Result<Box<dyn Algorithm>> {
+        Ok(Box::new(Mas::new(self)?))
     }
 }
 
@@ -132,28 +132,17 @@ pub fn mas_importance(
 }
 
 impl Algorithm for Mas {
-    fn name(&self) -> &str {
-        "mas"
-    }
-
-    fn save_state(&self) -> Result<Option<StateDict>> {
-        save_penalty_state(&self.penalty, self.importance.as_ref())
-    }
-
-    fn load_state(&mut self, state: &StateDict) -> Result<()> {
-        (self.penalty, self.importance) = load_penalty_state(state)?;
-        Ok(())
-    }
-
-    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-        let ce = ctx.task_loss(out, batch)?;
-        if self.cfg.lambda == 0.0 {
-            return Ok(ce);
-        }
+    fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        let ce = ctx.ce(batch)?;
         match self.penalty.value(ctx.model.params())? {
-            Some(r) => Ok((ce + (r * self.cfg.lambda)?)?),
-            None => Ok(ce),
+            Some(r) if self.cfg.lambda > 0.0 => Ok((ce + (r * self.cfg.lambda)?)?),
+            _ => Ok(ce),
         }
+    }
+
+    fn state(&mut self, io: &mut StateIo) -> Result<()> {
+        io.scope("penalty", |io| self.penalty.state(io))?;
+        io.field("accumulator", &mut self.importance)
     }
 
     fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
@@ -230,28 +219,20 @@ mod tests {
 
     #[test]
     fn running_combination_and_anchor_move_only_at_task_end() {
-        use crate::testing::{mini_trainer, Probe};
+        use crate::testing::{probe_run, probed};
+        let mas = |alpha| {
+            let cfg = MasConfig {
+                alpha,
+                ..Default::default()
+            };
+            probe_run(Mas::new(cfg).unwrap(), &["benchmark.tasks=2"]).0
+        };
         // α = 1 keeps Ω at 0 forever (Ω₀ = 0); α = 0 keeps only the newest task's importance.
-        let probe = Probe::new(
-            Mas::new(MasConfig {
-                alpha: 1.0,
-                ..Default::default()
-            })
-            .unwrap(),
-        );
-        let mut t = mini_trainer(Box::new(probe.clone()), &["benchmark.tasks=2"]);
-        t.run(&mut sequel_core::trainer::Silent).unwrap();
-        assert_eq!(probe.lock().importance().unwrap().sum().unwrap(), 0.0);
-        let probe = Probe::new(
-            Mas::new(MasConfig {
-                alpha: 0.0,
-                ..Default::default()
-            })
-            .unwrap(),
-        );
-        let mut t = mini_trainer(Box::new(probe.clone()), &["benchmark.tasks=2"]);
-        t.run(&mut sequel_core::trainer::Silent).unwrap();
-        let mas = probe.lock();
+        let t = mas(1.0);
+        let m = &probed::<Mas>(&t).algo;
+        assert_eq!(m.importance().unwrap().sum().unwrap(), 0.0);
+        let t = mas(0.0);
+        let mas = &probed::<Mas>(&t).algo;
         assert!(mas.importance().unwrap().sum().unwrap() > 0.0);
         // The anchor is the final weights: the penalty is 0 there.
         assert_eq!(mas.penalty(t.model.as_ref()).unwrap(), Some(0.0));

@@ -2,9 +2,7 @@
 //! `L(θ) = CE(f_θ(x), y)`, with no protection against forgetting. The lower bound every method is
 //! compared to; in class-IL it collapses to roughly one task's worth of accuracy.
 
-use sequel_core::checkpoint::StateDict;
-use sequel_core::Algorithm;
-use sequel_core::Result;
+use sequel_core::{Algorithm, AlgorithmConfig, Result};
 use serde::{Deserialize, Serialize};
 
 /// `naive` has no parameters.
@@ -12,25 +10,16 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct NaiveConfig {}
 
+impl AlgorithmConfig for NaiveConfig {
+    const NAME: &'static str = "naive";
+    const SUMMARY: &'static str = "fine-tuning on the current task only (lower bound)";
+    fn build(self) -> Result<Box<dyn Algorithm>> {
+        Ok(Box::new(Naive))
+    }
+}
+
+/// Every hook at its default: the trainer's plain step.
 #[derive(Debug, Default)]
 pub struct Naive;
 
-impl Naive {
-    pub fn new(_cfg: NaiveConfig) -> Self {
-        Self
-    }
-}
-
-impl Algorithm for Naive {
-    fn name(&self) -> &str {
-        "naive"
-    }
-
-    fn save_state(&self) -> Result<Option<StateDict>> {
-        Ok(Some(StateDict::new()))
-    }
-
-    fn load_state(&mut self, _state: &StateDict) -> Result<()> {
-        Ok(())
-    }
-}
+impl Algorithm for Naive {}

@@ -19,8 +19,8 @@
 //! loss; [`QuadraticPenalty::gradient`] gives the same gradient analytically (SI subtracts it).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
-use sequel_core::checkpoint::{get_scalar, load_list, save_list, scalar, StateDict};
 use sequel_core::model::ParamSet;
+use sequel_core::state::{Persist, StateDict, StateIo};
 use sequel_core::Result;
 
 /// One detached tensor per trainable parameter of a model, in [`ParamSet`] order (norm
@@ -104,59 +104,25 @@ pub struct QuadraticPenalty {
     offset: f64,
 }
 
-impl PerParam {
-    /// Save under `key` (see [`sequel_core::checkpoint::save_list`]).
-    pub fn save(this: Option<&Self>, out: &mut StateDict, key: &str) -> Result<()> {
-        match this {
-            Some(p) => save_list(out, key, &p.0),
-            None => Ok(()),
-        }
+/// Saved as the list of its tensors.
+impl Persist for PerParam {
+    fn save(&self, key: &str, out: &mut StateDict) -> Result<()> {
+        self.0.save(key, out)
     }
-
-    pub fn load(state: &StateDict, key: &str) -> Result<Option<Self>> {
-        Ok(load_list(state, key)?.map(PerParam))
+    fn load(key: &str, from: &StateDict) -> Result<Self> {
+        Vec::load(key, from).map(PerParam)
     }
-}
-
-/// The checkpoint state of a method that carries a penalty and one per-weight accumulator (online
-/// EWC's running Fisher, SI's and MAS's importance).
-pub fn save_penalty_state(
-    penalty: &QuadraticPenalty,
-    accumulator: Option<&PerParam>,
-) -> Result<Option<StateDict>> {
-    let mut out = StateDict::new();
-    penalty.save(&mut out, "penalty")?;
-    PerParam::save(accumulator, &mut out, "accumulator")?;
-    Ok(Some(out))
-}
-
-/// The inverse of [`save_penalty_state`].
-pub fn load_penalty_state(state: &StateDict) -> Result<(QuadraticPenalty, Option<PerParam>)> {
-    Ok((
-        QuadraticPenalty::load(state, "penalty")?,
-        PerParam::load(state, "accumulator")?,
-    ))
+    fn present(key: &str, from: &StateDict) -> bool {
+        <Vec<Tensor> as Persist>::present(key, from)
+    }
 }
 
 impl QuadraticPenalty {
-    /// Save every term under `key` (checkpoints).
-    pub fn save(&self, out: &mut StateDict, key: &str) -> Result<()> {
-        save_list(out, &format!("{key}.weight"), &self.weight)?;
-        save_list(out, &format!("{key}.center"), &self.center)?;
-        out.insert(format!("{key}.offset"), scalar(self.offset)?);
-        Ok(())
-    }
-
-    /// The penalty [`QuadraticPenalty::save`] wrote under `key`.
-    pub fn load(state: &StateDict, key: &str) -> Result<Self> {
-        let list = |k: &str| -> Result<Vec<Tensor>> {
-            Ok(load_list(state, &format!("{key}.{k}"))?.unwrap_or_default())
-        };
-        Ok(Self {
-            weight: list("weight")?,
-            center: list("center")?,
-            offset: get_scalar(state, &format!("{key}.offset"))?,
-        })
+    /// Every term, for checkpoints.
+    pub fn state(&mut self, io: &mut StateIo) -> Result<()> {
+        io.field("weight", &mut self.weight)?;
+        io.field("center", &mut self.center)?;
+        io.field("offset", &mut self.offset)
     }
 
     /// No term yet (before the first task boundary): the penalty is absent.

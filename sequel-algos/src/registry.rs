@@ -10,7 +10,9 @@
 //! A key neither knows is still an error.
 
 use sequel_core::config::{closest, from_value};
-use sequel_core::{Algorithm, Consolidation, Consolidator, Error, Result, Wiring};
+use sequel_core::{
+    Algorithm, AlgorithmConfig, Consolidation, Consolidator, Error, MemoryConfig, Result, Wiring,
+};
 use serde::{de::DeserializeOwned, Serialize};
 use serde_yaml::{Mapping, Value};
 
@@ -20,6 +22,8 @@ struct Entry<T: ?Sized> {
     name: String,
     summary: String,
     build: Build<T>,
+    /// The section with every default filled in (the config reference is checked against it).
+    defaults: Value,
 }
 
 /// Every algorithm and consolidation strategy the CLI can name.
@@ -38,21 +42,67 @@ where
     Box::new(move |params: Value, origin: &str| {
         let cfg: C = from_value(params, origin, section)?;
         let resolved = serde_yaml::to_value(&cfg).map_err(|e| Error::msg(e.to_string()))?;
-        // Constructors report out-of-range parameters without knowing the file: add it.
-        let built = make(cfg).map_err(|e| match e {
-            Error::Config {
-                file,
-                path,
-                message,
-            } if file.is_empty() => Error::Config {
-                file: origin.to_string(),
-                path,
-                message,
-            },
-            e => e,
-        })?;
-        Ok((built, resolved))
+        Ok((in_file(make(cfg), origin)?, resolved))
     })
+}
+
+/// Constructors report out-of-range parameters without knowing the file: add it.
+fn in_file<T>(r: Result<T>, origin: &str) -> Result<T> {
+    r.map_err(|e| match e {
+        Error::Config {
+            file,
+            path,
+            message,
+        } if file.is_empty() => Error::Config {
+            file: origin.to_string(),
+            path,
+            message,
+        },
+        e => e,
+    })
+}
+
+/// Parse an `algorithm:` section (without `name`) into `C`. A method with a replay memory has
+/// the shared memory keys ([`MemoryConfig::KEYS`]) taken out first and parsed over its own
+/// memory defaults; the rest must be `C`'s own keys.
+fn parse_algorithm<C: AlgorithmConfig>(params: Value, origin: &str) -> Result<C> {
+    let mut own = match params {
+        Value::Mapping(m) => m,
+        Value::Null => Mapping::new(),
+        other => return from_value(other, origin, "algorithm"),
+    };
+    let mut probe = C::default();
+    let Some(defaults) = probe.memory().copied() else {
+        return from_value(Value::Mapping(own), origin, "algorithm");
+    };
+    let mut given = Mapping::new();
+    for key in MemoryConfig::KEYS {
+        if let Some(v) = own.remove(key) {
+            given.insert(key.into(), v);
+        }
+    }
+    let mut cfg: C = from_value(Value::Mapping(own), origin, "algorithm")
+        .map_err(|e| mention_shared_keys(e, &MemoryConfig::KEYS))?;
+    let mut memory = match serde_yaml::to_value(defaults) {
+        Ok(Value::Mapping(m)) => m,
+        _ => return Err(Error::msg("cannot serialise the default memory config")),
+    };
+    memory.extend(given);
+    if let Some(m) = cfg.memory() {
+        *m = from_value(Value::Mapping(memory), origin, "algorithm")?;
+    }
+    Ok(cfg)
+}
+
+/// A config as YAML with every default filled in, the memory keys included.
+fn resolved<C: AlgorithmConfig>(cfg: &mut C) -> Result<Value> {
+    let mut v = serde_yaml::to_value(&*cfg).map_err(|e| Error::msg(e.to_string()))?;
+    if let (Value::Mapping(m), Some(mem)) = (&mut v, cfg.memory()) {
+        if let Ok(Value::Mapping(mm)) = serde_yaml::to_value(*mem) {
+            m.extend(mm);
+        }
+    }
+    Ok(v)
 }
 
 /// Split `{ name: x, ...params }` into the name and the remaining parameters.
@@ -122,81 +172,21 @@ impl Registry {
     /// Every algorithm and strategy shipped with sequel-algos.
     pub fn builtin() -> Self {
         let mut r = Self::empty();
-        r.register_algorithm(
-            "naive",
-            "fine-tuning on the current task only (lower bound)",
-            |c| Ok(Box::new(crate::naive::Naive::new(c)) as Box<dyn Algorithm>),
-        );
-        r.register_algorithm(
-            "joint",
-            "cumulative training on all tasks seen so far (upper bound)",
-            |c| Ok(Box::new(crate::joint::Joint::new(c)) as Box<dyn Algorithm>),
-        );
-        r.register_algorithm(
-            "ewc",
-            "Elastic Weight Consolidation, one Fisher + anchor per past task (Kirkpatrick et al. 2017)",
-            |c| Ok(Box::new(crate::ewc::Ewc::new(c)?) as Box<dyn Algorithm>),
-        );
-        r.register_algorithm(
-            "ewc-online",
-            "online EWC: one running Fisher with decay gamma, one anchor (Schwarz et al. 2018)",
-            |c| Ok(Box::new(crate::ewc_online::OnlineEwc::new(c)?) as Box<dyn Algorithm>),
-        );
-        r.register_algorithm(
-            "si",
-            "Synaptic Intelligence: path-integral importance (Zenke et al. 2017)",
-            |c| Ok(Box::new(crate::si::Si::new(c)?) as Box<dyn Algorithm>),
-        );
-        r.register_algorithm(
-            "mas",
-            "Memory Aware Synapses: output-norm gradient importance (Aljundi et al. 2018)",
-            |c| Ok(Box::new(crate::mas::Mas::new(c)?) as Box<dyn Algorithm>),
-        );
-        r.register_algorithm(
-            "lwf",
-            "Learning without Forgetting: distillation from the task-start model (Li & Hoiem 2017)",
-            |c| Ok(Box::new(crate::lwf::Lwf::new(c)?) as Box<dyn Algorithm>),
-        );
-        r.register_algorithm(
-            "er",
-            "Experience Replay: each batch joined with a reservoir-buffer batch (Chaudhry et al. 2019)",
-            |c| Ok(Box::new(crate::er::Er::new(c)?) as Box<dyn Algorithm>),
-        );
-        r.register_algorithm(
-            "agem",
-            "A-GEM: project the gradient when it conflicts with a memory batch's (Chaudhry et al. 2019)",
-            |c| Ok(Box::new(crate::agem::Agem::new(c)?) as Box<dyn Algorithm>),
-        );
-        r.register_algorithm(
-            "gem",
-            "GEM: QP projection so no past task's memory loss increases (Lopez-Paz & Ranzato 2017)",
-            |c| Ok(Box::new(crate::gem::Gem::new(c)?) as Box<dyn Algorithm>),
-        );
-        r.register_algorithm(
-            "der",
-            "Dark Experience Replay: CE + alpha * MSE to the logits stored with each buffer sample (Buzzega et al. 2020)",
-            |c| Ok(Box::new(crate::der::Der::new(c)?) as Box<dyn Algorithm>),
-        );
-        r.register_algorithm(
-            "derpp",
-            "DER++: DER + beta * CE on a second, independent buffer draw (Buzzega et al. 2020)",
-            |c| Ok(Box::new(crate::der::Der::plus_plus(c)?) as Box<dyn Algorithm>),
-        );
-        r.register_algorithm(
-            "er-ace",
-            "ER with asymmetric CE: incoming logits masked to the batch's and unseen classes, replay unmasked (Caccia et al. 2022)",
-            |c| Ok(Box::new(crate::er_ace::ErAce::new(c)?) as Box<dyn Algorithm>),
-        );
-        r.register_algorithm(
-            "icarl",
-            "iCaRL: exemplars by herding, BCE with distillation, nearest-mean-of-exemplars prediction (Rebuffi et al. 2017)",
-            |c| Ok(Box::new(crate::icarl::Icarl::new(c)?) as Box<dyn Algorithm>),
-        );
-        r.register_algorithm(
-            "gdumb",
-            "GDumb: class-balanced greedy memory; after each task re-initialise and train on the memory only (Prabhu et al. 2020)",
-            |c| Ok(Box::new(crate::gdumb::Gdumb::new(c)?) as Box<dyn Algorithm>),
-        );
+        r.add::<crate::naive::NaiveConfig>();
+        r.add::<crate::joint::JointConfig>();
+        r.add::<crate::ewc::EwcConfig>();
+        r.add::<crate::ewc_online::OnlineEwcConfig>();
+        r.add::<crate::si::SiConfig>();
+        r.add::<crate::mas::MasConfig>();
+        r.add::<crate::lwf::LwfConfig>();
+        r.add::<crate::er::ErConfig>();
+        r.add::<crate::agem::AgemConfig>();
+        r.add::<crate::gem::GemConfig>();
+        r.add::<crate::der::DerConfig>();
+        r.add::<crate::der::DerppConfig>();
+        r.add::<crate::er_ace::ErAceConfig>();
+        r.add::<crate::icarl::IcarlConfig>();
+        r.add::<crate::gdumb::GdumbConfig>();
         use crate::consolidation as c;
         fn boxed<T: Consolidator + 'static>(x: Result<T>) -> Result<Box<dyn Consolidator>> {
             Ok(Box::new(x?))
@@ -239,19 +229,29 @@ impl Registry {
         r
     }
 
-    /// Register an algorithm whose YAML parameters deserialize into `C`.
-    pub fn register_algorithm<C: DeserializeOwned + Serialize + 'static>(
-        &mut self,
-        name: &str,
-        summary: &str,
-        make: impl Fn(C) -> Result<Box<dyn Algorithm>> + Send + Sync + 'static,
-    ) {
-        self.algorithms.retain(|e| e.name != name);
+    /// Register the algorithm that `C` describes and builds (its name, summary and defaults come
+    /// from `C`; a second registration under the same name replaces the first).
+    pub fn add<C: AlgorithmConfig>(&mut self) {
+        let defaults = resolved(&mut C::default()).unwrap_or(Value::Null);
+        self.algorithms.retain(|e| e.name != C::NAME);
         self.algorithms.push(Entry {
-            name: name.to_string(),
-            summary: summary.to_string(),
-            build: typed("algorithm", make),
+            name: C::NAME.to_string(),
+            summary: C::SUMMARY.to_string(),
+            build: Box::new(|params: Value, origin: &str| {
+                let mut cfg = parse_algorithm::<C>(params, origin)?;
+                let resolved = resolved(&mut cfg)?;
+                Ok((in_file(cfg.build(), origin)?, resolved))
+            }),
+            defaults: with_name(C::NAME, defaults),
         });
+    }
+
+    /// The resolved defaults of algorithm `name`'s section (`name` included), if registered.
+    pub fn algorithm_defaults(&self, name: &str) -> Option<&Value> {
+        self.algorithms
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| &e.defaults)
     }
 
     /// Register a consolidation strategy whose YAML parameters deserialize into `C`.
@@ -266,6 +266,7 @@ impl Registry {
             name: name.to_string(),
             summary: summary.to_string(),
             build: typed("consolidation", make),
+            defaults: Value::Null,
         });
     }
 
@@ -324,8 +325,8 @@ impl Registry {
                 given.insert(key.into(), v);
             }
         }
-        let (strategy, resolved) =
-            (entry.build)(Value::Mapping(own), origin).map_err(mention_wiring_keys)?;
+        let (strategy, resolved) = (entry.build)(Value::Mapping(own), origin)
+            .map_err(|e| mention_shared_keys(e, &Wiring::KEYS))?;
         let mut wiring = match serde_yaml::to_value(strategy.default_wiring()) {
             Ok(Value::Mapping(m)) => m,
             _ => return Err(Error::msg("cannot serialise the default wiring")),
@@ -342,9 +343,9 @@ impl Registry {
     }
 }
 
-/// A strategy's "unknown field" error only lists the strategy's own keys: add the shared ones, and
+/// A section's "unknown field" error only lists its own keys: add the shared ones (`keys`), and
 /// suggest one of them when the typo is closer to it.
-fn mention_wiring_keys(e: Error) -> Error {
+fn mention_shared_keys(e: Error, keys: &[&str]) -> Error {
     let Error::Config {
         file,
         path,
@@ -353,7 +354,7 @@ fn mention_wiring_keys(e: Error) -> Error {
     else {
         return e;
     };
-    let shared: Vec<String> = Wiring::KEYS.iter().map(|k| k.to_string()).collect();
+    let shared: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
     let message = match message
         .strip_prefix("unknown field `")
         .and_then(|rest| rest.split('`').next())

@@ -28,36 +28,38 @@
 //! training is bit-identical to `naive`.
 
 use candle_core::{backprop::GradStore, Tensor};
-use sequel_core::checkpoint::StateDict;
 use serde::{Deserialize, Serialize};
 
 use sequel_core::data::Batch;
 use sequel_core::model::{Model, ModelOutput};
-use sequel_core::{Algorithm, Result, StepCtx, TaskCtx};
+use sequel_core::{Algorithm, AlgorithmConfig, Result, StateIo, StepCtx, TaskCtx};
 
 use crate::check;
 use crate::ewc::scalar;
-use crate::penalty::{load_penalty_state, save_penalty_state, PerParam, QuadraticPenalty};
+use crate::penalty::{PerParam, QuadraticPenalty};
 
 /// YAML keys of `algorithm: { name: si, ... }`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct SiConfig {
     /// Penalty strength c in `c·Σ Ω(θ − θ*)²` (no ½). Default 1.0 (SequeL's `si_lambda`).
-    #[serde(default = "crate::ewc::one")]
     pub c: f64,
     /// Damping ξ of `ω / (Δ² + ξ)`, > 0. Default 0.1 (SequeL; continual-learning-baselines' `eps`).
-    #[serde(default = "default_xi")]
     pub xi: f64,
-}
-
-fn default_xi() -> f64 {
-    0.1
 }
 
 impl Default for SiConfig {
     fn default() -> Self {
         Self { c: 1.0, xi: 0.1 }
+    }
+}
+
+impl AlgorithmConfig for SiConfig {
+    const NAME: &'static str = "si";
+    const SUMMARY: &'static str =
+        "Synaptic Intelligence: path-integral importance (Zenke et al. 2017)";
+    fn build(self) -> Result<Box<dyn Algorithm>> {
+        Ok(Box::new(Si::new(self)?))
     }
 }
 
@@ -108,18 +110,10 @@ impl Si {
 }
 
 impl Algorithm for Si {
-    fn name(&self) -> &str {
-        "si"
-    }
-
     /// At a task boundary SI holds Ω and the penalty; θ_start and ω are rebuilt by `before_task`.
-    fn save_state(&self) -> Result<Option<StateDict>> {
-        save_penalty_state(&self.penalty, self.importance.as_ref())
-    }
-
-    fn load_state(&mut self, state: &StateDict) -> Result<()> {
-        (self.penalty, self.importance) = load_penalty_state(state)?;
-        Ok(())
+    fn state(&mut self, io: &mut StateIo) -> Result<()> {
+        io.scope("penalty", |io| self.penalty.state(io))?;
+        io.field("accumulator", &mut self.importance)
     }
 
     fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
@@ -132,14 +126,11 @@ impl Algorithm for Si {
         Ok(())
     }
 
-    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-        let ce = ctx.task_loss(out, batch)?;
-        if self.c == 0.0 {
-            return Ok(ce);
-        }
+    fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        let ce = ctx.ce(batch)?;
         match self.penalty.value(ctx.model.params())? {
-            Some(r) => Ok((ce + (r * self.c)?)?),
-            None => Ok(ce),
+            Some(r) if self.c > 0.0 => Ok((ce + (r * self.c)?)?),
+            _ => Ok(ce),
         }
     }
 
@@ -210,7 +201,7 @@ impl Algorithm for Si {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{mini_trainer, Probe};
+    use crate::testing::{mini_trainer, probe_run, probed};
 
     /// Runs SI and, at every task end, recomputes the expected increment ω/(Δ² + ξ) from SI's
     /// own ω and θ(start) and the model's weights, then records Ω before and after.
@@ -221,14 +212,11 @@ mod tests {
     }
 
     impl Algorithm for Recorder {
-        fn name(&self) -> &str {
-            "si-recorder"
-        }
         fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
             self.si.before_task(ctx)
         }
-        fn loss(&mut self, o: &ModelOutput, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-            self.si.loss(o, b, ctx)
+        fn loss(&mut self, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+            self.si.loss(b, ctx)
         }
         fn edit_gradients(&mut self, g: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
             self.si.edit_gradients(g, ctx)
@@ -309,16 +297,15 @@ mod tests {
 
     #[test]
     fn importances_are_non_zero_non_negative_in_sum_and_accumulate_across_tasks() {
-        let probe = Probe::new(Recorder {
+        let recorder = Recorder {
             si: Si::new(SiConfig::default()).unwrap(),
             history: Vec::new(),
-        });
-        let mut t = mini_trainer(
-            Box::new(probe.clone()),
+        };
+        let (t, _) = probe_run(
+            recorder,
             &["benchmark.tasks=3", "benchmark.train_subset=30"],
         );
-        t.run(&mut sequel_core::trainer::Silent).unwrap();
-        let rec = probe.lock();
+        let rec = &probed::<Recorder>(&t).algo;
         assert_eq!(rec.history.len(), 3);
         for (task, (before, inc, after)) in rec.history.iter().enumerate() {
             let inc_sum = inc.sum().unwrap();
@@ -361,15 +348,12 @@ mod tests {
             checked: usize,
         }
         impl Algorithm for Check {
-            fn name(&self) -> &str {
-                "si-check"
-            }
             fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
                 self.si.before_task(ctx)
             }
-            fn loss(&mut self, o: &ModelOutput, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+            fn loss(&mut self, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
                 self.batch = Some(b.clone());
-                self.si.loss(o, b, ctx)
+                self.si.loss(b, ctx)
             }
             fn edit_gradients(&mut self, g: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
                 self.si.edit_gradients(g, ctx)?;
@@ -380,7 +364,7 @@ mod tests {
                     let (_, g_task) = self.si.pending.as_ref().unwrap();
                     let batch = self.batch.take().unwrap();
                     let out = ctx.model.forward(&batch.x, true)?;
-                    let ce = ctx.task_loss(&out, &batch)?.backward()?;
+                    let ce = ctx.task_loss(&out.logits, &batch)?.backward()?;
                     for (p, gt) in ctx.model.params().trainable().zip(g_task) {
                         let want = ce.get(p.var.as_tensor()).unwrap();
                         let d = (gt - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -398,13 +382,12 @@ mod tests {
                 self.si.after_task(ctx)
             }
         }
-        let probe = Probe::new(Check {
+        let check = Check {
             si: Si::new(SiConfig { c: 50.0, xi: 0.1 }).unwrap(),
             batch: None,
             checked: 0,
-        });
-        let mut t = mini_trainer(Box::new(probe.clone()), &["benchmark.tasks=2"]);
-        t.run(&mut sequel_core::trainer::Silent).unwrap();
-        assert_eq!(probe.lock().checked, 1);
+        };
+        let (t, _) = probe_run(check, &["benchmark.tasks=2"]);
+        assert_eq!(probed::<Check>(&t).algo.checked, 1);
     }
 }

@@ -1,7 +1,7 @@
 //! Test support: a probe that lets a test inspect an algorithm after the real trainer ran it, small
 //! tasks on fmnist-mini, and tiny hand-checkable models with host-side (f64) reference gradients.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use candle_core::{backprop::GradStore, Device, Tensor};
 use sequel_core::algorithm::task_samples;
@@ -11,61 +11,102 @@ use sequel_core::model::layers::Dropout;
 use sequel_core::model::mlp::Mlp;
 use sequel_core::model::{Model, ModelOutput};
 use sequel_core::rng::{SeededRng, Stream};
-use sequel_core::{Algorithm, EvalCtx, Result, StepCtx, TaskCtx, Trainer};
+use sequel_core::{Algorithm, EvalCtx, Memory, Result, StateIo, StepCtx, TaskCtx, Trainer};
 
-/// Shares an algorithm between the trainer and the test that wants to look inside it afterwards.
-pub struct Probe<A>(Arc<Mutex<A>>);
+/// What one training step forwarded: its task and each part's samples, in the order given to
+/// [`StepCtx::forward`] (the incoming batch first, for every built-in method).
+#[derive(Debug, Clone)]
+pub struct StepRecord {
+    pub task: usize,
+    pub parts: Vec<Vec<SampleRef>>,
+    /// The incoming rows' training-mode logits.
+    pub logits: Tensor,
+}
 
-impl<A> Clone for Probe<A> {
-    fn clone(&self) -> Self {
-        Self(self.0.clone())
-    }
+/// An algorithm plus the record of every step the trainer ran it for. After a run, get it back
+/// with [`Trainer::algorithm`]`::<Probe<A>>()`.
+pub struct Probe<A> {
+    pub algo: A,
+    pub steps: Vec<StepRecord>,
+    /// Per task, every parameter's values (flattened, in `ParamSet` order) before its
+    /// `before_task` and after its `after_task`.
+    pub weights_before: Vec<Vec<Vec<f32>>>,
+    pub weights_after: Vec<Vec<Vec<f32>>>,
 }
 
 impl<A> Probe<A> {
-    pub fn new(a: A) -> Self {
-        Self(Arc::new(Mutex::new(a)))
-    }
-
-    pub fn lock(&self) -> MutexGuard<'_, A> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn new(algo: A) -> Self {
+        Self {
+            algo,
+            steps: Vec::new(),
+            weights_before: Vec::new(),
+            weights_after: Vec::new(),
+        }
     }
 }
 
+fn all_weights(model: &dyn Model) -> Result<Vec<Vec<f32>>> {
+    model
+        .params()
+        .iter()
+        .map(|p| Ok(p.var.flatten_all()?.to_vec1::<f32>()?))
+        .collect()
+}
+
 impl<A: Algorithm> Algorithm for Probe<A> {
-    fn name(&self) -> &str {
-        "probe"
-    }
     fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        self.lock().before_task(ctx)
+        self.weights_before.push(all_weights(ctx.model)?);
+        self.algo.before_task(ctx)
     }
     fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
-        self.lock().training_samples(ctx)
+        self.algo.training_samples(ctx)
     }
-    fn prepare_batch(&mut self, batch: Batch, ctx: &mut StepCtx) -> Result<Batch> {
-        self.lock().prepare_batch(batch, ctx)
-    }
-    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-        self.lock().loss(out, batch, ctx)
+    fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        self.algo.loss(batch, ctx)
     }
     fn edit_gradients(&mut self, grads: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
-        self.lock().edit_gradients(grads, ctx)
+        self.algo.edit_gradients(grads, ctx)
     }
     fn after_step(&mut self, batch: &Batch, out: &ModelOutput, ctx: &mut StepCtx) -> Result<()> {
-        self.lock().after_step(batch, out, ctx)
+        self.steps.push(StepRecord {
+            task: ctx.task,
+            parts: ctx.forwarded_parts().to_vec(),
+            logits: out.logits.clone(),
+        });
+        self.algo.after_step(batch, out, ctx)
     }
     fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        self.lock().after_task(ctx)
+        self.algo.after_task(ctx)?;
+        self.weights_after.push(all_weights(ctx.model)?);
+        Ok(())
     }
-    fn predict(&self, x: &Tensor, out: &ModelOutput, ctx: &EvalCtx) -> Result<Option<Tensor>> {
-        self.lock().predict(x, out, ctx)
+    fn before_eval(&mut self, ctx: &EvalCtx) -> Result<()> {
+        self.algo.before_eval(ctx)
     }
-    fn save_state(&self) -> Result<Option<sequel_core::checkpoint::StateDict>> {
-        self.lock().save_state()
+    fn predict(&self, out: &ModelOutput, task: usize, ctx: &EvalCtx) -> Result<Option<Tensor>> {
+        self.algo.predict(out, task, ctx)
     }
-    fn load_state(&mut self, state: &sequel_core::checkpoint::StateDict) -> Result<()> {
-        self.lock().load_state(state)
+    fn state(&mut self, io: &mut StateIo) -> Result<()> {
+        self.algo.state(io)
     }
+    fn memory(&mut self) -> Option<&mut Memory> {
+        self.algo.memory()
+    }
+}
+
+/// Run `algo` wrapped in a [`Probe`] on [`mini_trainer`] with `overrides`; returns the trainer
+/// (model, outcome-independent state) and the probe.
+pub fn probe_run<A: Algorithm>(algo: A, overrides: &[&str]) -> (Trainer, sequel_core::RunOutcome) {
+    let mut t = mini_trainer(Box::new(Probe::new(algo)), overrides);
+    let outcome = t.run(&mut sequel_core::trainer::Silent).expect("run");
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+    (t, outcome)
+}
+
+/// The probe of a trainer built by [`probe_run`].
+pub fn probed<A: Algorithm>(t: &Trainer) -> &Probe<A> {
+    t.algorithm::<Probe<A>>()
+        .expect("the trainer runs a Probe<A>")
 }
 
 /// A trainer on fmnist-mini (split, 5 tasks, class-IL, 50 samples per task, MLP 784-32-10, one epoch
@@ -278,7 +319,7 @@ pub fn mini_run(algorithm: Box<dyn Algorithm>, overrides: &[&str]) -> (Vec<Vec<f
     let mut t = mini_trainer(algorithm, overrides);
     let outcome = t.run(&mut sequel_core::trainer::Silent).expect("run");
     assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
-    (outcome.matrix.rows, host_weights(t.model.as_ref()))
+    (outcome.results.matrix.rows, host_weights(t.model.as_ref()))
 }
 
 /// The scenarios every replay method must run in: class-IL, task-IL with a masked single head,

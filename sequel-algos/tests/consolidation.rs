@@ -3,13 +3,13 @@
 //! errors.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use sequel_algos::run::{execute, prepare};
 use sequel_algos::Registry;
 use sequel_core::experiment::Finished;
 use sequel_core::trainer::Silent;
-use sequel_core::Algorithm;
+use sequel_core::{Algorithm, AlgorithmConfig};
 
 fn config(out: &Path, extra: &str) -> String {
     format!(
@@ -133,7 +133,7 @@ fn lines_gamma_one_is_the_identity_end_to_end() {
             ],
         )
         .unwrap();
-        let raw = f.outcome.raw.unwrap();
+        let raw = f.outcome.raw.clone().unwrap();
         assert_eq!(f.outcome.matrix, raw, "{anchor}");
         assert_eq!(f.outcome.matrix, plain.outcome.matrix, "{anchor}");
     }
@@ -186,15 +186,10 @@ fn dare_runs_are_reproducible() {
     );
 }
 
-/// Records each task's head right after its training (before consolidation).
-struct HeadRecorder {
-    heads: Arc<Mutex<Vec<Vec<Vec<f32>>>>>,
-}
+/// Records each task's head right after its training (before consolidation) into [`HEADS`].
+struct HeadRecorder;
 
 impl Algorithm for HeadRecorder {
-    fn name(&self) -> &str {
-        "head-recorder"
-    }
     fn after_task(&mut self, ctx: &mut sequel_core::TaskCtx) -> sequel_core::Result<()> {
         let vals = ctx
             .model
@@ -203,24 +198,35 @@ impl Algorithm for HeadRecorder {
             .filter(|p| p.head == Some(ctx.task))
             .map(|p| p.var.flatten_all().unwrap().to_vec1::<f32>().unwrap())
             .collect();
-        self.heads.lock().unwrap().push(vals);
+        HEADS.lock().unwrap().push(vals);
         Ok(())
     }
 }
+
+/// Where the test collects what every built `HeadRecorder` records.
+static HEADS: Mutex<Vec<Vec<Vec<f32>>>> = Mutex::new(Vec::new());
 
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NoParams {}
 
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeadRecorderConfig {}
+
+impl AlgorithmConfig for HeadRecorderConfig {
+    const NAME: &'static str = "head-recorder";
+    const SUMMARY: &'static str = "test";
+    fn build(self) -> sequel_core::Result<Box<dyn Algorithm>> {
+        Ok(Box::new(HeadRecorder))
+    }
+}
+
 #[test]
 fn multi_head_heads_are_kept_as_trained_and_task_il_masking_is_unaffected() {
     let tmp = tempfile::tempdir().unwrap();
-    let heads = Arc::new(Mutex::new(Vec::new()));
     let mut reg = Registry::builtin();
-    let h = heads.clone();
-    reg.register_algorithm("head-recorder", "test", move |_: NoParams| {
-        Ok(Box::new(HeadRecorder { heads: h.clone() }) as Box<dyn Algorithm>)
-    });
+    reg.add::<HeadRecorderConfig>();
     let til = [
         "benchmark.scenario=task-il",
         "benchmark.task_il_head=multi",
@@ -238,7 +244,7 @@ fn multi_head_heads_are_kept_as_trained_and_task_il_masking_is_unaffected() {
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    let recorded = heads.lock().unwrap().clone();
+    let recorded = HEADS.lock().unwrap().clone();
     assert_eq!(recorded.len(), 5);
     for (t, rec) in recorded.iter().enumerate() {
         let w = ckpt[&format!("head.{t}.weight")]

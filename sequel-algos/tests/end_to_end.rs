@@ -6,7 +6,7 @@ use std::path::Path;
 use sequel_algos::run::{execute, prepare};
 use sequel_algos::Registry;
 use sequel_core::trainer::Silent;
-use sequel_core::{Algorithm, StepCtx};
+use sequel_core::{Algorithm, AlgorithmConfig, StepCtx};
 
 fn config(out: &Path, extra: &str) -> String {
     format!(
@@ -104,14 +104,16 @@ fn same_config_and_seed_give_byte_identical_accuracy_matrix() {
 fn naive_forgets_in_class_il_but_not_in_task_il_and_joint_is_far_above() {
     let tmp = tempfile::tempdir().unwrap();
     let text = config(tmp.path(), "");
-    let naive = run(&text, &[]).unwrap().outcome.matrix;
+    let naive = run(&text, &[]).unwrap().outcome.results.matrix;
     let naive_til = run(&text, &["benchmark.scenario=task-il", "name=til"])
         .unwrap()
         .outcome
+        .results
         .matrix;
     let joint = run(&text, &["algorithm.name=joint", "name=joint"])
         .unwrap()
         .outcome
+        .results
         .matrix;
     let fin = |m: &sequel_core::metrics::AccuracyMatrix| m.metrics_after(5);
     let (n, nt, j) = (fin(&naive), fin(&naive_til), fin(&joint));
@@ -207,9 +209,6 @@ fn head_values(ctx: &sequel_core::TaskCtx, head: usize) -> Vec<Vec<f32>> {
 }
 
 impl Algorithm for HeadWatch {
-    fn name(&self) -> &str {
-        "head-watch"
-    }
     fn before_task(&mut self, ctx: &mut sequel_core::TaskCtx) -> sequel_core::Result<()> {
         if ctx.task == 1 {
             self.before = Some(head_values(ctx, 0));
@@ -237,9 +236,7 @@ impl Algorithm for HeadWatch {
 fn multi_head_task_il_leaves_other_tasks_heads_untouched_even_with_weight_decay() {
     let tmp = tempfile::tempdir().unwrap();
     let mut reg = Registry::builtin();
-    reg.register_algorithm("head-watch", "test", |_: NoParams| {
-        Ok(Box::new(HeadWatch::default()) as Box<dyn Algorithm>)
-    });
+    reg.add::<HeadWatchConfig>();
     for opt in [
         "{kind: sgd, lr: 0.03, momentum: 0.9, weight_decay: 0.01}",
         "{kind: adam, lr: 0.001, weight_decay: 0.01}",
@@ -270,16 +267,12 @@ fn multi_head_task_il_leaves_other_tasks_heads_untouched_even_with_weight_decay(
 /// An algorithm that makes the loss non-finite during task 2.
 struct Diverge;
 impl Algorithm for Diverge {
-    fn name(&self) -> &str {
-        "diverge"
-    }
     fn loss(
         &mut self,
-        out: &sequel_core::model::ModelOutput,
         batch: &sequel_core::data::Batch,
         ctx: &mut StepCtx,
     ) -> sequel_core::Result<candle_core::Tensor> {
-        let l = ctx.task_loss(out, batch)?;
+        let l = ctx.ce(batch)?;
         Ok(if ctx.task == 1 && ctx.step == 3 {
             (l * f64::NAN)?
         } else {
@@ -288,17 +281,35 @@ impl Algorithm for Diverge {
     }
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Default, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct NoParams {}
+struct HeadWatchConfig {}
+
+impl AlgorithmConfig for HeadWatchConfig {
+    const NAME: &'static str = "head-watch";
+    const SUMMARY: &'static str = "test";
+    fn build(self) -> sequel_core::Result<Box<dyn Algorithm>> {
+        Ok(Box::new(HeadWatch::default()))
+    }
+}
+
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DivergeConfig {}
+
+impl AlgorithmConfig for DivergeConfig {
+    const NAME: &'static str = "diverge";
+    const SUMMARY: &'static str = "test";
+    fn build(self) -> sequel_core::Result<Box<dyn Algorithm>> {
+        Ok(Box::new(Diverge))
+    }
+}
 
 #[test]
 fn non_finite_loss_stops_with_task_epoch_step_and_keeps_finished_tasks() {
     let tmp = tempfile::tempdir().unwrap();
     let mut reg = Registry::builtin();
-    reg.register_algorithm("diverge", "test", |_: NoParams| {
-        Ok(Box::new(Diverge) as Box<dyn Algorithm>)
-    });
+    reg.add::<DivergeConfig>();
     let p = prepare(
         &config(tmp.path(), "algorithm: { name: diverge }\n"),
         "t.yaml",

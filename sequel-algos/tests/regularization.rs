@@ -3,9 +3,7 @@
 //! to naive, an anchor that moves every step, a teacher that is not frozen).
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
 
-use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use sequel_algos::ewc::{Ewc, EwcConfig};
 use sequel_algos::ewc_online::{OnlineEwc, OnlineEwcConfig};
@@ -15,11 +13,11 @@ use sequel_algos::run::{execute, prepare};
 use sequel_algos::si::{Si, SiConfig};
 use sequel_algos::Registry;
 use sequel_core::config::parse_config;
-use sequel_core::data::{Batch, GatherBuf, SampleRef, Split};
-use sequel_core::model::{Model, ModelOutput};
+use sequel_core::data::{GatherBuf, SampleRef, Split};
+use sequel_core::model::Model;
 use sequel_core::rng::{SeededRng, Stream};
 use sequel_core::trainer::Silent;
-use sequel_core::{Algorithm, Result, StepCtx, TaskCtx, Trainer};
+use sequel_core::{Algorithm, Trainer};
 
 /// The five methods with the YAML key of their strength.
 const METHODS: [(&str, &str); 5] = [
@@ -117,43 +115,6 @@ fn positive_strength_changes_the_trajectory_from_task_2_on() {
     }
 }
 
-/// Lets the test read an algorithm after the trainer has run it.
-struct Probe<A>(Arc<Mutex<A>>);
-
-impl<A> Probe<A> {
-    fn new(a: A) -> (Self, Arc<Mutex<A>>) {
-        let shared = Arc::new(Mutex::new(a));
-        (Self(shared.clone()), shared)
-    }
-    fn get(&self) -> MutexGuard<'_, A> {
-        self.0.lock().unwrap()
-    }
-}
-
-impl<A: Algorithm> Algorithm for Probe<A> {
-    fn name(&self) -> &str {
-        "probe"
-    }
-    fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        self.get().before_task(ctx)
-    }
-    fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
-        self.get().training_samples(ctx)
-    }
-    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-        self.get().loss(out, batch, ctx)
-    }
-    fn edit_gradients(&mut self, grads: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
-        self.get().edit_gradients(grads, ctx)
-    }
-    fn after_step(&mut self, batch: &Batch, out: &ModelOutput, ctx: &mut StepCtx) -> Result<()> {
-        self.get().after_step(batch, out, ctx)
-    }
-    fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        self.get().after_task(ctx)
-    }
-}
-
 fn trainer(algorithm: Box<dyn Algorithm>, overrides: &[&str]) -> Trainer {
     let tmp = std::env::temp_dir();
     let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
@@ -177,11 +138,10 @@ fn perturb(model: &dyn Model) {
 #[test]
 fn after_task_1_each_term_is_strictly_positive_at_a_perturbed_point() {
     fn check<A: Algorithm + 'static>(name: &str, algo: A, penalty: impl Fn(&A, &dyn Model) -> f64) {
-        let (probe, shared) = Probe::new(algo);
-        let mut t = trainer(Box::new(probe), &[]);
+        let mut t = trainer(Box::new(algo), &[]);
         t.run(&mut Silent).unwrap();
-        let a = shared.lock().unwrap();
-        let at_anchor = penalty(&a, t.model.as_ref());
+        let a = t.algorithm::<A>().unwrap();
+        let at_anchor = penalty(a, t.model.as_ref());
         if name == "ewc" {
             // Separate mode keeps task 1's anchor: Σₖ Fₖ(θ − θ*ₖ)² > 0 even at the newest one.
             assert!(at_anchor > 0.0, "{name}: {at_anchor}");
@@ -189,7 +149,7 @@ fn after_task_1_each_term_is_strictly_positive_at_a_perturbed_point() {
             assert!(at_anchor.abs() < 1e-6, "{name}: {at_anchor} at the anchor");
         }
         perturb(t.model.as_ref());
-        let p = penalty(&a, t.model.as_ref());
+        let p = penalty(a, t.model.as_ref());
         assert!(p > 0.0, "{name}: penalty {p} at a perturbed point");
     }
     check("ewc", Ewc::new(EwcConfig::default()).unwrap(), |a, m| {
@@ -207,8 +167,7 @@ fn after_task_1_each_term_is_strictly_positive_at_a_perturbed_point() {
         a.penalty(m).unwrap().unwrap()
     });
     // LwF: the distillation term on a batch of task 1, with the teacher of the last task.
-    let (probe, shared) = Probe::new(Lwf::new(LwfConfig::default()).unwrap());
-    let mut t = trainer(Box::new(probe), &[]);
+    let mut t = trainer(Box::new(Lwf::new(LwfConfig::default()).unwrap()), &[]);
     t.run(&mut Silent).unwrap();
     let refs: Vec<SampleRef> = t.stream.tasks[0].train[..10]
         .iter()
@@ -223,7 +182,7 @@ fn after_task_1_each_term_is_strictly_positive_at_a_perturbed_point() {
             &candle_core::Device::Cpu,
         )
         .unwrap();
-    let lwf = shared.lock().unwrap();
+    let lwf = t.algorithm::<Lwf>().unwrap();
     let term = |m: &dyn Model| -> f32 {
         let out = m.forward(&batch.x, true).unwrap();
         lwf.distillation(&out.logits, &batch.x)
@@ -240,16 +199,15 @@ fn after_task_1_each_term_is_strictly_positive_at_a_perturbed_point() {
 
 #[test]
 fn the_ewc_fisher_skips_batch_norm_statistics() {
-    let (probe, shared) = Probe::new(Ewc::new(EwcConfig::default()).unwrap());
     let mut t = trainer(
-        Box::new(probe),
+        Box::new(Ewc::new(EwcConfig::default()).unwrap()),
         &[
             "model={kind: resnet18, width: 2}",
             "benchmark.train_subset=10",
         ],
     );
     t.run(&mut Silent).unwrap();
-    let ewc = shared.lock().unwrap();
+    let ewc = t.algorithm::<Ewc>().unwrap();
     let params = t.model.params();
     let f = ewc.last_fisher().unwrap();
     assert_eq!(f.0.len(), params.trainable().count());

@@ -8,17 +8,32 @@ use sequel_algos::run::{execute, prepare};
 use sequel_algos::Registry;
 use sequel_core::trainer::Silent;
 
-/// Every replay method, with a small buffer so that 5 short tasks overflow it.
-const METHODS: &[&str] = &[
-    "{ name: er, buffer_size: 40 }",
-    "{ name: agem, buffer_size: 40, replay_batch_size: 20 }",
-    "{ name: gem, buffer_size: 40, memory_strength: 0.5 }",
-    "{ name: der, buffer_size: 40, alpha: 0.5 }",
-    "{ name: derpp, buffer_size: 40, alpha: 0.5, beta: 0.5 }",
-    "{ name: er-ace, buffer_size: 40 }",
-    "{ name: icarl, buffer_size: 40 }",
-    "{ name: gdumb, buffer_size: 40, fit_epochs: 8 }",
-];
+/// Every registered method with a memory (a `buffer_size` key), with a small buffer so that 5
+/// short tasks overflow it.
+fn methods() -> Vec<String> {
+    let reg = Registry::builtin();
+    let m: Vec<String> = reg
+        .algorithms()
+        .into_iter()
+        .filter(|(name, _)| {
+            let d = reg.algorithm_defaults(name).expect("registered");
+            d.get("buffer_size").is_some()
+        })
+        .map(|(name, _)| {
+            // Settings under which every method learns these short tasks at lr 0.1.
+            let extra = match name {
+                "der" => ", alpha: 0.5",
+                "derpp" => ", alpha: 0.5, beta: 0.5",
+                "agem" => ", replay_batch_size: 20",
+                "gdumb" => ", fit_epochs: 8",
+                _ => "",
+            };
+            format!("{{ name: {name}, buffer_size: 40{extra} }}")
+        })
+        .collect();
+    assert!(m.len() >= 8, "{m:?}");
+    m
+}
 
 fn config(out: &Path, algorithm: &str) -> String {
     format!(
@@ -42,7 +57,7 @@ fn run(text: &str, overrides: &[&str]) -> sequel_core::experiment::Finished {
 #[test]
 fn every_replay_method_runs_five_tasks_in_every_scenario() {
     let tmp = tempfile::tempdir().unwrap();
-    for (i, algo) in METHODS.iter().enumerate() {
+    for (i, algo) in methods().iter().enumerate() {
         for (j, scenario) in [
             &["benchmark.scenario=class-il"][..],
             &["benchmark.scenario=task-il"],
@@ -69,7 +84,7 @@ fn every_replay_method_runs_five_tasks_in_every_scenario() {
 #[test]
 fn replay_runs_are_bit_identical_for_the_same_seed() {
     let tmp = tempfile::tempdir().unwrap();
-    for (i, algo) in METHODS.iter().enumerate() {
+    for (i, algo) in methods().iter().enumerate() {
         let text = config(tmp.path(), algo);
         let a = run(&text, &[&format!("name=a{i}")]);
         let b = run(&text, &[&format!("name=b{i}")]);

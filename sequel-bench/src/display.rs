@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use sequel_core::trainer::TaskTimes;
+use sequel_core::outcome::TaskTimes;
 use sequel_core::{Progress, RunOutcome};
 
 pub struct ProgressView {

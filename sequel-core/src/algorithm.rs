@@ -3,19 +3,27 @@
 //! a shared mutable bag — so what each hook may read or change is visible in its signature.
 //!
 //! Loop order (see docs/architecture.md):
-//! `before_task → training_samples → [prepare_batch → forward → loss → backward → edit_gradients →
-//! optimizer step → after_step]* → after_task → consolidation → evaluation (predict)`.
+//! `before_task → training_samples → [loss (forwards through StepCtx::forward) → backward →
+//! edit_gradients → optimizer step → after_step]* → after_task → consolidation → [before_eval →
+//! predict*]`.
+//!
+//! A step's update rule lives in one place, [`Algorithm::loss`]: it forwards what it needs — the
+//! incoming batch and any number of memory draws — in one fused pass with [`StepCtx::forward`], and
+//! returns the objective. The trainer then does the one backward, gradient rules, optimizer step
+//! and bookkeeping.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{backprop::GradStore, Device, Tensor};
 
-use crate::checkpoint::StateDict;
 use crate::data::{Batch, SampleRef, TaskStream};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::loss;
+use crate::memory::Memory;
 use crate::model::{Model, ModelOutput};
 use crate::rng::SeededRng;
+use crate::state::StateIo;
 
 /// What hooks at task granularity see.
 pub struct TaskCtx<'a> {
@@ -38,6 +46,45 @@ impl TaskCtx<'_> {
     }
 }
 
+/// The outputs of one fused forward pass over several parts (the incoming batch, memory draws),
+/// and the parts joined in the order given.
+pub struct Forward {
+    /// Every row's output, `(Σ parts) × U` logits.
+    pub out: ModelOutput,
+    /// The parts joined into one batch (rows in the same order as `out`).
+    pub batch: Batch,
+    ranges: Vec<Range<usize>>,
+}
+
+impl Forward {
+    /// The logits of part `i` (`|part| × U`).
+    pub fn logits(&self, i: usize) -> Result<Tensor> {
+        let r = self.range(i)?;
+        Ok(self.out.logits.narrow(0, r.start, r.len())?)
+    }
+
+    /// The output (logits and features) of part `i`.
+    pub fn output(&self, i: usize) -> Result<ModelOutput> {
+        let r = self.range(i)?;
+        Ok(ModelOutput {
+            logits: self.out.logits.narrow(0, r.start, r.len())?,
+            features: self.out.features.narrow(0, r.start, r.len())?,
+        })
+    }
+
+    /// Whether part `i` has rows (a draw from an empty memory has none).
+    pub fn has(&self, i: usize) -> bool {
+        self.ranges.get(i).is_some_and(|r| !r.is_empty())
+    }
+
+    fn range(&self, i: usize) -> Result<Range<usize>> {
+        self.ranges
+            .get(i)
+            .cloned()
+            .ok_or_else(|| Error::msg(format!("forward pass has no part {i}")))
+    }
+}
+
 /// What hooks at step granularity see.
 pub struct StepCtx<'a> {
     pub task: usize,
@@ -48,30 +95,130 @@ pub struct StepCtx<'a> {
     pub model: &'a dyn Model,
     pub device: &'a Device,
     pub rng: &'a mut SeededRng,
+    incoming: &'a Batch,
+    incoming_out: Option<ModelOutput>,
+    /// Per task: whether any forwarded row belongs to it (multi-head gradient masking).
+    present: Vec<bool>,
+    /// The samples of every part forwarded in this step, in order (for logs and tests).
+    parts: Vec<Vec<SampleRef>>,
 }
 
-impl StepCtx<'_> {
-    /// Cross-entropy of the batch under the scenario's training mask (see [`loss::task_loss`]).
-    pub fn task_loss(&self, out: &ModelOutput, batch: &Batch) -> Result<Tensor> {
-        loss::task_loss(&out.logits, batch, self.stream)
+impl<'a> StepCtx<'a> {
+    /// The context of a step on `incoming` (the trainer, or a "train on memory" loop, builds it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        task: usize,
+        epoch: usize,
+        step: usize,
+        stream: &'a TaskStream,
+        model: &'a dyn Model,
+        device: &'a Device,
+        rng: &'a mut SeededRng,
+        incoming: &'a Batch,
+    ) -> Self {
+        Self {
+            task,
+            epoch,
+            step,
+            stream,
+            model,
+            device,
+            rng,
+            incoming,
+            incoming_out: None,
+            present: vec![false; stream.len()],
+            parts: Vec::new(),
+        }
+    }
+
+    /// One training-mode forward pass over `parts` joined in order (one pass, so its speed is that
+    /// of a single batch of `Σ |part|` rows; with batch normalisation the statistics span every
+    /// part). The incoming batch of the step is recognised by reference: pass the `batch` that
+    /// [`Algorithm::loss`] received, and its rows are what the trainer logs and hands to
+    /// [`Algorithm::after_step`].
+    ///
+    /// # Errors
+    /// Model errors; shape mismatches between parts.
+    pub fn forward(&mut self, parts: &[&Batch]) -> Result<Forward> {
+        let mut ranges = Vec::with_capacity(parts.len());
+        let mut start = 0;
+        for p in parts {
+            ranges.push(start..start + p.len());
+            start += p.len();
+        }
+        let batch = match parts {
+            [one] => (*one).clone(),
+            _ => {
+                let nonempty: Vec<&Batch> =
+                    parts.iter().copied().filter(|p| !p.is_empty()).collect();
+                let (first, rest) = nonempty
+                    .split_first()
+                    .ok_or_else(|| Error::msg("forward needs at least one non-empty part"))?;
+                let mut joined = (*first).clone();
+                for p in rest {
+                    joined = joined.append(p)?;
+                }
+                joined
+            }
+        };
+        let out = self.model.forward(&batch.x, true)?;
+        for &t in &batch.tasks {
+            if let Some(p) = self.present.get_mut(t as usize) {
+                *p = true;
+            }
+        }
+        self.parts.extend(parts.iter().map(|p| p.refs.clone()));
+        let f = Forward { out, batch, ranges };
+        if self.incoming_out.is_none() {
+            if let Some(i) = parts.iter().position(|p| std::ptr::eq(*p, self.incoming)) {
+                self.incoming_out = Some(f.output(i)?);
+            }
+        }
+        Ok(f)
+    }
+
+    /// Cross-entropy of `logits` against `batch` under the scenario's training mask (see
+    /// [`loss::task_loss`]).
+    pub fn task_loss(&self, logits: &Tensor, batch: &Batch) -> Result<Tensor> {
+        loss::task_loss(logits, batch, self.stream)
+    }
+
+    /// Fine-tuning's objective: forward `batch` alone and take its masked cross-entropy.
+    pub fn ce(&mut self, batch: &Batch) -> Result<Tensor> {
+        let f = self.forward(&[batch])?;
+        self.task_loss(&f.out.logits, batch)
+    }
+
+    /// Whether a row of task `t` was forwarded in this step.
+    pub fn forwarded_task(&self, t: usize) -> bool {
+        self.present.get(t).copied().unwrap_or(false)
+    }
+
+    /// Per task: whether a row of it was forwarded in this step.
+    pub fn forwarded_tasks(&self) -> &[bool] {
+        &self.present
+    }
+
+    /// The samples of every part forwarded so far in this step, in order.
+    pub fn forwarded_parts(&self) -> &[Vec<SampleRef>] {
+        &self.parts
+    }
+
+    /// The incoming batch's output, once `loss` has forwarded it.
+    pub fn incoming_output(&self) -> Option<&ModelOutput> {
+        self.incoming_out.as_ref()
     }
 }
 
-/// What prediction sees.
+/// What evaluation sees.
 pub struct EvalCtx<'a> {
-    /// The task being evaluated.
-    pub task: usize,
-    /// The number of tasks trained so far (0 for the untrained model).
-    pub trained_tasks: usize,
     pub stream: &'a TaskStream,
     pub model: &'a dyn Model,
+    pub device: &'a Device,
 }
 
 /// A continual-learning algorithm. Override only the hooks you need.
-pub trait Algorithm: Send {
-    /// Registry name.
-    fn name(&self) -> &str;
-
+pub trait Algorithm: std::any::Any + Send {
     /// H0: before training on a task (snapshot a teacher, swap the data, ...).
     fn before_task(&mut self, _ctx: &mut TaskCtx) -> Result<()> {
         Ok(())
@@ -82,52 +229,80 @@ pub trait Algorithm: Send {
         Ok(task_samples(ctx.stream, ctx.task))
     }
 
-    /// H1: extend or replace the incoming batch (replay appends buffer samples here).
-    fn prepare_batch(&mut self, batch: Batch, _ctx: &mut StepCtx) -> Result<Batch> {
-        Ok(batch)
+    /// H1: the objective of one step on the incoming `batch`. Forward what the rule needs with
+    /// [`StepCtx::forward`] (the incoming batch must be among the parts). Default: masked
+    /// cross-entropy of `batch` ([`StepCtx::ce`]).
+    fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        ctx.ce(batch)
     }
 
-    /// H2: the loss to minimise. Default: masked cross-entropy of the batch.
-    fn loss(&mut self, out: &ModelOutput, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-        ctx.task_loss(out, batch)
-    }
-
-    /// H3: edit gradients before the optimizer step (projection, clipping).
+    /// H2: edit gradients before the optimizer step (projection).
     fn edit_gradients(&mut self, _grads: &mut GradStore, _ctx: &mut StepCtx) -> Result<()> {
         Ok(())
     }
 
-    /// H4: after the optimizer step (path integrals, buffer insertion).
+    /// H3: after the optimizer step, with the incoming batch and its training-mode output from
+    /// `loss`'s forward pass (path integrals, memory insertion).
     fn after_step(&mut self, _batch: &Batch, _out: &ModelOutput, _ctx: &mut StepCtx) -> Result<()> {
         Ok(())
     }
 
-    /// H5: after the last step of a task (importances, exemplars).
+    /// H4: after the last step of a task (importances, exemplars).
     fn after_task(&mut self, _ctx: &mut TaskCtx) -> Result<()> {
         Ok(())
     }
 
-    /// H6: scores over the output units for evaluation, or `None` to use the logits.
-    fn predict(&self, _x: &Tensor, _out: &ModelOutput, _ctx: &EvalCtx) -> Result<Option<Tensor>> {
+    /// H5: before each evaluation pass over every task, with the weights about to be evaluated
+    /// (the trained or the consolidated ones): compute what `predict` needs (class means).
+    fn before_eval(&mut self, _ctx: &EvalCtx) -> Result<()> {
+        Ok(())
+    }
+
+    /// H6: scores over the output units for a batch of task `task`'s evaluation samples, or
+    /// `None` to use the logits.
+    fn predict(&self, _out: &ModelOutput, _task: usize, _ctx: &EvalCtx) -> Result<Option<Tensor>> {
         Ok(None)
     }
 
     /// Everything this algorithm carries from one task to the next (buffers, importances,
-    /// anchors, exemplars), as named tensors, taken after `after_task`. `Ok(None)` — the default —
-    /// declares the algorithm not resumable: checkpoints then hold weights only and
-    /// `sequel run --resume` refuses the run instead of continuing with a silently lost state.
-    /// A stateless algorithm returns `Ok(Some(StateDict::new()))`. State rebuilt by `before_task`
-    /// (e.g. a teacher forked from the model) need not be saved.
-    fn save_state(&self) -> Result<Option<StateDict>> {
-        Ok(None)
+    /// anchors, exemplars), each field listed once for both saving and loading (see
+    /// [`StateIo`]). Called after `after_task` to save, and before the next task's `before_task`
+    /// to load. State rebuilt by `before_task` (a teacher forked from the model) need not be
+    /// listed. Default: no state.
+    fn state(&mut self, _io: &mut StateIo) -> Result<()> {
+        Ok(())
     }
 
-    /// Restore what [`Algorithm::save_state`] returned, before the next task's `before_task`.
-    fn load_state(&mut self, _state: &StateDict) -> Result<()> {
-        Err(crate::error::Error::msg(format!(
-            "algorithm `{}` does not implement Algorithm::load_state",
-            self.name()
-        )))
+    /// The replay memory, for a rehearsal method: the trainer creates it before the first task,
+    /// offers it each step's incoming samples (after `after_step`) or each finished task's
+    /// (before `after_task`), and saves it with the state. The method only draws from it.
+    fn memory(&mut self) -> Option<&mut Memory> {
+        None
+    }
+}
+
+/// An algorithm's YAML section, which also describes and builds the algorithm: the registry adds
+/// it with one line (`registry.add::<ErConfig>()`), and `sequel list`, the help text and the
+/// config reference take its name, summary and defaults from here.
+///
+/// The YAML keys are the struct's fields (parsed with `deny_unknown_fields`); missing keys take
+/// the values of `Default::default()` (use a container-level `#[serde(default)]`).
+pub trait AlgorithmConfig:
+    serde::de::DeserializeOwned + serde::Serialize + Default + Send + Sync + 'static
+{
+    /// `algorithm.name` in the YAML.
+    const NAME: &'static str;
+    /// One line: what the method does and its source.
+    const SUMMARY: &'static str;
+
+    /// Build the algorithm; an out-of-range value is a [`crate::Error::Config`] naming the key.
+    fn build(self) -> Result<Box<dyn Algorithm>>;
+
+    /// The shared replay-memory keys (`buffer_size`, `buffer_policy`, `insert`), if the method
+    /// keeps a memory: the registry parses them once for every method, with this method's
+    /// defaults.
+    fn memory(&mut self) -> Option<&mut crate::buffer::MemoryConfig> {
+        None
     }
 }
 

@@ -75,6 +75,49 @@ pub enum InsertAt {
     TaskEnd,
 }
 
+/// The memory keys every replay method shares in its `algorithm:` section. Each method supplies
+/// its own defaults (A-GEM fills its memory per task at the task's end, ER by reservoir at every
+/// step); the registry parses these keys once for all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// Memory size M in samples.
+    pub buffer_size: usize,
+    /// `reservoir`, `class_balanced` or `task_quota`.
+    pub buffer_policy: BufferPolicy,
+    /// `step` (insert every step's incoming samples) or `task_end`.
+    pub insert: InsertAt,
+}
+
+impl MemoryConfig {
+    /// The YAML keys, as the registry takes them out of an `algorithm:` section.
+    pub const KEYS: [&'static str; 3] = ["buffer_size", "buffer_policy", "insert"];
+}
+
+/// Reservoir sampling at every step into 200 slots (ER, DER: Mammoth's seq-mnist setting).
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            buffer_size: 200,
+            buffer_policy: BufferPolicy::Reservoir,
+            insert: InsertAt::Step,
+        }
+    }
+}
+
+impl crate::state::Persist for ReplayBuffer {
+    fn save(&self, key: &str, out: &mut crate::state::StateDict) -> Result<()> {
+        out.extend(self.state(&format!("{key}."))?);
+        Ok(())
+    }
+    fn load(key: &str, from: &crate::state::StateDict) -> Result<Self> {
+        Self::from_state(from, &format!("{key}."))
+    }
+    fn present(key: &str, from: &crate::state::StateDict) -> bool {
+        from.contains_key(&format!("{key}.header"))
+    }
+}
+
 /// A fixed-capacity replay memory. See the module documentation.
 #[derive(Debug, Clone)]
 pub struct ReplayBuffer {

@@ -14,23 +14,19 @@
 //! task's pair intact, and a truncated or altered file fails its checksum. Only the two newest
 //! pairs are kept, so `--resume-from-task` can fall back one task when the newest is damaged.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::metrics::AccuracyMatrix;
+use crate::outcome::Results;
 use crate::rng::RngState;
 use crate::run::write_atomic;
-use crate::trainer::{LogRow, TaskTimes};
-
-/// Named tensors: the unit of state every component saves and restores.
-pub type StateDict = HashMap<String, Tensor>;
+use crate::state::StateDict;
 
 /// Bump when the layout changes; older checkpoints are then refused with a clear message.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The non-tensor part of a checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,16 +47,6 @@ pub struct Meta {
     pub has_initial: bool,
     pub has_previous: bool,
     pub results: Results,
-}
-
-/// The results so far.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Results {
-    pub matrix: AccuracyMatrix,
-    pub raw: Option<AccuracyMatrix>,
-    pub times: Vec<TaskTimes>,
-    pub init_eval_s: f64,
-    pub log: Vec<LogRow>,
 }
 
 /// A loaded checkpoint.
@@ -160,18 +146,6 @@ pub fn load(dir: &Path, t: usize) -> Result<Checkpoint> {
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .map_err(|_| corrupt(&tpath, "unreadable"))?;
     Ok(Checkpoint { meta, tensors })
-}
-
-/// Entries of `dict` under `prefix`, with the prefix removed.
-pub fn take_prefixed(dict: &StateDict, prefix: &str) -> StateDict {
-    dict.iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone())))
-        .collect()
-}
-
-/// Insert `src` into `dst` with `prefix` prepended to every key.
-pub fn put_prefixed(dst: &mut StateDict, prefix: &str, src: StateDict) {
-    dst.extend(src.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)));
 }
 
 /// Save a list of tensors as `<key>.len` and `<key>.<i>` (copies, so later in-place updates do

@@ -14,8 +14,9 @@ use crate::consolidation::Consolidation;
 use crate::data::{discovery::load_dataset, TaskStream};
 use crate::error::{Error, Result};
 use crate::model::build_model;
+use crate::outcome::RunOutcome;
 use crate::run::{write_results, RunDir, RunInfo};
-use crate::trainer::{Progress, RunOutcome, Trainer};
+use crate::trainer::{Progress, Trainer};
 
 /// Build the trainer that `cfg` describes around an already-built algorithm: load the data, build
 /// the task stream and the seeded model. `origin` (the config file) prefixes errors that a config
@@ -108,7 +109,12 @@ pub fn run_experiment(
     opts: &RunOptions,
 ) -> Result<Finished> {
     let start = Instant::now();
-    let algo_name = algorithm.name().to_string();
+    let algo_name = cfg
+        .algorithm
+        .get("name")
+        .and_then(|n| n.as_str())
+        .unwrap_or("naive")
+        .to_string();
     let cons_name = consolidation
         .as_ref()
         .map(|c| c.strategy.name().to_string());
@@ -128,12 +134,6 @@ pub fn run_experiment(
         Some(r) => {
             let dir = RunDir::reopen(&r.dir)?;
             check_same_config(&dir, resolved_yaml)?;
-            if trainer.algorithm.save_state()?.is_none() {
-                return Err(Error::Msg(format!(
-                    "algorithm `{algo_name}` cannot be resumed: it does not implement \
-                     Algorithm::save_state, so its checkpoints hold weights only"
-                )));
-            }
             let ckpt_dir = dir.staging().join("checkpoints");
             let available = checkpoint::available(&ckpt_dir);
             let t = match (r.task, available.last()) {

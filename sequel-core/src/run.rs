@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::metrics::peak_rss_mb;
-use crate::trainer::RunOutcome;
+use crate::outcome::RunOutcome;
 
 pub struct RunDir {
     staging: PathBuf,

@@ -7,19 +7,20 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, D};
 
 use crate::algorithm::{Algorithm, EvalCtx, StepCtx, TaskCtx};
-use crate::checkpoint::{
-    self, put_prefixed, take_prefixed, Checkpoint, Meta, Results, StateDict, FORMAT_VERSION,
-};
+use crate::checkpoint::{self, Checkpoint, Meta, FORMAT_VERSION};
 use crate::config::ExperimentConfig;
 use crate::consolidation::{
     apply, Anchor, Consolidation, ConsolidationCtx, ContinueFrom, Evaluate, TaskVector,
 };
-use crate::data::{GatherBuf, SampleRef, TaskStream};
+use crate::data::{Batch, GatherBuf, SampleRef, Split, TaskStream};
 use crate::error::{Error, Result};
 use crate::metrics::{peak_rss_mb, AccuracyMatrix};
-use crate::model::{Model, Snapshot};
+use crate::model::{Model, ModelOutput, Snapshot};
 use crate::optim::{build_optimizer, LrSchedule, Optimizer};
+use crate::outcome::{LogRow, Results, RunOutcome, TaskTimes};
 use crate::rng::{SeededRng, Stream};
+use crate::state::{put_prefixed, take_prefixed, StateDict, StateIo};
+use crate::step::{finite_loss, optimize};
 
 /// Receives progress events; every method has a no-op default.
 pub trait Progress {
@@ -31,40 +32,6 @@ pub trait Progress {
 /// A `Progress` that ignores everything.
 pub struct Silent;
 impl Progress for Silent {}
-
-/// Wall-clock seconds spent on one task.
-#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
-pub struct TaskTimes {
-    pub train_s: f64,
-    pub eval_s: f64,
-    pub steps: usize,
-    /// Peak RSS of the process so far, MiB.
-    pub peak_rss_mb: Option<f64>,
-}
-
-/// One sampled training step of train_log.csv.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct LogRow {
-    pub task: usize,
-    pub epoch: usize,
-    pub step: usize,
-    pub loss: f32,
-    pub batch_acc: f64,
-    pub lr: f32,
-}
-
-/// Everything a run produced. `failure` is set when training stopped early (e.g. a non-finite
-/// loss); the rows of the tasks finished before it are kept.
-pub struct RunOutcome {
-    /// The evaluated weights' matrix (the consolidated ones, unless `evaluate: trained`).
-    pub matrix: AccuracyMatrix,
-    /// With a consolidator: the matrix of the trained weights before consolidation.
-    pub raw: Option<AccuracyMatrix>,
-    pub times: Vec<TaskTimes>,
-    pub init_eval_s: f64,
-    pub log: Vec<LogRow>,
-    pub failure: Option<Error>,
-}
 
 pub struct Trainer {
     pub cfg: ExperimentConfig,
@@ -135,134 +102,147 @@ impl Trainer {
         }
     }
 
-    /// Run the whole stream (or, after [`Trainer::restore`], the tasks left).
+    /// The algorithm as its concrete type (tests and tools inspect it after a run).
+    pub fn algorithm<A: Algorithm>(&self) -> Option<&A> {
+        (self.algorithm.as_ref() as &dyn std::any::Any).downcast_ref::<A>()
+    }
+
+    /// Run the whole stream (or, after [`Trainer::restore`], the tasks left): for each task,
+    /// train → consolidate and evaluate → checkpoint. A stop (asked for, a non-finite loss or
+    /// weights) ends the loop with `failure` set and the finished tasks' results kept.
     pub fn run(&mut self, progress: &mut dyn Progress) -> Result<RunOutcome> {
-        let n_tasks = self.stream.len();
         let mut outcome = match self.resumed.take() {
-            Some(r) => RunOutcome {
-                matrix: r.matrix,
-                raw: r.raw,
-                times: r.times,
-                init_eval_s: r.init_eval_s,
-                log: r.log,
+            Some(results) => RunOutcome {
+                results,
                 failure: None,
             },
             None => self.start()?,
         };
-        for t in outcome.matrix.rows.len()..n_tasks {
-            if let Some(n) = self.stop_after_task.filter(|&n| n <= t) {
-                outcome.failure = Some(Error::Stopped(format!(
-                    "stopped after task {n} as asked (--stop-after-task)"
-                )));
-                return Ok(outcome);
-            }
-            // Also checked between tasks: end-of-task work (a GDumb re-fit, Fisher estimates,
-            // evaluation) runs no training step that would notice the flag.
-            if t > 0
-                && self
-                    .interrupt
-                    .as_ref()
-                    .is_some_and(|f| f.load(Ordering::Relaxed))
-            {
-                outcome.failure = Some(Error::Stopped(format!(
-                    "interrupted after task {t}; its checkpoint is intact"
-                )));
-                return Ok(outcome);
-            }
-            let start = Instant::now();
-            let steps = match self.train_task(t, progress, &mut outcome.log) {
-                Ok(s) => s,
-                Err(e @ (Error::NonFiniteLoss { .. } | Error::Stopped(_))) => {
+        for t in outcome.matrix.rows.len()..self.stream.len() {
+            let step = self.stop_before(t).map_or_else(
+                || self.task(t, progress, &mut outcome.results),
+                |stop| Err(Error::Stopped(stop)),
+            );
+            match step {
+                Ok(()) => self.save_state(&outcome)?,
+                Err(
+                    e @ (Error::NonFiniteLoss { .. }
+                    | Error::NonFiniteWeights { .. }
+                    | Error::Stopped(_)),
+                ) => {
                     outcome.failure = Some(e);
-                    return Ok(outcome);
+                    break;
                 }
                 Err(e) => return Err(e),
-            };
-            // The loss is checked before each step; the weights after the last one are not, and
-            // NaN logits would be scored as "class 0" by argmax.
-            if !self.weights_finite()? {
-                outcome.failure = Some(Error::NonFiniteWeights { task: t + 1 });
-                return Ok(outcome);
             }
-            let consolidated = match self.initial.clone() {
-                Some(initial) => {
-                    let previous = self.previous.clone();
-                    let c = self.consolidate(t, &initial, previous.as_ref())?;
-                    if !snapshot_finite(&c.consolidated)? {
-                        outcome.failure = Some(Error::NonFiniteWeights { task: t + 1 });
-                        return Ok(outcome);
-                    }
-                    Some(c)
-                }
-                None => None,
-            };
-            let train_s = start.elapsed().as_secs_f64();
-            let e0 = Instant::now();
-            // The model holds θ̂_t here. With a consolidator, the trained weights fill the raw
-            // matrix and the evaluated ones the main matrix (evaluated once if they are the same).
-            let (row, raw_row) = match (&consolidated, &self.consolidation) {
-                (Some(c), Some(cons)) => {
-                    let raw = self.evaluate_all(t + 1)?;
-                    let row = match cons.wiring.evaluate {
-                        Evaluate::Consolidated => {
-                            self.model.params().restore(&c.consolidated)?;
-                            self.evaluate_all(t + 1)?
-                        }
-                        Evaluate::Trained => raw.clone(),
-                    };
-                    (row, Some(raw))
-                }
-                _ => (self.evaluate_all(t + 1)?, None),
-            };
-            let times = TaskTimes {
-                train_s,
-                eval_s: e0.elapsed().as_secs_f64(),
-                steps,
-                peak_rss_mb: peak_rss_mb(),
-            };
-            tracing::info!(
-                task = t + 1,
-                train_s,
-                eval_s = times.eval_s,
-                "task finished"
-            );
-            self.save_weights(t)?;
-            if let (Some(c), Some(cons)) = (consolidated, &self.consolidation) {
-                let from = match cons.wiring.continue_from {
-                    ContinueFrom::Consolidated => &c.consolidated,
-                    ContinueFrom::Trained => &c.trained,
-                };
-                self.model.params().restore(from)?;
-                self.previous = Some(c.consolidated);
-            }
-            progress.task_end(t, &row, &times);
-            outcome.matrix.rows.push(row);
-            if let (Some(raw), Some(r)) = (outcome.raw.as_mut(), raw_row) {
-                raw.rows.push(r);
-            }
-            outcome.times.push(times);
-            self.save_state(&outcome)?;
         }
         Ok(outcome)
+    }
+
+    /// Why the run stops before task `t`, if it does.
+    fn stop_before(&self, t: usize) -> Option<String> {
+        if let Some(n) = self.stop_after_task.filter(|&n| n <= t) {
+            return Some(format!(
+                "stopped after task {n} as asked (--stop-after-task)"
+            ));
+        }
+        // Also checked between tasks: end-of-task work (a GDumb re-fit, Fisher estimates,
+        // evaluation) runs no training step that would notice the flag.
+        let asked = self
+            .interrupt
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Relaxed));
+        (t > 0 && asked).then(|| format!("interrupted after task {t}; its checkpoint is intact"))
+    }
+
+    /// Train task `t`, consolidate, evaluate, and append the task's rows and times to `results`.
+    fn task(&mut self, t: usize, progress: &mut dyn Progress, results: &mut Results) -> Result<()> {
+        let start = Instant::now();
+        let steps = self.train_task(t, progress, &mut results.log)?;
+        // The loss is checked before each step; the weights after the last one are not, and
+        // NaN logits would be scored as "class 0" by argmax.
+        if !self.weights_finite()? {
+            return Err(Error::NonFiniteWeights { task: t + 1 });
+        }
+        let consolidated = match self.initial.clone() {
+            Some(initial) => {
+                let previous = self.previous.clone();
+                let c = self.consolidate(t, &initial, previous.as_ref())?;
+                if !snapshot_finite(&c.consolidated)? {
+                    return Err(Error::NonFiniteWeights { task: t + 1 });
+                }
+                Some(c)
+            }
+            None => None,
+        };
+        let train_s = start.elapsed().as_secs_f64();
+        let e0 = Instant::now();
+        // The model holds θ̂_t here. With a consolidator, the trained weights fill the raw
+        // matrix and the evaluated ones the main matrix (evaluated once if they are the same).
+        let evaluate = self.consolidation.as_ref().map(|c| c.wiring.evaluate);
+        let (row, raw_row) = match (&consolidated, evaluate) {
+            (Some(c), Some(evaluate)) => {
+                let raw = self.evaluate_all()?;
+                let row = match evaluate {
+                    Evaluate::Consolidated => {
+                        self.model.params().restore(&c.consolidated)?;
+                        self.evaluate_all()?
+                    }
+                    Evaluate::Trained => raw.clone(),
+                };
+                (row, Some(raw))
+            }
+            _ => (self.evaluate_all()?, None),
+        };
+        let times = TaskTimes {
+            train_s,
+            eval_s: e0.elapsed().as_secs_f64(),
+            steps,
+            peak_rss_mb: peak_rss_mb(),
+        };
+        tracing::info!(
+            task = t + 1,
+            train_s,
+            eval_s = times.eval_s,
+            "task finished"
+        );
+        self.save_weights(t)?;
+        if let (Some(c), Some(cons)) = (consolidated, &self.consolidation) {
+            let from = match cons.wiring.continue_from {
+                ContinueFrom::Consolidated => &c.consolidated,
+                ContinueFrom::Trained => &c.trained,
+            };
+            self.model.params().restore(from)?;
+            self.previous = Some(c.consolidated);
+        }
+        progress.task_end(t, &row, &times);
+        results.matrix.rows.push(row);
+        if let (Some(raw), Some(r)) = (results.raw.as_mut(), raw_row) {
+            raw.rows.push(r);
+        }
+        results.times.push(times);
+        Ok(())
     }
 
     /// Evaluate the untrained model and set up what a fresh run needs.
     fn start(&mut self) -> Result<RunOutcome> {
         let n_tasks = self.stream.len();
         let t0 = Instant::now();
-        let init = self.evaluate_all(0)?;
+        let init = self.evaluate_all()?;
         let mut outcome = RunOutcome {
-            matrix: AccuracyMatrix {
-                init,
-                rows: Vec::new(),
-                counts: (0..n_tasks)
-                    .map(|j| self.stream.eval_indices(j).0.len())
-                    .collect(),
+            results: Results {
+                matrix: AccuracyMatrix {
+                    init,
+                    rows: Vec::new(),
+                    counts: (0..n_tasks)
+                        .map(|j| self.stream.eval_indices(j).0.len())
+                        .collect(),
+                },
+                raw: None,
+                times: Vec::new(),
+                init_eval_s: t0.elapsed().as_secs_f64(),
+                log: Vec::new(),
             },
-            raw: None,
-            times: Vec::new(),
-            init_eval_s: t0.elapsed().as_secs_f64(),
-            log: Vec::new(),
             failure: None,
         };
         if self.consolidation.is_some() {
@@ -274,14 +254,17 @@ impl Trainer {
     }
 
     /// Write the full state after a task (see [`crate::checkpoint`]). Without a checkpoint
-    /// folder, or with an algorithm that cannot save its state, nothing is written.
-    fn save_state(&self, outcome: &RunOutcome) -> Result<()> {
+    /// folder nothing is written.
+    fn save_state(&mut self, outcome: &RunOutcome) -> Result<()> {
         let Some(dir) = &self.checkpoint_dir else {
             return Ok(());
         };
-        let Some(algo) = self.algorithm.save_state()? else {
-            return Ok(());
-        };
+        let mut algo = StateDict::new();
+        let mut io = StateIo::save(&mut algo);
+        self.algorithm.state(&mut io)?;
+        if let Some(m) = self.algorithm.memory() {
+            m.state(&mut io)?;
+        }
         let mut tensors = StateDict::new();
         let params = self.model.params();
         for p in params.iter() {
@@ -322,13 +305,7 @@ impl Trainer {
             task_vectors: self.task_vectors.len(),
             has_initial: self.initial.is_some(),
             has_previous: self.previous.is_some(),
-            results: Results {
-                matrix: outcome.matrix.clone(),
-                raw: outcome.raw.clone(),
-                times: outcome.times.clone(),
-                init_eval_s: outcome.init_eval_s,
-                log: outcome.log.clone(),
-            },
+            results: outcome.results.clone(),
         };
         checkpoint::save(dir, meta, &tensors)
     }
@@ -382,8 +359,12 @@ impl Trainer {
             .collect::<Result<_>>()?;
         self.optimizer
             .load_state(&take_prefixed(&tensors, "optim."))?;
-        self.algorithm
-            .load_state(&take_prefixed(&tensors, "algo."))?;
+        let algo = take_prefixed(&tensors, "algo.");
+        let mut io = StateIo::load(&algo);
+        self.algorithm.state(&mut io)?;
+        if let Some(m) = self.algorithm.memory() {
+            m.state(&mut io)?;
+        }
         self.data_rng = SeededRng::from(meta.data_rng);
         self.algo_rng = SeededRng::from(meta.algo_rng);
         self.consolidation_rng = SeededRng::from(meta.consolidation_rng);
@@ -478,33 +459,17 @@ impl Trainer {
         progress: &mut dyn Progress,
         log: &mut Vec<LogRow>,
     ) -> Result<usize> {
-        if t == 0 || self.cfg.optimizer.reset_each_task {
-            self.optimizer.reset();
-        }
-        let samples = {
-            let mut ctx = TaskCtx {
-                task: t,
-                stream: &self.stream,
-                model: self.model.as_ref(),
-                device: &self.device,
-                rng: &mut self.algo_rng,
-                interrupt: self.interrupt.as_deref(),
-            };
-            self.algorithm.before_task(&mut ctx)?;
-            self.algorithm.training_samples(&mut ctx)?
-        };
+        let mut order = self.begin_task(t)?;
         let bs = self.cfg.training.batch_size;
         let epochs = self.cfg.training.epochs;
-        let per_epoch = samples.len().div_ceil(bs);
-        let total = per_epoch * epochs;
+        let total = order.len().div_ceil(bs) * epochs;
         tracing::info!(
             task = t + 1,
-            samples = samples.len(),
+            samples = order.len(),
             steps = total,
             "task started"
         );
         progress.task_start(t, self.stream.len(), total);
-        let mut order: Vec<SampleRef> = samples;
         let mut buf = GatherBuf::default();
         let log_every = self.cfg.training.log_every;
         let mut step = 0;
@@ -523,47 +488,10 @@ impl Trainer {
                 }
                 let lr = self.schedule.lr(epoch, step, total);
                 self.optimizer.set_learning_rate(lr);
-                let batch =
-                    self.stream
-                        .gather(chunk, crate::data::Split::Train, &mut buf, &self.device)?;
-                let mut ctx = StepCtx {
-                    task: t,
-                    epoch,
-                    step,
-                    stream: &self.stream,
-                    model: self.model.as_ref(),
-                    device: &self.device,
-                    rng: &mut self.algo_rng,
-                };
-                let batch = self.algorithm.prepare_batch(batch, &mut ctx)?;
-                let out = self.model.forward(&batch.x, true)?;
-                let loss = self.algorithm.loss(&out, &batch, &mut ctx)?;
-                let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
-                if !value.is_finite() {
-                    return Err(Error::NonFiniteLoss {
-                        value,
-                        task: t + 1,
-                        epoch: epoch + 1,
-                        step: step + 1,
-                    });
-                }
-                let mut grads = loss.backward()?;
-                if self.stream.mask_in_training() {
-                    // Heads of tasks absent from the batch get no gradient at all (not a zero
-                    // one), so weight decay and momentum leave them alone, as with separate heads.
-                    // Replayed samples are part of the batch, so their heads count as present.
-                    for p in self.model.params().iter() {
-                        if p.head.is_some_and(|h| !batch.tasks.contains(&(h as u32))) {
-                            grads.remove(p.var.as_tensor());
-                        }
-                    }
-                }
-                if let Some(max) = self.cfg.training.clip_grad_norm {
-                    clip_grad_norm(self.model.params(), &mut grads, max)?;
-                }
-                self.algorithm.edit_gradients(&mut grads, &mut ctx)?;
-                self.optimizer.step(self.model.params(), &grads)?;
-                self.algorithm.after_step(&batch, &out, &mut ctx)?;
+                let batch = self
+                    .stream
+                    .gather(chunk, Split::Train, &mut buf, &self.device)?;
+                let (value, out) = self.step(t, epoch, step, &batch)?;
                 if log_every > 0 && step % log_every == 0 {
                     log.push(LogRow {
                         task: t + 1,
@@ -578,6 +506,16 @@ impl Trainer {
                 step += 1;
             }
         }
+        self.end_task(t)?;
+        Ok(step)
+    }
+
+    /// Start task `t`: reset the optimizer if asked, run the algorithm's `before_task` (and create
+    /// its memory); returns the samples to train on.
+    pub fn begin_task(&mut self, t: usize) -> Result<Vec<SampleRef>> {
+        if t == 0 || self.cfg.optimizer.reset_each_task {
+            self.optimizer.reset();
+        }
         let mut ctx = TaskCtx {
             task: t,
             stream: &self.stream,
@@ -586,19 +524,89 @@ impl Trainer {
             rng: &mut self.algo_rng,
             interrupt: self.interrupt.as_deref(),
         };
-        self.algorithm.after_task(&mut ctx)?;
-        Ok(step)
+        self.algorithm.before_task(&mut ctx)?;
+        if let Some(m) = self.algorithm.memory() {
+            m.ensure(ctx.stream, ctx.rng)?;
+        }
+        self.algorithm.training_samples(&mut ctx)
     }
 
-    /// Accuracy on every task, seen or not. `trained` = number of tasks trained so far.
-    pub fn evaluate_all(&self, trained: usize) -> Result<Vec<f64>> {
-        (0..self.stream.len())
-            .map(|j| self.evaluate(j, trained))
-            .collect()
+    /// One optimisation step of task `t` on the incoming `batch`: the algorithm's loss (which
+    /// forwards what it needs), the step rules of [`optimize`] with the algorithm's gradient edit,
+    /// then `after_step` and the memory's insertion. Returns the loss value and the incoming
+    /// batch's training-mode output. `epoch` and `step` are 0-based.
+    pub fn step(
+        &mut self,
+        t: usize,
+        epoch: usize,
+        step: usize,
+        batch: &Batch,
+    ) -> Result<(f32, ModelOutput)> {
+        let mut ctx = StepCtx::new(
+            t,
+            epoch,
+            step,
+            &self.stream,
+            self.model.as_ref(),
+            &self.device,
+            &mut self.algo_rng,
+            batch,
+        );
+        let loss = self.algorithm.loss(batch, &mut ctx)?;
+        let out = ctx.incoming_output().cloned().ok_or_else(|| {
+            Error::msg(
+                "the algorithm's loss did not forward the incoming batch: pass the `batch` it \
+                 received to StepCtx::forward",
+            )
+        })?;
+        let value = finite_loss(&loss, (t + 1, epoch + 1, step + 1))?;
+        let forwarded = ctx.forwarded_tasks().to_vec();
+        let algorithm = &mut self.algorithm;
+        optimize(
+            &loss,
+            self.model.as_ref(),
+            &self.stream,
+            &forwarded,
+            self.cfg.training.clip_grad_norm,
+            self.optimizer.as_mut(),
+            |grads| algorithm.edit_gradients(grads, &mut ctx),
+        )?;
+        self.algorithm.after_step(batch, &out, &mut ctx)?;
+        if let Some(m) = self.algorithm.memory() {
+            m.after_step(batch, &out)?;
+        }
+        Ok((value, out))
     }
 
-    /// Accuracy on task `j`'s evaluation split.
-    pub fn evaluate(&self, j: usize, trained: usize) -> Result<f64> {
+    /// End task `t`: fill the memory (task-end insertion), then the algorithm's `after_task`.
+    pub fn end_task(&mut self, t: usize) -> Result<()> {
+        let mut ctx = TaskCtx {
+            task: t,
+            stream: &self.stream,
+            model: self.model.as_ref(),
+            device: &self.device,
+            rng: &mut self.algo_rng,
+            interrupt: self.interrupt.as_deref(),
+        };
+        if let Some(m) = self.algorithm.memory() {
+            m.after_task(t, ctx.stream, ctx.model, ctx.device, ctx.rng)?;
+        }
+        self.algorithm.after_task(&mut ctx)
+    }
+
+    /// Accuracy on every task, seen or not, of the model's current weights.
+    pub fn evaluate_all(&mut self) -> Result<Vec<f64>> {
+        let ctx = EvalCtx {
+            stream: &self.stream,
+            model: self.model.as_ref(),
+            device: &self.device,
+        };
+        self.algorithm.before_eval(&ctx)?;
+        (0..self.stream.len()).map(|j| self.evaluate(j)).collect()
+    }
+
+    /// Accuracy on task `j`'s evaluation split (after [`Algorithm::before_eval`]).
+    fn evaluate(&self, j: usize) -> Result<f64> {
         let (indices, split) = self.stream.eval_indices(j);
         if indices.is_empty() {
             return Ok(0.0);
@@ -613,15 +621,14 @@ impl Trainer {
             })
             .collect();
         let ctx = EvalCtx {
-            task: j,
-            trained_tasks: trained,
             stream: &self.stream,
             model: self.model.as_ref(),
+            device: &self.device,
         };
         for chunk in refs.chunks(self.cfg.training.eval_batch_size) {
             let batch = self.stream.gather(chunk, split, &mut buf, &self.device)?;
             let out = self.model.forward(&batch.x, false)?;
-            let scores = match self.algorithm.predict(&batch.x, &out, &ctx)? {
+            let scores = match self.algorithm.predict(&out, j, &ctx)? {
                 Some(s) => s,
                 None => out.logits,
             };
@@ -643,35 +650,6 @@ impl Trainer {
         }
         Ok(correct as f64 / indices.len() as f64)
     }
-}
-
-/// Scale every trainable gradient by `max / ‖g‖` when the global L2 norm `‖g‖` exceeds `max`;
-/// returns the norm before clipping. Parameters without a gradient count as zero.
-pub fn clip_grad_norm(
-    params: &crate::model::ParamSet,
-    grads: &mut candle_core::backprop::GradStore,
-    max: f64,
-) -> Result<f64> {
-    let mut sq = 0.0f64;
-    for p in params.trainable() {
-        if let Some(g) = grads.get(p.var.as_tensor()) {
-            sq += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
-        }
-    }
-    let norm = sq.sqrt();
-    if norm > max {
-        let scale = max / norm;
-        for p in params.trainable() {
-            if let Some(g) = grads.remove(p.var.as_tensor()) {
-                grads.insert(p.var.as_tensor(), (g * scale)?);
-            }
-        }
-    }
-    Ok(norm)
 }
 
 fn snapshot_finite(s: &Snapshot) -> Result<bool> {
@@ -709,62 +687,5 @@ impl Trainer {
             .filter(|(p, y)| p == y)
             .count();
         Ok(ok as f64 / n.max(1) as f64)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::ModelConfig;
-    use crate::model::build_model;
-
-    fn grads_of(model: &dyn Model, scale: f64) -> candle_core::backprop::GradStore {
-        let x = Tensor::arange(0f32, 8.0, &Device::Cpu)
-            .unwrap()
-            .reshape((2, 1, 2, 2))
-            .unwrap();
-        let out = model.forward(&x, true).unwrap();
-        (out.logits.sqr().unwrap().sum_all().unwrap() * scale)
-            .unwrap()
-            .backward()
-            .unwrap()
-    }
-
-    fn flat(model: &dyn Model, g: &candle_core::backprop::GradStore) -> Vec<f64> {
-        model
-            .params()
-            .trainable()
-            .flat_map(|p| {
-                g.get(p.var.as_tensor())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_dtype(candle_core::DType::F64)
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap()
-            })
-            .collect()
-    }
-
-    #[test]
-    fn clipping_rescales_to_the_max_norm_and_keeps_the_direction() {
-        let m = build_model(&ModelConfig::default(), [1, 2, 2], &[3], 0, &Device::Cpu).unwrap();
-        let mut g = grads_of(m.as_ref(), 10.0);
-        let before = flat(m.as_ref(), &g);
-        let norm = clip_grad_norm(m.params(), &mut g, 0.5).unwrap();
-        let after = flat(m.as_ref(), &g);
-        let n = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-        assert!((norm - n(&before)).abs() < 1e-6 * norm, "{norm}");
-        assert!(norm > 0.5);
-        assert!((n(&after) - 0.5).abs() < 1e-5, "{}", n(&after));
-        for (a, b) in after.iter().zip(&before) {
-            assert!((a - b * 0.5 / norm).abs() < 1e-6, "{a} vs {b}");
-        }
-        // Below the threshold nothing changes.
-        let mut g = grads_of(m.as_ref(), 1e-6);
-        let before = flat(m.as_ref(), &g);
-        clip_grad_norm(m.params(), &mut g, 1e6).unwrap();
-        assert_eq!(flat(m.as_ref(), &g), before);
     }
 }

@@ -10,34 +10,45 @@ use candle_core::Tensor;
 use sequel_algos::run::{execute, prepare};
 use sequel_algos::Registry;
 use sequel_core::data::Batch;
-use sequel_core::model::{ModelOutput, Snapshot};
+use sequel_core::model::Snapshot;
 use sequel_core::trainer::Silent;
-use sequel_core::{Algorithm, StepCtx, TaskCtx};
+use sequel_core::{Algorithm, AlgorithmConfig, StepCtx, TaskCtx};
 use serde::{Deserialize, Serialize};
 
-/// YAML keys of `algorithm:` besides `name` are exactly these fields.
+/// YAML keys of `algorithm:` besides `name` are exactly these fields; missing ones take
+/// `Default::default()`'s values.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct L2AnchorConfig {
-    /// Penalty strength λ. Default 1.0.
-    #[serde(default = "default_lambda")]
+    /// Penalty strength λ.
     pub lambda: f64,
 }
 
-fn default_lambda() -> f64 {
-    1.0
+impl Default for L2AnchorConfig {
+    fn default() -> Self {
+        Self { lambda: 1.0 }
+    }
 }
 
+impl AlgorithmConfig for L2AnchorConfig {
+    const NAME: &'static str = "l2-anchor";
+    const SUMMARY: &'static str = "L2 pull towards the task-start weights";
+    fn build(self) -> sequel_core::Result<Box<dyn Algorithm>> {
+        Ok(Box::new(L2Anchor {
+            lambda: self.lambda,
+            anchor: None,
+        }))
+    }
+}
+
+/// Its only state, the anchor, is taken again by `before_task` (also after a resume), so it lists
+/// no `state`.
 pub struct L2Anchor {
     lambda: f64,
     anchor: Option<Snapshot>,
 }
 
 impl Algorithm for L2Anchor {
-    fn name(&self) -> &str {
-        "l2-anchor"
-    }
-
     fn before_task(&mut self, ctx: &mut TaskCtx) -> sequel_core::Result<()> {
         if ctx.task > 0 {
             self.anchor = Some(ctx.model.params().snapshot()?);
@@ -45,13 +56,8 @@ impl Algorithm for L2Anchor {
         Ok(())
     }
 
-    fn loss(
-        &mut self,
-        out: &ModelOutput,
-        batch: &Batch,
-        ctx: &mut StepCtx,
-    ) -> sequel_core::Result<Tensor> {
-        let ce = ctx.task_loss(out, batch)?;
+    fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> sequel_core::Result<Tensor> {
+        let ce = ctx.ce(batch)?;
         let Some(anchor) = &self.anchor else {
             return Ok(ce);
         };
@@ -68,16 +74,7 @@ impl Algorithm for L2Anchor {
 /// A registry with the built-ins plus `l2-anchor`.
 pub fn registry() -> Registry {
     let mut registry = Registry::builtin();
-    registry.register_algorithm(
-        "l2-anchor",
-        "L2 pull towards the task-start weights",
-        |c: L2AnchorConfig| {
-            Ok(Box::new(L2Anchor {
-                lambda: c.lambda,
-                anchor: None,
-            }) as Box<dyn Algorithm>)
-        },
-    );
+    registry.add::<L2AnchorConfig>();
     registry
 }
 
@@ -99,5 +96,5 @@ pub fn run_example(algorithm: &str) -> Result<sequel_core::metrics::AccuracyMatr
     let prepared = prepare(&yaml, "inline", &[], &registry())?;
     let finished = execute(prepared, &mut Silent, None)?;
     std::fs::remove_dir_all(&out)?;
-    Ok(finished.outcome.matrix)
+    Ok(finished.outcome.results.matrix)
 }

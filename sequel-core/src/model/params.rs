@@ -177,3 +177,18 @@ impl ParamSet {
             .map(move |p| (p, grads.get(p.var.as_tensor())))
     }
 }
+
+/// A snapshot is saved as the list of its tensors.
+impl crate::state::Persist for Snapshot {
+    fn save(&self, key: &str, out: &mut crate::state::StateDict) -> Result<()> {
+        self.tensors.save(key, out)
+    }
+    fn load(key: &str, from: &crate::state::StateDict) -> Result<Self> {
+        Ok(Self {
+            tensors: Vec::load(key, from)?,
+        })
+    }
+    fn present(key: &str, from: &crate::state::StateDict) -> bool {
+        <Vec<Tensor> as crate::state::Persist>::present(key, from)
+    }
+}

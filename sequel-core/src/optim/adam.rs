@@ -11,9 +11,9 @@ use candle_core::{backprop::GradStore, Tensor};
 
 use super::kernels::{adam_update, state_buffer};
 use super::{load_slots, save_slots, Optimizer};
-use crate::checkpoint::StateDict;
 use crate::error::Result;
 use crate::model::ParamSet;
+use crate::state::StateDict;
 
 #[derive(Debug)]
 pub struct Adam {

@@ -10,10 +10,10 @@ pub mod sgd;
 
 use candle_core::{backprop::GradStore, Tensor};
 
-use crate::checkpoint::StateDict;
 use crate::config::{OptimizerConfig, OptimizerKind};
 use crate::error::Result;
 use crate::model::ParamSet;
+use crate::state::StateDict;
 
 pub use adam::Adam;
 pub use schedule::LrSchedule;
