@@ -445,9 +445,11 @@ fn submit_points(out: &Path, points: Vec<Point>, opts: SlurmArgs, dry_run: bool)
     };
     write(&manifest_path, &serde_json::to_string_pretty(&m)?)?;
     say!(
-        "submitted job {job}: {} points as array tasks {} ({summary}); script {}; follow with \
-         `sequel sweep --status {}`",
+        "submitted job {job}: {} point{} as array task{} {} ({summary}); script {}; follow \
+         with `sequel sweep --status {}`",
         m.array.len(),
+        if m.array.len() == 1 { "" } else { "s" },
+        if m.array.len() == 1 { "" } else { "s" },
         array_spec(&m.array),
         script_path.display(),
         out.display()

@@ -282,7 +282,7 @@ fn a_cancelled_task_resumes_on_resubmit_and_status_shows_every_state() {
     );
     let job2 = job_id(&o);
     assert!(
-        text(&o.stdout).contains("1 points as array tasks 0 "),
+        text(&o.stdout).contains("1 point as array task 0 "),
         "{}",
         text(&o.stdout)
     );
