@@ -484,3 +484,66 @@ fn slurm_mistakes_found_before_sbatch_are_one_line() {
         "nothing half-written"
     );
 }
+
+#[test]
+fn a_requeued_task_resumes_from_its_checkpoint() {
+    if !slurm_ready() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write(tmp.path(), "slow.yaml", SLOW);
+    let dir = tmp.path().join("q");
+    let o = sequel(
+        &[
+            "sweep",
+            &cfg,
+            "--launcher",
+            "slurm",
+            "--sbatch-arg=--requeue",
+            "--out",
+            "q",
+        ],
+        tmp.path(),
+    );
+    let job = job_id(&o);
+    let partial = dir.join("slow/.seed-0.partial/checkpoints");
+    wait_for("seed 0 past task 2", &dir, Duration::from_secs(300), || {
+        partial.join("state-2.json").exists()
+    });
+    let task = format!("{job}_0");
+    let scontrol = |args: &[&str]| {
+        let o = Command::new("scontrol").args(args).output().unwrap();
+        assert!(o.status.success(), "scontrol {args:?}: {}", text(&o.stderr));
+    };
+    scontrol(&["requeue", &task]);
+    // Removed after the kill: the requeued task cannot write it again unless it starts afresh.
+    wait_for(
+        "the requeue to stop the task",
+        &dir,
+        Duration::from_secs(60),
+        || status(&dir).contains(&format!("pending  slow seed 0  job {task}")),
+    );
+    std::fs::remove_file(partial.join("task-1.safetensors")).unwrap();
+    // Slurm holds a requeued job back for about two minutes; let it start now.
+    scontrol(&["update", &format!("JobId={task}"), "StartTime=now"]);
+    wait_for(
+        "the requeued point done",
+        &dir,
+        Duration::from_secs(300),
+        || status(&dir).contains("1 points: 1 done"),
+    );
+    assert!(
+        !dir.join("slow/seed-0/checkpoints/task-1.safetensors")
+            .exists(),
+        "the requeued task started afresh instead of resuming"
+    );
+    let log = std::fs::read_to_string(dir.join(format!(".slurm/logs/{task}.log"))).unwrap();
+    assert!(log.contains("DUE TO JOB REQUEUE"), "{log}");
+    let local = sequel(&["sweep", &cfg, "--out", "ref"], tmp.path());
+    assert!(local.status.success(), "{}", text(&local.stderr));
+    assert_eq!(
+        matrix(&dir, "slow", 0),
+        matrix(&tmp.path().join("ref"), "slow", 0),
+        "requeued and uninterrupted matrices differ"
+    );
+}
