@@ -278,12 +278,12 @@ fn state_of(
     let log = log_path(out, job, *i);
     let detail = match std::fs::read_to_string(&log) {
         Ok(text) => {
-            // Slurm's own verdict (`*** JOB 7 ON node CANCELLED AT ... ***`, a time limit)
-            // says more than the errors of processes it killed.
-            let lines = || text.lines().rev();
-            let why = lines()
-                .find(|l| l.starts_with("slurmstepd") && l.contains("***"))
-                .or_else(|| lines().find(|l| l.to_ascii_lowercase().contains("error")))
+            // The last error is the latest attempt's: the run's own, or Slurm's verdict
+            // (`slurmstepd: error: *** JOB 7 ON node CANCELLED AT ... ***`, a time limit).
+            let why = text
+                .lines()
+                .rev()
+                .find(|l| l.to_ascii_lowercase().contains("error"))
                 .map(|l| l.trim().to_string())
                 .unwrap_or_else(|| last_line(&text));
             let state = if slurm_state.is_empty() {
@@ -694,8 +694,9 @@ pub fn status(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `sequel sweep-task MANIFEST INDEX`, what array task INDEX runs: point INDEX of the manifest as
-/// a `sequel run` child, resuming it when it has a checkpoint. Its output goes to the task's log.
+/// `sequel sweep-task MANIFEST INDEX`, what array task INDEX runs: point INDEX of the manifest,
+/// by replacing this process with its `sequel run`, resuming it when it has a checkpoint. Its
+/// output goes to the task's log. Returns only on an error.
 ///
 /// Errors: the manifest is not readable on this node (the sweep folder is not shared with it);
 /// the index is not in the manifest; the run fails.
@@ -759,14 +760,25 @@ pub fn task(registry: &Registry, manifest: &Path, index: usize) -> Result<()> {
             .unwrap_or(1)
     };
     let exe = std::env::current_exe().context("cannot find the sequel executable")?;
-    let status = crate::sweep::point_command(registry, &exe, &p, &m.out, threads)
-        .stdin(std::process::Stdio::null())
-        .status()
-        .context("cannot start `sequel run`")?;
-    if !status.success() {
-        bail!("{} seed {}: `sequel run` failed ({status})", p.name, p.seed);
+    let mut cmd = crate::sweep::point_command(registry, &exe, &p, &m.out, threads);
+    cmd.stdin(std::process::Stdio::null());
+    // The run replaces this process instead of running as its child: Slurm then signals the run
+    // itself on scancel, requeue or a time limit. A child would outlive a killed parent, escape
+    // proctrack/linuxproc and keep training (and its run's lock) after its task ended.
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt as _;
+        let e = cmd.exec();
+        Err(e).context("cannot start `sequel run`")
     }
-    Ok(())
+    #[cfg(not(unix))]
+    {
+        let status = cmd.status().context("cannot start `sequel run`")?;
+        if !status.success() {
+            bail!("{} seed {}: `sequel run` failed ({status})", p.name, p.seed);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
