@@ -9,6 +9,7 @@ macro_rules! say {
 
 mod display;
 mod report;
+mod slurm;
 mod sweep;
 
 use std::io::{IsTerminal, Write as _};
@@ -104,10 +105,11 @@ enum Command {
         threads: Option<usize>,
     },
     /// Run configs × grid × seeds, each point in its own run directory; finished points are
-    /// skipped, so an interrupted sweep continues where it stopped.
+    /// skipped, so an interrupted sweep continues where it stopped. With --launcher slurm the
+    /// points run as a Slurm job array instead (--status DIR, --resubmit DIR follow it up).
     Sweep {
         /// Experiment YAML files.
-        #[arg(required = true)]
+        #[arg(required_unless_present_any = ["status", "resubmit"])]
         configs: Vec<PathBuf>,
         /// Seeds: a range `0..5` (end exclusive), `0..=4`, or a list `0,2,7`.
         #[arg(long, default_value = "0")]
@@ -124,9 +126,32 @@ enum Command {
         /// Root of the run directories.
         #[arg(long, default_value = "runs")]
         out: PathBuf,
-        /// Print the expansion (and which points are done) without running anything.
+        /// Print the expansion (and which points are done) without running anything; with
+        /// --launcher slurm or --resubmit, print the job script without submitting it.
         #[arg(long)]
         dry_run: bool,
+        /// Where the points run: on this machine, or as a Slurm job array submitted with sbatch.
+        #[arg(long, value_enum, default_value = "local")]
+        launcher: sweep::Launcher,
+        #[command(flatten)]
+        slurm: slurm::SlurmArgs,
+        /// Show each point of the Slurm sweep in DIR: done, running, pending or failed (with
+        /// its log and the error's last line).
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["configs", "resubmit"])]
+        status: Option<PathBuf>,
+        /// Submit the unfinished points of the Slurm sweep in DIR again (those neither done nor
+        /// still queued); sbatch options given here replace the earlier ones.
+        #[arg(long, value_name = "DIR", conflicts_with = "configs")]
+        resubmit: Option<PathBuf>,
+    },
+    /// Run one point of a Slurm sweep: what each array task of `sequel sweep --launcher slurm`
+    /// executes.
+    #[command(hide = true)]
+    SweepTask {
+        /// The submission's manifest, `<out>/.slurm/sweep-N.json`.
+        manifest: PathBuf,
+        /// The array index ($SLURM_ARRAY_TASK_ID).
+        index: usize,
     },
     /// Write SVG plots (accuracy-matrix heatmap, per-task accuracy, average accuracy with a
     /// seed band, forgetting) and a self-contained report.html for the runs under the paths.
@@ -352,18 +377,29 @@ fn dispatch(cli: Cli) -> Result<()> {
             jobs,
             out,
             dry_run,
-        } => sweep::run(
-            &registry,
-            sweep::Args {
-                configs,
-                seeds,
-                grid,
-                set,
-                jobs,
-                out,
-                dry_run,
-            },
-        ),
+            launcher,
+            slurm,
+            status,
+            resubmit,
+        } => match (status, resubmit) {
+            (Some(dir), _) => slurm::status(&dir),
+            (None, Some(dir)) => slurm::resubmit(&dir, &slurm, dry_run),
+            (None, None) => sweep::run(
+                &registry,
+                sweep::Args {
+                    configs,
+                    seeds,
+                    grid,
+                    set,
+                    jobs,
+                    out,
+                    dry_run,
+                    launcher,
+                    slurm,
+                },
+            ),
+        },
+        Command::SweepTask { manifest, index } => slurm::task(&registry, &manifest, index),
         Command::Report { runs, by, out } => {
             let path = report::run(&runs, by.as_deref(), out)?;
             say!("report: {}", path.display());

@@ -3,7 +3,7 @@
 //! pools (candle's are process-wide) and a crash in one point cannot take the others down.
 
 use std::io::{IsTerminal, Write as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -21,9 +21,25 @@ pub struct Args {
     pub jobs: usize,
     pub out: PathBuf,
     pub dry_run: bool,
+    pub launcher: Launcher,
+    pub slurm: crate::slurm::SlurmArgs,
+}
+
+/// Where a sweep's points run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Launcher {
+    /// On this machine, `--jobs` at a time.
+    Local,
+    /// As one Slurm job array per submission (sbatch).
+    Slurm,
 }
 
 pub fn run(registry: &Registry, a: Args) -> Result<()> {
+    if a.launcher == Launcher::Local {
+        if let Some(flag) = a.slurm.first_given() {
+            bail!("{flag} is an sbatch option: add --launcher slurm, or drop {flag} to run here");
+        }
+    }
     let seeds = parse_seeds(&a.seeds)?;
     let grid = a
         .grid
@@ -49,6 +65,9 @@ pub fn run(registry: &Registry, a: Args) -> Result<()> {
         let prepared = prepare(&text, &origin, &p.all_overrides(), registry)
             .with_context(|| format!("sweep point {} seed {}", p.name, p.seed))?;
         mlp.push(prepared.config.model.kind == sequel_core::config::ModelKind::Mlp);
+    }
+    if a.launcher == Launcher::Slurm {
+        return crate::slurm::submit(&a.out, &points, &a.slurm, a.dry_run);
     }
     let todo: Vec<(&SweepPoint, bool)> = points
         .iter()
@@ -112,35 +131,11 @@ pub fn run(registry: &Registry, a: Args) -> Result<()> {
                 let start = Instant::now();
                 let log = logs.join(format!("{}-seed-{}.log", p.name, p.seed));
                 let status = std::fs::File::create(&log).and_then(|f| {
-                    let mut cmd = Command::new(&exe);
-                    cmd.arg("run").arg(&p.config);
-                    // An interrupted point continues from its newest checkpoint, unless its
-                    // config changed since: then it starts afresh, replacing the partial run.
-                    let partial = a
-                        .out
-                        .join(&p.name)
-                        .join(format!(".seed-{}.partial", p.seed));
-                    if !sequel_core::checkpoint::available(&partial.join("checkpoints")).is_empty()
-                        && unchanged(registry, p, &partial)
-                    {
-                        cmd.arg("--resume").arg(&partial);
-                    }
-                    for o in p.all_overrides() {
-                        cmd.arg("--set").arg(o);
-                    }
-                    cmd.args([
-                        "--seed",
-                        &p.seed.to_string(),
-                        "--quiet",
-                        "--threads",
-                        &threads.to_string(),
-                    ])
-                    .arg("--out")
-                    .arg(&a.out)
-                    .stdin(Stdio::null())
-                    .stdout(f.try_clone()?)
-                    .stderr(f)
-                    .status()
+                    point_command(registry, &exe, p, &a.out, threads)
+                        .stdin(Stdio::null())
+                        .stdout(f.try_clone()?)
+                        .stderr(f)
+                        .status()
                 });
                 let ok = matches!(status, Ok(s) if s.success());
                 let mut n = finished.lock().unwrap_or_else(|e| e.into_inner());
@@ -196,8 +191,41 @@ pub fn run(registry: &Registry, a: Args) -> Result<()> {
     Ok(())
 }
 
+/// The `sequel run` child that computes one point under `out`. An interrupted point continues
+/// from its newest checkpoint, unless its config changed since: then it starts afresh, replacing
+/// the partial run. Local sweeps and Slurm array tasks both run points through this.
+pub(crate) fn point_command(
+    registry: &Registry,
+    exe: &Path,
+    p: &SweepPoint,
+    out: &Path,
+    threads: usize,
+) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.arg("run").arg(&p.config);
+    let partial = out.join(&p.name).join(format!(".seed-{}.partial", p.seed));
+    if !sequel_core::checkpoint::available(&partial.join("checkpoints")).is_empty()
+        && unchanged(registry, p, &partial)
+    {
+        cmd.arg("--resume").arg(&partial);
+    }
+    for o in p.all_overrides() {
+        cmd.arg("--set").arg(o);
+    }
+    cmd.args([
+        "--seed",
+        &p.seed.to_string(),
+        "--quiet",
+        "--threads",
+        &threads.to_string(),
+    ])
+    .arg("--out")
+    .arg(out);
+    cmd
+}
+
 /// Whether a point's config (with its seed) is the one its unfinished run was started with.
-fn unchanged(registry: &Registry, p: &SweepPoint, partial: &std::path::Path) -> bool {
+fn unchanged(registry: &Registry, p: &SweepPoint, partial: &Path) -> bool {
     let mut o = p.all_overrides();
     o.push(format!("seed={}", p.seed));
     crate::read_config(&p.config)
