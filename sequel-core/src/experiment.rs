@@ -167,7 +167,8 @@ pub fn run_experiment(
             ));
         }
         return Err(Error::Stopped(format!(
-            "{why}; continue with `sequel run --resume {}`",
+            "{why}; continue with `{} run --resume {}`",
+            program_name(),
             dir.staging().display()
         )));
     }
@@ -198,6 +199,16 @@ pub fn run_experiment(
         ))),
         None => Ok(Finished { dir: path, outcome }),
     }
+}
+
+/// The name the running program was started as (`sequel`, or a user crate's own CLI), for hints
+/// that name a command to type.
+pub fn program_name() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "sequel".into())
 }
 
 /// Keys (dotted paths) whose values differ between the config an unfinished run was started with

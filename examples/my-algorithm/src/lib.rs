@@ -1,6 +1,7 @@
 //! A complete user-defined algorithm, registered without forking sequel-rs
-//! (docs/write-your-own-algorithm.md walks through it). `cargo run -p my-algorithm` runs it;
-//! `cargo test -p my-algorithm` (part of `cargo test --workspace`, so CI) checks it.
+//! (docs/write-your-own-algorithm.md walks through it). The crate's binary is the whole `sequel`
+//! CLI with it registered (`cargo run --release -p my-algorithm -- run CONFIG`);
+//! `cargo test -p my-algorithm` (part of `cargo test --workspace`, so CI) checks both.
 //!
 //! `l2-anchor`: keep the weights close to where the task started,
 //! `L(θ) = CE(f_θ(x), y) + (λ/2)·‖θ − θ_start‖²` — EWC with an identity Fisher.

@@ -1,10 +1,6 @@
-//! `cargo run -p my-algorithm`: train the example algorithm and print its average accuracy.
+//! The whole `sequel` command line, with `l2-anchor` registered beside the built-ins:
+//! `cargo run --release -p my-algorithm -- run my.yaml`, `... -- sweep ...`, `--resume`, etc.
 
-fn main() -> anyhow::Result<()> {
-    let m = my_algorithm::run_example("{ name: l2-anchor, lambda: 0.01 }")?;
-    println!(
-        "l2-anchor on fmnist-mini (task-IL): average accuracy {:.2}%",
-        m.metrics_after(5).avg_acc * 100.0
-    );
-    Ok(())
+fn main() -> std::process::ExitCode {
+    sequel_cli::main_with(my_algorithm::registry())
 }
