@@ -23,7 +23,8 @@ use sequel_core::model::Model;
 use sequel_core::{Algorithm, AlgorithmConfig, Result, StateIo, StepCtx, TaskCtx};
 
 use crate::check;
-use crate::ewc::{check_fisher, scalar, task_fisher, FisherKind, FisherSpec};
+use crate::ewc::scalar;
+use crate::fisher::{check_fisher, task_fisher, FisherKind, FisherSpec};
 use crate::importance::Granularity;
 use crate::penalty::{PerParam, QuadraticPenalty};
 
