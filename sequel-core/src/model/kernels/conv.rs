@@ -7,7 +7,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
-use super::{for_sample_chunks, matmul, par_map, slice, supported, threads};
+use super::{for_sample_chunks, matmul, par_map, slice, supported, threads, with_scratch};
 use crate::error::Result;
 
 /// Shapes of one convolution.
@@ -173,33 +173,30 @@ impl Conv2dOp {
         let mut y = vec![0f32; g.n * g.co * hw];
         let (parts, inner) = g.plan();
         for_sample_chunks(&mut y, g.co * hw, g.n, parts, |range, out| {
-            let mut cols = if g.pointwise() {
-                Vec::new()
-            } else {
-                vec![0f32; ckk * hw]
-            };
-            for (k, yn) in range.zip(out.chunks_exact_mut(g.co * hw)) {
-                let xn = &x[k * g.c * g.hw_in()..(k + 1) * g.c * g.hw_in()];
-                let src = if g.pointwise() {
-                    xn
-                } else {
-                    im2col(&g, xn, &mut cols);
-                    &cols
-                };
-                if let Some(b) = bias {
-                    for (row, &bv) in yn.chunks_exact_mut(hw).zip(b) {
-                        row.fill(bv);
+            with_scratch(if g.pointwise() { 0 } else { ckk * hw }, |cols| {
+                for (k, yn) in range.zip(out.chunks_exact_mut(g.co * hw)) {
+                    let xn = &x[k * g.c * g.hw_in()..(k + 1) * g.c * g.hw_in()];
+                    let src = if g.pointwise() {
+                        xn
+                    } else {
+                        im2col(&g, xn, cols);
+                        &*cols
+                    };
+                    if let Some(b) = bias {
+                        for (row, &bv) in yn.chunks_exact_mut(hw).zip(b) {
+                            row.fill(bv);
+                        }
                     }
+                    matmul(
+                        (g.co, hw, ckk),
+                        yn,
+                        (w, ckk, 1),
+                        (src, hw, 1),
+                        bias.is_some(),
+                        inner,
+                    );
                 }
-                matmul(
-                    (g.co, hw, ckk),
-                    yn,
-                    (w, ckk, 1),
-                    (src, hw, 1),
-                    bias.is_some(),
-                    inner,
-                );
-            }
+            })
         });
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.co, g.ho, g.wo))))
     }
@@ -402,29 +399,26 @@ impl CustomOp2 for GradWeight {
         // thread count.
         let partials = par_map(g.n, parts, |range| {
             let mut dw = vec![0f32; g.co * ckk];
-            let mut cols = if g.pointwise() {
-                Vec::new()
-            } else {
-                vec![0f32; ckk * hw]
-            };
-            for (i, k) in range.enumerate() {
-                let xn = &x[k * g.c * g.hw_in()..(k + 1) * g.c * g.hw_in()];
-                let src = if g.pointwise() {
-                    xn
-                } else {
-                    im2col(&g, xn, &mut cols);
-                    &cols
-                };
-                let dyn_ = &dy[k * g.co * hw..(k + 1) * g.co * hw];
-                matmul(
-                    (g.co, ckk, hw),
-                    &mut dw,
-                    (dyn_, hw, 1),
-                    (src, 1, hw),
-                    i > 0,
-                    inner,
-                );
-            }
+            with_scratch(if g.pointwise() { 0 } else { ckk * hw }, |cols| {
+                for (i, k) in range.enumerate() {
+                    let xn = &x[k * g.c * g.hw_in()..(k + 1) * g.c * g.hw_in()];
+                    let src = if g.pointwise() {
+                        xn
+                    } else {
+                        im2col(&g, xn, cols);
+                        &*cols
+                    };
+                    let dyn_ = &dy[k * g.co * hw..(k + 1) * g.co * hw];
+                    matmul(
+                        (g.co, ckk, hw),
+                        &mut dw,
+                        (dyn_, hw, 1),
+                        (src, 1, hw),
+                        i > 0,
+                        inner,
+                    );
+                }
+            });
             dw
         });
         let mut it = partials.into_iter();
@@ -450,12 +444,19 @@ impl CustomOp1 for GradBias {
         let dy = slice("conv2d grad", s, l)?;
         let (n, co, ho, wo) = l.shape().dims4()?;
         let hw = ho * wo;
-        let mut db = vec![0f32; co];
-        for k in 0..n {
-            for (c, d) in db.iter_mut().enumerate() {
-                *d += dy[(k * co + c) * hw..][..hw].iter().sum::<f32>();
-            }
-        }
+        // Channels split between threads; each channel sums its planes in sample order.
+        let db: Vec<f32> = par_map(co, threads(), |channels| {
+            channels
+                .map(|c| {
+                    (0..n)
+                        .map(|k| dy[(k * co + c) * hw..][..hw].iter().sum::<f32>())
+                        .fold(0f32, |a, b| a + b)
+                })
+                .collect::<Vec<_>>()
+        })
+        .into_iter()
+        .flatten()
+        .collect();
         Ok((CpuStorage::F32(db), Shape::from(co)))
     }
 }

@@ -92,6 +92,25 @@ fn for_sample_chunks(
     }
 }
 
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `f` on a per-thread scratch buffer of `len` floats (contents unspecified), kept between calls:
+/// a fresh patch matrix per call would fault in new pages every step once the allocator has
+/// returned the last one to the OS. A nested call gets a fresh buffer.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+            f(&mut v[..len])
+        }
+        Err(_) => f(&mut vec![0f32; len]),
+    })
+}
+
 /// `dst[rows × cols] (+)= a[rows × k] · b[k × cols]` with explicit (row, column) strides, no
 /// threads of its own. `accumulate` adds to `dst` instead of overwriting it.
 #[allow(clippy::too_many_arguments)]

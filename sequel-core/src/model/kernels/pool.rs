@@ -2,7 +2,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
-use super::{slice, supported};
+use super::{for_sample_chunks, slice, supported, threads};
 use crate::error::Result;
 
 /// `relu(max-pool 2×2, stride 2)`, floor mode. Pooling after the ReLU equals the ReLU after the
@@ -22,18 +22,21 @@ impl CustomOp1 for MaxPoolRelu {
         if h2 * w2 == 0 {
             return Ok((CpuStorage::F32(y), Shape::from((n, c, h2, w2))));
         }
-        for (plane, out) in y.chunks_exact_mut(h2 * w2).enumerate() {
-            let xp = &x[plane * h * w..][..h * w];
-            for oy in 0..h2 {
-                let (r0, r1) = (&xp[2 * oy * w..][..w], &xp[(2 * oy + 1) * w..][..w]);
-                for (ox, o) in out[oy * w2..(oy + 1) * w2].iter_mut().enumerate() {
-                    let m = r0[2 * ox]
-                        .max(r0[2 * ox + 1])
-                        .max(r1[2 * ox].max(r1[2 * ox + 1]));
-                    *o = m.max(0.0);
+        for_sample_chunks(&mut y, c * h2 * w2, n, threads(), |samples, out| {
+            let first = samples.start * c;
+            for (p, op) in out.chunks_exact_mut(h2 * w2).enumerate() {
+                let xp = &x[(first + p) * h * w..][..h * w];
+                for oy in 0..h2 {
+                    let (r0, r1) = (&xp[2 * oy * w..][..w], &xp[(2 * oy + 1) * w..][..w]);
+                    for (ox, o) in op[oy * w2..(oy + 1) * w2].iter_mut().enumerate() {
+                        let m = r0[2 * ox]
+                            .max(r0[2 * ox + 1])
+                            .max(r1[2 * ox].max(r1[2 * ox + 1]));
+                        *o = m.max(0.0);
+                    }
                 }
             }
-        }
+        });
         Ok((CpuStorage::F32(y), Shape::from((n, c, h2, w2))))
     }
 
@@ -74,25 +77,33 @@ impl candle_core::CustomOp3 for MaxPoolReluGrad {
         let (h2, w2) = (h / 2, w / 2);
         let mut dx = vec![0f32; n * c * h * w];
         if h2 * w2 > 0 {
-            for plane in 0..n * c {
-                let xp = &x[plane * h * w..][..h * w];
-                let dxp = &mut dx[plane * h * w..][..h * w];
-                let (yp, dyp) = (&y[plane * h2 * w2..], &dy[plane * h2 * w2..]);
-                for oy in 0..h2 {
-                    for ox in 0..w2 {
-                        let o = oy * w2 + ox;
-                        if yp[o] <= 0.0 {
-                            continue;
+            for_sample_chunks(&mut dx, c * h * w, n, threads(), |samples, out| {
+                let first = samples.start * c;
+                for (p, dxp) in out.chunks_exact_mut(h * w).enumerate() {
+                    let plane = first + p;
+                    let xp = &x[plane * h * w..][..h * w];
+                    let (yp, dyp) = (&y[plane * h2 * w2..], &dy[plane * h2 * w2..]);
+                    for oy in 0..h2 {
+                        for ox in 0..w2 {
+                            let (m, g) = (yp[oy * w2 + ox], dyp[oy * w2 + ox]);
+                            if m <= 0.0 {
+                                continue;
+                            }
+                            let a = 2 * oy * w + 2 * ox;
+                            let at = if xp[a] == m {
+                                a
+                            } else if xp[a + 1] == m {
+                                a + 1
+                            } else if xp[a + w] == m {
+                                a + w
+                            } else {
+                                a + w + 1
+                            };
+                            dxp[at] = g;
                         }
-                        let base = 2 * oy * w + 2 * ox;
-                        let at = [base, base + 1, base + w, base + w + 1]
-                            .into_iter()
-                            .find(|&i| xp[i] == yp[o])
-                            .unwrap_or(base);
-                        dxp[at] = dyp[o];
                     }
                 }
-            }
+            });
         }
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
