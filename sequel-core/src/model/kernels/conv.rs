@@ -500,15 +500,15 @@ mod tests {
     use super::super::testing::{check_fd, flat, randn, rel_err, var};
     use super::*;
 
-    /// (N, C, H, W, Co, k, stride, padding)
-    const SHAPES: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
-        (1, 3, 7, 5, 4, 3, 2, 1),
-        (3, 2, 6, 6, 5, 3, 1, 1),
-        (2, 3, 5, 7, 2, 3, 1, 0),
-        (2, 4, 5, 5, 3, 1, 1, 0),
-        (2, 4, 7, 7, 3, 1, 2, 0),
-        (5, 1, 9, 9, 6, 3, 2, 1),
-        (1, 2, 4, 4, 3, 5, 1, 2),
+    /// N, C, H, W, Co, k, stride, padding.
+    const SHAPES: &[[usize; 8]] = &[
+        [1, 3, 7, 5, 4, 3, 2, 1],
+        [3, 2, 6, 6, 5, 3, 1, 1],
+        [2, 3, 5, 7, 2, 3, 1, 0],
+        [2, 4, 5, 5, 3, 1, 1, 0],
+        [2, 4, 7, 7, 3, 1, 2, 0],
+        [5, 1, 9, 9, 6, 3, 2, 1],
+        [1, 2, 4, 4, 3, 5, 1, 2],
     ];
 
     fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, s: usize, p: usize) -> Tensor {
@@ -525,7 +525,7 @@ mod tests {
     /// input, 3×3, padding 1: those shapes are checked by finite differences below.)
     #[test]
     fn matches_candle_forward_and_backward() {
-        for (t, &(n, c, h, wd, co, k, s, p)) in SHAPES.iter().enumerate() {
+        for (t, &[n, c, h, wd, co, k, s, p]) in SHAPES.iter().enumerate() {
             for bias in [false, true] {
                 let seed = 10 * t as u64;
                 let x = var(&[n, c, h, wd], seed);

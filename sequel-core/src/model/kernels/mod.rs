@@ -63,7 +63,7 @@ fn par_map<R: Send>(
         return ranges.into_iter().map(f).collect();
     }
     use rayon::prelude::*;
-    ranges.into_par_iter().map(|r| f(r)).collect()
+    ranges.into_par_iter().map(&f).collect()
 }
 
 /// Run `f(sample range, that range's output)` over disjoint per-sample slices of `out`, one chunk
