@@ -320,10 +320,14 @@ fn dispatch(cli: Cli) -> Result<()> {
                     warmup,
                     steps,
                 )?;
+                // Three significant digits at least: ResNets run well under 1 step/s on CPUs.
+                let sps = t.steps_per_s();
+                let digits = if sps < 10.0 { 3 } else { 1 };
                 say!(
-                    "{:>6} {:>10.1} {:>12.0}",
+                    "{:>6} {:>10.*} {:>12.0}",
                     b,
-                    t.steps_per_s(),
+                    digits,
+                    sps,
                     t.samples_per_s()
                 );
             }
