@@ -111,7 +111,7 @@ impl candle_core::CustomOp3 for MaxPoolReluGrad {
 
 /// `relu(max_pool2x2(x))` for `x: N × C × H × W` → `N × C × ⌊H/2⌋ × ⌊W/2⌋` (an odd last row or
 /// column is dropped). The gradient goes to the first maximum of each window in row-major order
-/// (where candle's `max` would split it between tied maxima) and is 0 where the output is 0.
+/// (candle's `max` gives each tied maximum the full gradient) and is 0 where the output is 0.
 ///
 /// # Errors
 /// `x` not 4-D; candle errors.
