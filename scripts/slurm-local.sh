@@ -57,6 +57,10 @@ ReturnToService=2
 KillWait=5
 # Finished jobs stay visible to squeue this long (there is no accounting database).
 MinJobAge=600
+# A requeued job waits this long before it may start again: the previous run's credential must
+# expire first (a start forced earlier is killed with "Job credential revoked"). 120 s by
+# default; 10 s keeps the requeue test short.
+AuthInfo=cred_expire=10
 NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF

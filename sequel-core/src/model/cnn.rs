@@ -1,9 +1,11 @@
 //! A small CNN: `[conv3×3 (pad 1) → ReLU → max-pool 2×2]*` then a linear head.
-//! Pooling is our own 2×2 max-pool (candle's `max_pool2d` backward is wrong, see `layers.rs`).
+//! Pooling is our own 2×2 max-pool (candle's `max_pool2d` backward is wrong, see `layers.rs`),
+//! fused with the ReLU before it on the CPU (`kernels::max_pool2x2_relu`).
 
 use candle_core::{Device, Tensor};
 
-use super::layers::{max_pool2x2, Conv2d, Head};
+use super::kernels::max_pool2x2_relu;
+use super::layers::{Conv2d, Head};
 use super::params::ParamSet;
 use super::{Model, ModelOutput};
 use crate::error::{Error, Result};
@@ -75,7 +77,7 @@ impl Model for Cnn {
     fn forward(&self, x: &Tensor, _train: bool) -> Result<ModelOutput> {
         let mut h = x.clone();
         for conv in &self.convs {
-            h = max_pool2x2(&conv.forward(&h)?.relu()?)?;
+            h = max_pool2x2_relu(&conv.forward(&h)?)?;
         }
         let features = h.flatten_from(1)?;
         let logits = self.head.forward(&features)?;

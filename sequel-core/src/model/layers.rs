@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::init;
+use super::kernels;
 use super::params::{ParamSet, Role};
 use crate::config::ActivationKind;
 use crate::error::Result;
@@ -151,11 +152,13 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(self.weight.as_tensor(), self.padding, self.stride, 1, 1)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?)?,
-            None => y,
-        })
+        kernels::conv2d(
+            x,
+            self.weight.as_tensor(),
+            self.bias.as_ref().map(|b| b.as_tensor()),
+            self.stride,
+            self.padding,
+        )
     }
 }
 
@@ -208,6 +211,11 @@ impl BatchNorm2d {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act(x, train, false)
+    }
+
+    /// [`Self::forward`], followed by a ReLU if `relu` (fused into one kernel in CPU training).
+    pub fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let c = self.gamma.dim(0)?;
         let (mean, var) = if train {
             let n = x.elem_count() / c;
@@ -216,16 +224,34 @@ impl BatchNorm2d {
                     "batch normalisation needs more than one value per channel in training; raise training.batch_size",
                 ));
             }
-            let xt = x.transpose(0, 1)?.reshape((c, n))?;
-            let mean = xt.mean(D::Minus1)?;
-            let centered = xt.broadcast_sub(&mean.unsqueeze(1)?)?;
-            let var = centered.sqr()?.mean(D::Minus1)?;
+            let fused = [x, self.gamma.as_tensor(), self.beta.as_tensor()]
+                .into_iter()
+                .all(kernels::supported);
+            let (y, mean, var) = if fused {
+                let (y, s) = kernels::batch_norm_train(
+                    x,
+                    self.gamma.as_tensor(),
+                    self.beta.as_tensor(),
+                    self.eps,
+                    relu,
+                )?;
+                (Some(y), s.mean, s.var)
+            } else {
+                let xt = x.transpose(0, 1)?.reshape((c, n))?;
+                let mean = xt.mean(D::Minus1)?;
+                let centered = xt.broadcast_sub(&mean.unsqueeze(1)?)?;
+                let var = centered.sqr()?.mean(D::Minus1)?;
+                (None, mean, var)
+            };
             let m = self.momentum;
             let unbiased = (var.detach() * (n as f64 / (n - 1) as f64))?;
             self.running_mean
                 .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach() * m)?)?)?;
             self.running_var
                 .set(&((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?)?;
+            if let Some(y) = y {
+                return Ok(y);
+            }
             (mean, var)
         } else {
             (
@@ -237,9 +263,11 @@ impl BatchNorm2d {
         let inv = (var + self.eps)?.sqrt()?.recip()?;
         let scale = (inv * self.gamma.as_tensor())?.reshape(shape)?;
         let shift = mean.reshape(shape)?;
-        Ok(x.broadcast_sub(&shift)?
+        let y = x
+            .broadcast_sub(&shift)?
             .broadcast_mul(&scale)?
-            .broadcast_add(&self.beta.as_tensor().reshape(shape)?)?)
+            .broadcast_add(&self.beta.as_tensor().reshape(shape)?)?;
+        Ok(if relu { y.relu()? } else { y })
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod cnn;
 mod init;
+pub mod kernels;
 pub mod layers;
 pub mod mlp;
 pub mod params;

@@ -8,6 +8,7 @@
 
 use candle_core::{Device, Tensor};
 
+use super::kernels;
 use super::layers::{BatchNorm2d, Conv2d, Head};
 use super::params::ParamSet;
 use super::{Model, ModelOutput};
@@ -87,13 +88,13 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
+        let h = self.bn1.forward_act(&self.conv1.forward(x)?, train, true)?;
         let h = self.bn2.forward(&self.conv2.forward(&h)?, train)?;
         let s = match &self.shortcut {
             Some((conv, bn)) => bn.forward(&conv.forward(x)?, train)?,
             None => x.clone(),
         };
-        Ok((h + s)?.relu()?)
+        kernels::add_relu(&h, &s)
     }
 }
 
@@ -168,13 +169,11 @@ impl Model for ResNet18 {
     fn forward(&self, x: &Tensor, train: bool) -> Result<ModelOutput> {
         let mut h = self
             .stem_bn
-            .forward(&self.stem.forward(x)?, train)?
-            .relu()?;
+            .forward_act(&self.stem.forward(x)?, train, true)?;
         for b in &self.blocks {
             h = b.forward(&h, train)?;
         }
-        // Global average pooling as a mean: differentiable for any map size.
-        let features = h.mean(3)?.mean(2)?;
+        let features = kernels::global_avg_pool(&h)?;
         let logits = self.head.forward(&features)?;
         Ok(ModelOutput { features, logits })
     }
