@@ -9,6 +9,7 @@ pub mod er;
 pub mod er_ace;
 pub mod ewc;
 pub mod ewc_online;
+pub mod exemplars;
 pub mod fisher;
 pub mod flat;
 pub mod gdumb;
