@@ -1,8 +1,10 @@
 //! Name → constructor registry for algorithms and consolidation strategies.
 //!
 //! The YAML keys of `algorithm:` are exactly the fields of the algorithm's config struct (plus
-//! `name`), parsed with `deny_unknown_fields`, so a typo is an error that names the key. User
-//! crates add their own entries with [`Registry::register_algorithm`] — no fork needed.
+//! `name`), parsed with `deny_unknown_fields`, so a typo is an error that names the key; a method
+//! with a replay memory also takes the shared memory keys ([`MemoryConfig`]), parsed here over its
+//! own defaults. Each algorithm is added with one line, [`Registry::add`], from its
+//! [`AlgorithmConfig`]; user crates do the same — no fork needed.
 //!
 //! `consolidation:` works the same way, except that the wiring keys every strategy shares
 //! (`anchor`, `continue_from`, `evaluate`; [`Wiring`]) are taken out first and parsed here, with the
