@@ -104,7 +104,7 @@ pub struct StepCtx<'a> {
 }
 
 impl<'a> StepCtx<'a> {
-    /// The context of a step on `incoming` (the trainer, or a "train on memory" loop, builds it).
+    /// The context of a step on `incoming` (built by [`crate::Trainer::step`]).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         task: usize,
@@ -187,11 +187,6 @@ impl<'a> StepCtx<'a> {
     pub fn ce(&mut self, batch: &Batch) -> Result<Tensor> {
         let f = self.forward(&[batch])?;
         self.task_loss(&f.out.logits, batch)
-    }
-
-    /// Whether a row of task `t` was forwarded in this step.
-    pub fn forwarded_task(&self, t: usize) -> bool {
-        self.present.get(t).copied().unwrap_or(false)
     }
 
     /// Per task: whether a row of it was forwarded in this step.
