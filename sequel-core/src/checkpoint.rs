@@ -16,7 +16,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -146,52 +146,6 @@ pub fn load(dir: &Path, t: usize) -> Result<Checkpoint> {
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .map_err(|_| corrupt(&tpath, "unreadable"))?;
     Ok(Checkpoint { meta, tensors })
-}
-
-/// Save a list of tensors as `<key>.len` and `<key>.<i>` (copies, so later in-place updates do
-/// not leak into a checkpoint being written).
-pub fn save_list(out: &mut StateDict, key: &str, list: &[Tensor]) -> Result<()> {
-    out.insert(
-        format!("{key}.len"),
-        Tensor::new(&[list.len() as u32], &Device::Cpu)?,
-    );
-    for (i, t) in list.iter().enumerate() {
-        out.insert(format!("{key}.{i}"), t.copy()?);
-    }
-    Ok(())
-}
-
-/// The list [`save_list`] wrote under `key`, or `None` if there is none.
-pub fn load_list(state: &StateDict, key: &str) -> Result<Option<Vec<Tensor>>> {
-    let Some(n) = state.get(&format!("{key}.len")) else {
-        return Ok(None);
-    };
-    let n = n.to_vec1::<u32>()?.first().copied().unwrap_or(0) as usize;
-    (0..n)
-        .map(|i| {
-            let k = format!("{key}.{i}");
-            state
-                .get(&k)
-                .cloned()
-                .ok_or_else(|| Error::msg(format!("checkpoint lacks `{k}`")))
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
-}
-
-/// One `f64` as a tensor, and back.
-pub fn scalar(v: f64) -> Result<Tensor> {
-    Ok(Tensor::new(&[v], &Device::Cpu)?)
-}
-
-pub fn get_scalar(state: &StateDict, key: &str) -> Result<f64> {
-    let t = state
-        .get(key)
-        .ok_or_else(|| Error::msg(format!("checkpoint lacks `{key}`")))?;
-    t.to_vec1::<f64>()?
-        .first()
-        .copied()
-        .ok_or_else(|| Error::msg(format!("checkpoint entry `{key}` is empty")))
 }
 
 /// Dotted paths of the keys whose values differ between two YAML documents (for "the config
