@@ -1,4 +1,4 @@
-//! Name → constructor registry for algorithms and consolidation strategies.
+//! Name → constructor registry for algorithms, consolidation strategies, datasets and backbones.
 //!
 //! The YAML keys of `algorithm:` are exactly the fields of the algorithm's config struct (plus
 //! `name`), parsed with `deny_unknown_fields`, so a typo is an error that names the key; a method
@@ -13,7 +13,8 @@
 
 use sequel_core::config::{closest, from_value};
 use sequel_core::{
-    Algorithm, AlgorithmConfig, Consolidation, Consolidator, Error, MemoryConfig, Result, Wiring,
+    Algorithm, AlgorithmConfig, BackboneConfig, Consolidation, Consolidator, Error, MemoryConfig,
+    Result, Sources, Wiring,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use serde_yaml::{Mapping, Value};
@@ -28,10 +29,11 @@ struct Entry<T: ?Sized> {
     defaults: Value,
 }
 
-/// Every algorithm and consolidation strategy the CLI can name.
+/// Every algorithm, consolidation strategy, dataset and backbone the CLI can name.
 pub struct Registry {
     algorithms: Vec<Entry<dyn Algorithm>>,
     consolidators: Vec<Entry<dyn Consolidator>>,
+    sources: Sources,
 }
 
 fn typed<C, T: ?Sized>(
@@ -168,12 +170,15 @@ impl Registry {
         Self {
             algorithms: Vec::new(),
             consolidators: Vec::new(),
+            sources: Sources::empty(),
         }
     }
 
-    /// Every algorithm and strategy shipped with sequel-algos.
+    /// Every algorithm and strategy shipped with sequel-algos, and sequel-core's datasets and
+    /// backbones.
     pub fn builtin() -> Self {
         let mut r = Self::empty();
+        r.sources = Sources::builtin();
         r.add::<crate::naive::NaiveConfig>();
         r.add::<crate::joint::JointConfig>();
         r.add::<crate::ewc::EwcConfig>();
@@ -246,6 +251,31 @@ impl Registry {
             }),
             defaults: with_name(C::NAME, defaults),
         });
+    }
+
+    /// Register dataset `name` for `benchmark.dataset`: `load` gets `benchmark.data_dir` and
+    /// returns both splits in memory ([`sequel_core::data::Dataset`]); the stream (split,
+    /// permuted, rotated; class-, task- or domain-IL) is built from it like any other.
+    pub fn add_dataset(
+        &mut self,
+        name: &str,
+        summary: &str,
+        load: impl Fn(Option<&std::path::Path>) -> Result<sequel_core::data::Dataset>
+            + Send
+            + Sync
+            + 'static,
+    ) {
+        self.sources.add_dataset(name, summary, load);
+    }
+
+    /// Register the backbone `C` describes for `model.kind`; its keys go under `model.options`.
+    pub fn add_backbone<C: BackboneConfig>(&mut self) {
+        self.sources.add_backbone::<C>();
+    }
+
+    /// The datasets and backbones configs can name.
+    pub fn sources(&self) -> &Sources {
+        &self.sources
     }
 
     /// The resolved defaults of algorithm `name`'s section (`name` included), if registered.

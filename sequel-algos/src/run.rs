@@ -1,22 +1,12 @@
-//! Run an experiment config end to end: resolve the algorithm through the registry, train, and
-//! write the run directory. The CLI and tests both go through here.
+//! Run an experiment config end to end: resolve the algorithm, dataset and backbone through the
+//! registry, train, and write the run directory. The CLI and tests both go through here.
 
-use sequel_core::config::{parse_config, ExperimentConfig};
+use sequel_core::config::parse_config;
+pub use sequel_core::experiment::Prepared;
 use sequel_core::experiment::{run_experiment, Finished, RunOptions};
 use sequel_core::{Progress, Result};
 
 use crate::Registry;
-
-/// A config with its algorithm (and consolidator) resolved.
-pub struct Prepared {
-    pub config: ExperimentConfig,
-    pub algorithm: Box<dyn sequel_core::Algorithm>,
-    pub consolidator: Option<sequel_core::Consolidation>,
-    /// The config with every default filled in, as YAML.
-    pub resolved_yaml: String,
-    /// Where the config came from (a file name), for error messages.
-    pub origin: String,
-}
 
 /// Parse, override and validate a config, and build its algorithm — everything short of loading
 /// data. `origin` names the file in errors.
@@ -29,6 +19,7 @@ pub fn prepare(
     let mut config = parse_config(text, origin, overrides)?;
     config.validate(origin)?;
     config.resolve_defaults();
+    registry.sources().resolve(&mut config, origin)?;
     let (algorithm, algo_resolved) = registry.build_algorithm(&config.algorithm, origin)?;
     config.algorithm = algo_resolved;
     let consolidator = match &config.consolidation {
@@ -47,6 +38,7 @@ pub fn prepare(
         consolidator,
         resolved_yaml,
         origin: origin.to_string(),
+        sources: registry.sources().clone(),
     })
 }
 
@@ -56,7 +48,7 @@ pub fn execute(
     progress: &mut dyn Progress,
     git_hash: Option<String>,
 ) -> Result<Finished> {
-    execute_with(p, progress, git_hash, &RunOptions::default())
+    run_experiment(p, progress, git_hash, &RunOptions::default())
 }
 
 /// [`execute`] with resume and stop options.
@@ -66,14 +58,5 @@ pub fn execute_with(
     git_hash: Option<String>,
     opts: &RunOptions,
 ) -> Result<Finished> {
-    run_experiment(
-        &p.config,
-        &p.origin,
-        &p.resolved_yaml,
-        p.algorithm,
-        p.consolidator,
-        progress,
-        git_hash,
-        opts,
-    )
+    run_experiment(p, progress, git_hash, opts)
 }

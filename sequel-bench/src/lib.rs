@@ -34,7 +34,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use sequel_algos::run::{execute_with, prepare};
+use sequel_algos::run::{execute_with, prepare, Prepared};
 use sequel_algos::Registry;
 use sequel_core::experiment::{ResumeFrom, RunOptions};
 
@@ -280,7 +280,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
                 ));
             }
             let prepared = prepare(&text, &origin, &set, registry)?;
-            configure_threads(threads, prepared.config.model.kind);
+            configure_threads(threads, &prepared.config.model.kind);
             let interactive = std::io::stderr().is_terminal() && !quiet;
             let mut progress = display::ProgressView::new(interactive, quiet);
             let hash = option_env!("SEQUEL_GIT_HASH")
@@ -328,13 +328,17 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
         } => {
             let (text, origin) = read_config(&config)?;
             let p = prepare(&text, &origin, &set, registry)?;
-            configure_threads(threads, p.config.model.kind);
-            let c = &p.config;
+            configure_threads(threads, &p.config.model.kind);
+            let c = p.config.clone();
+            let sources = p.sources.clone();
             let (shape, units) = match input {
                 Some(shape) => (shape, outputs),
                 None => {
-                    let trainer =
-                        sequel_core::experiment::build_trainer(c, &origin, p.algorithm, None)?;
+                    let trainer = Prepared {
+                        consolidator: None,
+                        ..p
+                    }
+                    .trainer()?;
                     (trainer.stream.input_shape(), trainer.stream.num_units)
                 }
             };
@@ -350,8 +354,15 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
             );
             say!("{:>6} {:>10} {:>12}", "batch", "steps/s", "samples/s");
             for b in batch {
+                let spec = sequel_core::BackboneSpec {
+                    input: shape,
+                    heads: &[units],
+                    seed: 0,
+                    device: &candle_core::Device::Cpu,
+                };
+                let model = sources.build_model(&c.model, &spec, &origin)?;
                 let t = sequel_core::bench::time_train_steps(
-                    &c.model,
+                    model.as_ref(),
                     &c.optimizer,
                     shape,
                     units,
@@ -380,8 +391,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
             }
             // Load the data and build the stream and model too: that is where a missing file,
             // an unknown dataset or tasks that do not divide the classes show up.
-            let trainer =
-                sequel_core::experiment::build_trainer(&c, &origin, p.algorithm, p.consolidator)?;
+            let trainer = p.trainer()?;
             say!(
                 "{origin}: ok ({}: {} {} {}, {} tasks, {} output units, {} with {} parameters)",
                 c.name,
@@ -479,23 +489,17 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
                         .collect(),
                 );
             }
+            let sources = registry.sources();
+            let owned = |v: Vec<(&str, &str)>| {
+                v.into_iter()
+                    .map(|(n, s)| (n.to_string(), s.to_string()))
+                    .collect()
+            };
             if all || matches!(what, ListWhat::Datasets) {
-                show(
-                    "datasets",
-                    sequel_core::data::discovery::DATASETS
-                        .iter()
-                        .map(|d| (d.to_string(), dataset_note(d).into()))
-                        .collect(),
-                );
+                show("datasets", owned(sources.datasets()));
             }
             if all || matches!(what, ListWhat::Models) {
-                show(
-                    "models",
-                    sequel_core::model::MODELS
-                        .iter()
-                        .map(|m| (m.to_string(), model_note(m).into()))
-                        .collect(),
-                );
+                show("models", owned(sources.backbones()));
             }
             Ok(())
         }
@@ -509,31 +513,11 @@ fn yaml_name<T: serde::Serialize>(v: &T) -> String {
         .unwrap_or_default()
 }
 
-fn dataset_note(name: &str) -> &'static str {
-    match name {
-        "fmnist-mini" => "embedded Fashion-MNIST subset, 300 train + 100 test per class",
-        "fashion-mnist" => "Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist)",
-        "mnist" => "MNIST IDX files",
-        "cifar10" => "CIFAR-10 binary version",
-        "cifar100" => "CIFAR-100 binary version",
-        _ => "",
-    }
-}
-
-fn model_note(name: &str) -> &'static str {
-    match name {
-        "mlp" => "multi-layer perceptron (model.hidden, model.activation, model.dropout)",
-        "cnn" => "conv3x3-relu-maxpool blocks + linear head (model.channels)",
-        "resnet18" => "reduced ResNet-18 without stem pooling (model.width)",
-        _ => "",
-    }
-}
-
 /// Thread counts must be in the environment before candle's pools start (no tensor exists yet
 /// when this runs). Without `--threads` or `RAYON_NUM_THREADS`, the count is chosen by the
 /// measurements in docs/PERFORMANCE.md: MLP steps are too small to gain from a second thread and
 /// lose 30–60 % to synchronisation, convolutional models gain from every core.
-fn configure_threads(threads: Option<usize>, model: sequel_core::config::ModelKind) {
+fn configure_threads(threads: Option<usize>, model: &sequel_core::config::ModelKind) {
     let n = match threads {
         Some(n) => n.max(1),
         None if std::env::var_os("RAYON_NUM_THREADS").is_some() => return,

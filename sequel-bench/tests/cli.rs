@@ -102,7 +102,7 @@ fn bad_configs_fail_with_one_line_that_names_file_key_and_fix() {
             "model: { kind: transformer }\n",
             &[
                 "model.kind",
-                "unknown variant `transformer`",
+                "unknown backbone `transformer`",
                 "mlp, cnn, resnet18",
             ],
         ),

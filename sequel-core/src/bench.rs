@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
-use crate::config::{ModelConfig, OptimizerConfig};
+use crate::config::OptimizerConfig;
 use crate::error::Result;
-use crate::model::build_model;
+use crate::model::Model;
 use crate::optim::build_optimizer;
 use crate::rng::{SeededRng, Stream};
 
@@ -29,10 +29,11 @@ impl StepTiming {
     }
 }
 
-/// Time `steps` training steps of the configured model at `batch_size` after `warmup` untimed
-/// steps. Inputs are 8 pre-generated batches cycled, so data loading is excluded.
+/// Time `steps` training steps of `model` (inputs `input` = `[C, H, W]`, one head of `outputs`
+/// units) at `batch_size` after `warmup` untimed steps. Inputs are 8 pre-generated batches
+/// cycled, so data loading is excluded.
 pub fn time_train_steps(
-    model_cfg: &ModelConfig,
+    model: &dyn Model,
     opt_cfg: &OptimizerConfig,
     input: [usize; 3],
     outputs: usize,
@@ -41,7 +42,6 @@ pub fn time_train_steps(
     steps: usize,
 ) -> Result<StepTiming> {
     let device = Device::Cpu;
-    let model = build_model(model_cfg, input, &[outputs], 0, &device)?;
     let mut opt = build_optimizer(opt_cfg);
     let mut rng = SeededRng::new(0, Stream::DataOrder);
     let d: usize = input.iter().product();

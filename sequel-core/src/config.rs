@@ -152,12 +152,49 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+/// `model.kind`: a built-in backbone, or one a user crate registered
+/// (`sequel_core::sources::Sources::add_backbone`), checked against the registry when the
+/// experiment is prepared.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelKind {
     Mlp,
     Cnn,
     Resnet18,
+    /// A registered backbone; its own keys go under `model.options`.
+    Other(String),
+}
+
+impl ModelKind {
+    /// The name the YAML uses.
+    pub fn name(&self) -> &str {
+        match self {
+            ModelKind::Mlp => "mlp",
+            ModelKind::Cnn => "cnn",
+            ModelKind::Resnet18 => "resnet18",
+            ModelKind::Other(name) => name,
+        }
+    }
+
+    fn from_name(name: &str) -> Self {
+        match name {
+            "mlp" => ModelKind::Mlp,
+            "cnn" => ModelKind::Cnn,
+            "resnet18" => ModelKind::Resnet18,
+            other => ModelKind::Other(other.to_string()),
+        }
+    }
+}
+
+impl Serialize for ModelKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Ok(ModelKind::from_name(&String::deserialize(d)?))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,7 +209,7 @@ pub enum ActivationKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// `mlp` (default), `cnn` or `resnet18`.
+    /// `mlp` (default), `cnn`, `resnet18`, or the name of a registered backbone.
     #[serde(default = "default_model_kind")]
     pub kind: ModelKind,
     /// MLP hidden widths. Default [100, 100] (Mammoth's seq-mnist MLP).
@@ -190,6 +227,10 @@ pub struct ModelConfig {
     /// ResNet-18 base width (64 = the standard network, 20 = the reduced one of GEM). Default 20.
     #[serde(default = "default_width")]
     pub width: usize,
+    /// The keys of a registered (user) backbone, parsed by its own config type. Built-in
+    /// backbones take none.
+    #[serde(default, skip_serializing_if = "serde_yaml::Mapping::is_empty")]
+    pub options: serde_yaml::Mapping,
 }
 
 fn default_model_kind() -> ModelKind {
@@ -217,6 +258,7 @@ impl Default for ModelConfig {
             dropout: 0.0,
             channels: default_channels(),
             width: default_width(),
+            options: serde_yaml::Mapping::new(),
         }
     }
 }
@@ -673,6 +715,16 @@ impl ExperimentConfig {
         }
         if m.kind == ModelKind::Resnet18 && m.width == 0 {
             return Err(err("model.width", "must be at least 1".into()));
+        }
+        if !m.options.is_empty() && !matches!(m.kind, ModelKind::Other(_)) {
+            return Err(err(
+                "model.options",
+                format!(
+                    "only registered backbones take options; {} is configured by the keys of \
+                     `model:` itself (see docs/config.md)",
+                    m.kind.name()
+                ),
+            ));
         }
         if self.name.is_empty() || self.name.contains(['/', '\\']) || self.name.starts_with('.') {
             return Err(err(

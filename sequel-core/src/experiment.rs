@@ -11,17 +11,54 @@ use crate::algorithm::Algorithm;
 use crate::checkpoint;
 use crate::config::ExperimentConfig;
 use crate::consolidation::Consolidation;
-use crate::data::{discovery::load_dataset, TaskStream};
+use crate::data::TaskStream;
 use crate::error::{Error, Result};
-use crate::model::build_model;
 use crate::outcome::RunOutcome;
 use crate::run::{write_results, RunDir, RunInfo};
+use crate::sources::{BackboneSpec, Sources};
 use crate::trainer::{Progress, Trainer};
 
-/// Build the trainer that `cfg` describes around an already-built algorithm: load the data, build
-/// the task stream and the seeded model. `origin` (the config file) prefixes errors that a config
-/// change fixes.
+/// A config resolved and ready to run: the algorithm (and consolidator) built, every default
+/// filled in, and the datasets and backbones its names refer to.
+pub struct Prepared {
+    pub config: ExperimentConfig,
+    pub algorithm: Box<dyn Algorithm>,
+    pub consolidator: Option<Consolidation>,
+    /// The config with every default filled in, as YAML.
+    pub resolved_yaml: String,
+    /// Where the config came from (a file name), for error messages.
+    pub origin: String,
+    pub sources: Sources,
+}
+
+impl Prepared {
+    /// Load the data, build the task stream and the seeded model: the trainer, before any step.
+    pub fn trainer(self) -> Result<Trainer> {
+        build_trainer_with(
+            &self.sources,
+            &self.config,
+            &self.origin,
+            self.algorithm,
+            self.consolidator,
+        )
+    }
+}
+
+/// Build the trainer that `cfg` describes around an already-built algorithm, from the built-in
+/// datasets and backbones ([`build_trainer_with`] for registered ones).
 pub fn build_trainer(
+    cfg: &ExperimentConfig,
+    origin: &str,
+    algorithm: Box<dyn Algorithm>,
+    consolidation: Option<Consolidation>,
+) -> Result<Trainer> {
+    build_trainer_with(&Sources::builtin(), cfg, origin, algorithm, consolidation)
+}
+
+/// Load the data, build the task stream and the seeded model from `sources`. `origin` (the
+/// config file) prefixes errors that a config change fixes.
+pub fn build_trainer_with(
+    sources: &Sources,
     cfg: &ExperimentConfig,
     origin: &str,
     algorithm: Box<dyn Algorithm>,
@@ -33,17 +70,21 @@ pub fn build_trainer(
         Error::Msg(m) if m.starts_with("model.") => Error::Msg(format!("{origin}: {m}")),
         e => e,
     };
-    let dataset =
-        load_dataset(&cfg.benchmark.dataset, cfg.benchmark.data_dir.as_deref()).map_err(in_file)?;
-    let stream = TaskStream::build(Arc::new(dataset), &cfg.benchmark, cfg.seed).map_err(in_file)?;
-    let model = build_model(
-        &cfg.model,
-        stream.input_shape(),
-        &stream.head_sizes(),
-        cfg.seed,
-        &device,
-    )
-    .map_err(in_file)?;
+    let b = &cfg.benchmark;
+    let dataset = sources
+        .load_dataset(&b.dataset, b.data_dir.as_deref())
+        .map_err(in_file)?;
+    let stream = TaskStream::build(Arc::new(dataset), b, cfg.seed).map_err(in_file)?;
+    let heads = stream.head_sizes();
+    let spec = BackboneSpec {
+        input: stream.input_shape(),
+        heads: &heads,
+        seed: cfg.seed,
+        device: &device,
+    };
+    let model = sources
+        .build_model(&cfg.model, &spec, origin)
+        .map_err(in_file)?;
     Ok(Trainer::new(
         cfg.clone(),
         stream,
@@ -97,30 +138,30 @@ pub fn config_fingerprint(resolved_yaml: &str) -> Result<String> {
 /// in (written as config.yaml). A run that stops on a non-finite loss still writes the finished
 /// tasks' results, then returns the error. A run stopped on request (`opts`) leaves its staging
 /// folder with the checkpoints and returns [`Error::Stopped`] naming how to continue.
-#[allow(clippy::too_many_arguments)]
 pub fn run_experiment(
-    cfg: &ExperimentConfig,
-    origin: &str,
-    resolved_yaml: &str,
-    algorithm: Box<dyn Algorithm>,
-    consolidation: Option<Consolidation>,
+    p: Prepared,
     progress: &mut dyn Progress,
     git_hash: Option<String>,
     opts: &RunOptions,
 ) -> Result<Finished> {
     let start = Instant::now();
+    let cfg = p.config.clone();
+    let cfg = &cfg;
+    let resolved_yaml = p.resolved_yaml.clone();
+    let resolved_yaml = resolved_yaml.as_str();
     let algo_name = cfg
         .algorithm
         .get("name")
         .and_then(|n| n.as_str())
         .unwrap_or("naive")
         .to_string();
-    let cons_name = consolidation
+    let cons_name = p
+        .consolidator
         .as_ref()
         .map(|c| c.strategy.name().to_string());
     // Data and model errors come first so that they leave no run folder behind; an unwritable
     // output folder is still reported before any training.
-    let mut trainer = build_trainer(cfg, origin, algorithm, consolidation)?;
+    let mut trainer = p.trainer()?;
     trainer.config_hash = config_fingerprint(resolved_yaml)?;
     trainer.stop_after_task = opts.stop_after_task;
     trainer.interrupt = opts.interrupt.clone();

@@ -1,5 +1,5 @@
-//! A complete user-defined algorithm, registered without forking sequel-rs
-//! (docs/write-your-own-algorithm.md walks through it). The crate's binary is the whole `sequel`
+//! A complete user-defined algorithm, dataset (`dataset.rs`) and backbone (`backbone.rs`),
+//! registered without forking sequel-rs (docs/write-your-own-algorithm.md walks through them). The crate's binary is the whole `sequel`
 //! CLI with it registered (`cargo run --release -p my-algorithm -- run CONFIG`);
 //! `cargo test -p my-algorithm` (part of `cargo test --workspace`, so CI) checks both.
 //!
@@ -72,10 +72,20 @@ impl Algorithm for L2Anchor {
     }
 }
 
-/// A registry with the built-ins plus `l2-anchor`.
+pub mod backbone;
+pub mod dataset;
+
+/// A registry with the built-ins plus `l2-anchor`, the `blobs` dataset and the `two-layer`
+/// backbone.
 pub fn registry() -> Registry {
     let mut registry = Registry::builtin();
     registry.add::<L2AnchorConfig>();
+    registry.add_dataset(
+        "blobs",
+        "four lit quadrants over noise, 1x8x8",
+        dataset::load_blobs,
+    );
+    registry.add_backbone::<backbone::TwoLayerConfig>();
     registry
 }
 

@@ -61,3 +61,52 @@ pub struct Dataset {
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
 }
+
+impl Dataset {
+    /// A dataset from its two splits, for loaders registered by user crates
+    /// (`Registry::add_dataset`). Computes the per-channel statistics from `train`.
+    ///
+    /// Errors if a split is empty, its byte count is not `N·C·H·W`, the splits' shapes differ, or a
+    /// label is not below `num_classes`.
+    pub fn new(
+        name: &str,
+        train: ImageSet,
+        test: ImageSet,
+        num_classes: usize,
+    ) -> crate::error::Result<Self> {
+        let bad = |m: String| Err(crate::error::Error::msg(format!("dataset `{name}`: {m}")));
+        for (split, set) in [("train", &train), ("test", &test)] {
+            if set.is_empty() || set.sample_len() == 0 {
+                return bad(format!("the {split} split is empty"));
+            }
+            if set.images.len() != set.len() * set.sample_len() {
+                return bad(format!(
+                    "the {split} split has {} bytes for {} images of {:?}",
+                    set.images.len(),
+                    set.len(),
+                    set.shape
+                ));
+            }
+            if let Some(l) = set.labels.iter().find(|&&l| l as usize >= num_classes) {
+                return bad(format!(
+                    "the {split} split has label {l} but num_classes is {num_classes}"
+                ));
+            }
+        }
+        if train.shape != test.shape {
+            return bad(format!(
+                "test images are {:?} but training images are {:?}",
+                test.shape, train.shape
+            ));
+        }
+        let (mean, std) = crate::data::discovery::channel_stats(&train);
+        Ok(Self {
+            name: name.to_string(),
+            train,
+            test,
+            num_classes,
+            mean,
+            std,
+        })
+    }
+}

@@ -57,8 +57,6 @@ pub trait Model: Send + Sync {
     }
 }
 
-pub const MODELS: &[&str] = &["mlp", "cnn", "resnet18"];
-
 /// Build the configured backbone with parameters drawn from the `init` stream of `seed`.
 /// `heads` lists the output units of each head: one entry for a shared head, one per task for
 /// multi-head task-IL (see [`crate::data::TaskStream::head_sizes`]).
@@ -70,7 +68,7 @@ pub fn build_model(
     device: &Device,
 ) -> Result<Box<dyn Model>> {
     let mut rng = SeededRng::new(seed, Stream::Init);
-    Ok(match cfg.kind {
+    Ok(match &cfg.kind {
         ModelKind::Mlp => Box::new(mlp::Mlp::new(
             input.iter().product(),
             &cfg.hidden,
@@ -90,6 +88,12 @@ pub fn build_model(
         ModelKind::Resnet18 => Box::new(resnet::ResNet18::new(
             input, cfg.width, heads, &mut rng, device,
         )?),
+        ModelKind::Other(name) => {
+            return Err(crate::error::Error::msg(format!(
+                "model.kind: `{name}` is not a built-in backbone; build it through the \
+                 `Sources` it was registered in"
+            )))
+        }
     })
 }
 
@@ -131,7 +135,7 @@ mod tests {
             (ModelKind::Cnn, [1, 28, 28]),
             (ModelKind::Resnet18, [3, 32, 32]),
         ] {
-            let m = build_model(&cfg(kind), shape, &[7], 0, &dev).unwrap();
+            let m = build_model(&cfg(kind.clone()), shape, &[7], 0, &dev).unwrap();
             let x = Tensor::zeros(
                 (2, shape[0], shape[1], shape[2]),
                 candle_core::DType::F32,
@@ -166,7 +170,7 @@ mod tests {
             (ModelKind::Cnn, [1, 28, 28]),
             (ModelKind::Resnet18, [3, 8, 8]),
         ] {
-            let mut c = cfg(kind);
+            let mut c = cfg(kind.clone());
             c.dropout = 0.3;
             let m = build_model(&c, shape, &[5], 3, &dev).unwrap();
             let x = Tensor::ones(
