@@ -25,7 +25,10 @@ pub mod qp;
 pub mod registry;
 pub mod run;
 pub mod si;
-#[cfg(test)]
-mod testing;
+/// Test support for algorithm authors (feature `testing`): run an algorithm on small
+/// fmnist-mini tasks under a [`testing::Probe`] that records every step and the weights around
+/// every task.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use registry::Registry;

@@ -45,8 +45,8 @@ impl AlgorithmConfig for L2AnchorConfig {
 /// Its only state, the anchor, is taken again by `before_task` (also after a resume), so it lists
 /// no `state`.
 pub struct L2Anchor {
-    lambda: f64,
-    anchor: Option<Snapshot>,
+    pub lambda: f64,
+    pub anchor: Option<Snapshot>,
 }
 
 impl Algorithm for L2Anchor {
