@@ -84,6 +84,9 @@ enum Command {
         /// convolutional models (measured, see docs/PERFORMANCE.md).
         #[arg(long)]
         threads: Option<usize>,
+        /// cpu, cuda or cuda:N (same as --set device=...); CUDA needs a `--features cuda` build.
+        #[arg(long)]
+        device: Option<String>,
         /// Print only the final table.
         #[arg(long)]
         quiet: bool,
@@ -116,6 +119,9 @@ enum Command {
         /// Compute threads (default as for `run`).
         #[arg(long)]
         threads: Option<usize>,
+        /// cpu, cuda or cuda:N (same as --set device=...).
+        #[arg(long)]
+        device: Option<String>,
         /// Input shape `CxHxW` (e.g. `3x32x32`): time on synthetic batches of this shape without
         /// loading the config's dataset (which may not be installed).
         #[arg(long, value_name = "CxHxW", value_parser = parse_shape)]
@@ -259,8 +265,12 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
             seed,
             out,
             threads,
+            device,
             quiet,
         } => {
+            if let Some(d) = device {
+                set.push(format!("device={d}"));
+            }
             if stop_after_task == Some(0) {
                 anyhow::bail!("--stop-after-task must be at least 1 (the first checkpoint is written after task 1)");
             }
@@ -318,14 +328,18 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
         }
         Command::Bench {
             config,
-            set,
+            mut set,
             batch,
             steps,
             warmup,
             threads,
+            device,
             input,
             outputs,
         } => {
+            if let Some(d) = device {
+                set.push(format!("device={d}"));
+            }
             let (text, origin) = read_config(&config)?;
             let p = prepare(&text, &origin, &set, registry)?;
             configure_threads(threads, &p.config.model.kind);
@@ -343,22 +357,24 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
                 }
             };
             say!(
-                "model {} on {}x{}x{} inputs, {} outputs, optimizer {}, threads {}",
+                "model {} on {}x{}x{} inputs, {} outputs, optimizer {}, device {}, threads {}",
                 yaml_name(&c.model.kind),
                 shape[0],
                 shape[1],
                 shape[2],
                 units,
                 yaml_name(&c.optimizer.kind),
+                c.device,
                 std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into())
             );
+            let dev = c.device.open().with_context(|| origin.clone())?;
             say!("{:>6} {:>10} {:>12}", "batch", "steps/s", "samples/s");
             for b in batch {
                 let spec = sequel_core::BackboneSpec {
                     input: shape,
                     heads: &[units],
                     seed: 0,
-                    device: &candle_core::Device::Cpu,
+                    device: &dev,
                 };
                 let model = sources.build_model(&c.model, &spec, &origin)?;
                 let t = sequel_core::bench::time_train_steps(

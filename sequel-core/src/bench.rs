@@ -41,7 +41,12 @@ pub fn time_train_steps(
     warmup: usize,
     steps: usize,
 ) -> Result<StepTiming> {
-    let device = Device::Cpu;
+    // The batches go where the model's weights are.
+    let device = match model.params().iter().next() {
+        Some(p) => p.var.device().clone(),
+        None => Device::Cpu,
+    };
+    let device = &device;
     let mut opt = build_optimizer(opt_cfg);
     let mut rng = SeededRng::new(0, Stream::DataOrder);
     let d: usize = input.iter().product();
@@ -52,8 +57,8 @@ pub fn time_train_steps(
                 .map(|_| rng.below(outputs as u64) as u32)
                 .collect();
             Ok((
-                Tensor::from_vec(x, (batch_size, input[0], input[1], input[2]), &device)?,
-                Tensor::from_vec(y, batch_size, &device)?,
+                Tensor::from_vec(x, (batch_size, input[0], input[1], input[2]), device)?,
+                Tensor::from_vec(y, batch_size, device)?,
             ))
         })
         .collect::<Result<_>>()?;

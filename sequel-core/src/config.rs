@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
 
 /// The whole experiment.
@@ -34,6 +35,10 @@ pub struct ExperimentConfig {
     pub consolidation: Option<serde_yaml::Value>,
     #[serde(default)]
     pub output: OutputConfig,
+    /// `cpu` (default), `cuda` or `cuda:N` (a build with `--features cuda`). Not part of what a
+    /// run computes for resuming: a run checkpointed on one device continues on another.
+    #[serde(default, skip_serializing_if = "DeviceSpec::is_cpu")]
+    pub device: DeviceSpec,
 }
 
 fn default_algorithm() -> serde_yaml::Value {

@@ -5,8 +5,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Device;
-
 use crate::algorithm::Algorithm;
 use crate::checkpoint;
 use crate::config::ExperimentConfig;
@@ -64,7 +62,10 @@ pub fn build_trainer_with(
     algorithm: Box<dyn Algorithm>,
     consolidation: Option<Consolidation>,
 ) -> Result<Trainer> {
-    let device = Device::Cpu;
+    let device = cfg
+        .device
+        .open()
+        .map_err(|e| Error::Msg(format!("{origin}: {e}")))?;
     let in_file = |e: Error| match e {
         Error::UnknownName { .. } | Error::Benchmark(_) => Error::Msg(format!("{origin}: {e}")),
         Error::Msg(m) if m.starts_with("model.") => Error::Msg(format!("{origin}: {m}")),
@@ -129,6 +130,7 @@ pub fn config_fingerprint(resolved_yaml: &str) -> Result<String> {
         serde_yaml::from_str(resolved_yaml).map_err(|e| Error::msg(e.to_string()))?;
     if let Some(m) = v.as_mapping_mut() {
         m.remove("output");
+        m.remove("device");
     }
     let text = serde_yaml::to_string(&v).map_err(|e| Error::msg(e.to_string()))?;
     Ok(checkpoint::config_hash(&text))
@@ -227,6 +229,7 @@ pub fn run_experiment(
                     .map(|n| n.get())
                     .unwrap_or(1)
             }),
+        device: cfg.device,
         wall_s: start.elapsed().as_secs_f64(),
         protocol: protocol_facts(cfg),
     };
@@ -262,6 +265,7 @@ pub fn config_differences(staging: &Path, resolved_yaml: &str) -> Result<Vec<Str
             serde_yaml::from_str(t).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
         if let Some(m) = v.as_mapping_mut() {
             m.remove("output");
+            m.remove("device");
         }
         Ok(v)
     };

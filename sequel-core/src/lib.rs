@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod consolidation;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod experiment;
 pub mod loss;

@@ -183,9 +183,41 @@ pub struct RunInfo {
     pub consolidation: Option<String>,
     pub git_hash: Option<String>,
     pub threads: usize,
+    /// `cpu` or `cuda:N`.
+    pub device: crate::device::DeviceSpec,
     pub wall_s: f64,
     /// The protocol choices that move numbers (protocols.md §4), recorded explicitly.
     pub protocol: serde_json::Value,
+}
+
+/// Name, driver and CUDA version of a CUDA run's GPU, as `nvidia-smi` reports them (null on the
+/// CPU or where nvidia-smi is missing).
+fn gpu_facts(device: crate::device::DeviceSpec) -> serde_json::Value {
+    let crate::device::DeviceSpec::Cuda(n) = device else {
+        return serde_json::Value::Null;
+    };
+    let query = |what: &str| -> Option<String> {
+        let out = std::process::Command::new("nvidia-smi")
+            .args([
+                &format!("--query-gpu={what}"),
+                "--format=csv,noheader",
+                "-i",
+                &n.to_string(),
+            ])
+            .output()
+            .ok()?;
+        let text = String::from_utf8(out.stdout).ok()?;
+        out.status.success().then(|| text.trim().to_string())
+    };
+    let cuda = std::process::Command::new("nvidia-smi")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|t| {
+            let rest = t.split("CUDA Version:").nth(1)?;
+            rest.split_whitespace().next().map(str::to_string)
+        });
+    json!({ "name": query("name"), "driver": query("driver_version"), "cuda": cuda })
 }
 
 fn opt(v: Option<f64>) -> String {
@@ -278,6 +310,8 @@ pub fn summary_json(outcome: &RunOutcome, info: &RunInfo) -> serde_json::Value {
             "arch": std::env::consts::ARCH,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "threads": info.threads,
+            "device": info.device.to_string(),
+            "gpu": gpu_facts(info.device),
             "cpu_model": cpu_model(),
             "memory_mb": mem_total_mb(),
         },

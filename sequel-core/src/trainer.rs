@@ -314,6 +314,12 @@ impl Trainer {
     /// remaining tasks exactly as the uninterrupted run would have.
     pub fn restore(&mut self, ckpt: Checkpoint) -> Result<()> {
         let Checkpoint { meta, tensors } = ckpt;
+        // Checkpoints are read into host memory; a run checkpointed on one device resumes on
+        // another (a no-op on the CPU).
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_device(&self.device)?)))
+            .collect::<Result<std::collections::HashMap<_, _>>>()?;
         if meta.config_hash != self.config_hash {
             return Err(Error::msg(
                 "the checkpoint was written by a different config (hash mismatch); resume with \
