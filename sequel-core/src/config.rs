@@ -105,13 +105,13 @@ pub struct BenchmarkConfig {
     /// `task-il`, `class-il` or `domain-il`.
     pub scenario: Scenario,
     /// Split only: classes per task. Default: all classes divided evenly by `tasks`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes_per_task: Option<usize>,
     /// Split only: `fixed` (default) or `seeded`.
     #[serde(default = "default_class_order")]
     pub class_order: ClassOrder,
     /// Split only: an explicit class order (overrides `class_order`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes: Option<Vec<u16>>,
     /// Task-IL only: `masked` (default; single head masked at evaluation) or `multi`.
     #[serde(default = "default_head")]
@@ -120,10 +120,10 @@ pub struct BenchmarkConfig {
     #[serde(default = "yes")]
     pub permute_first_task: bool,
     /// Rotated only: angle of each task in degrees. Default (t−1)·180/T.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub angles: Option<Vec<f32>>,
     /// Use at most this many training samples per task (seeded subset). Default: all.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_subset: Option<usize>,
     /// Fraction of each task's training samples held out for validation (seeded). Default 0.
     #[serde(default)]
@@ -135,7 +135,7 @@ pub struct BenchmarkConfig {
     #[serde(default)]
     pub normalize: bool,
     /// First folder searched for dataset files (then `$SEQUEL_DATA`, `./data`, system folders).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
 }
 
@@ -388,6 +388,22 @@ pub fn parse_config(text: &str, origin: &str, overrides: &[String]) -> Result<Ex
         path: location(&e),
         message: format!("invalid YAML: {e}"),
     })?;
+    // Overrides descend into the top level, and their errors would blame a key.
+    if !value.is_mapping() {
+        let found = match &value {
+            serde_yaml::Value::Null => "empty",
+            serde_yaml::Value::Sequence(_) => "a list",
+            _ => "a single value",
+        };
+        return Err(Error::Config {
+            file: origin.to_string(),
+            path: "(top level)".into(),
+            message: format!(
+                "the file's top level must be a mapping of keys (name:, benchmark:, ...), but it \
+                 is {found}; see configs/quickstart.yaml"
+            ),
+        });
+    }
     for o in overrides {
         apply_override(&mut value, o).map_err(|message| Error::Config {
             file: origin.to_string(),
@@ -509,6 +525,23 @@ pub fn apply_override(root: &mut serde_yaml::Value, spec: &str) -> std::result::
 
 impl ExperimentConfig {
     /// Fill defaults that depend on other keys, so the resolved config states them.
+    /// The config as it is written into a run's config.yaml: every default filled in, and
+    /// nothing that is unset (`null`) or that the chosen model kind does not read.
+    pub fn resolved_yaml(&self) -> Result<String> {
+        let mut v = serde_yaml::to_value(self).map_err(|e| Error::msg(e.to_string()))?;
+        if let Some(model) = v.get_mut("model").and_then(|m| m.as_mapping_mut()) {
+            let unused: &[&str] = match self.model.kind {
+                ModelKind::Mlp => &["channels", "width"],
+                ModelKind::Cnn => &["hidden", "activation", "dropout", "width"],
+                ModelKind::Resnet18 => &["hidden", "activation", "dropout", "channels"],
+            };
+            for k in unused {
+                model.remove(*k);
+            }
+        }
+        serde_yaml::to_string(&v).map_err(|e| Error::msg(e.to_string()))
+    }
+
     pub fn resolve_defaults(&mut self) {
         self.optimizer.weight_decay = Some(self.optimizer.weight_decay());
     }
@@ -669,6 +702,22 @@ impl ExperimentConfig {
             return Err(err(
                 "model.dropout",
                 format!("must be in [0, 1), found {}", m.dropout),
+            ));
+        }
+        // A layer of width 0 has no weights: its outputs are constant and the loss NaN.
+        if m.kind == ModelKind::Mlp && m.hidden.contains(&0) {
+            return Err(err(
+                "model.hidden",
+                format!("every width must be at least 1, found {:?}", m.hidden),
+            ));
+        }
+        if m.kind == ModelKind::Cnn && (m.channels.is_empty() || m.channels.contains(&0)) {
+            return Err(err(
+                "model.channels",
+                format!(
+                    "give at least one block, each of at least 1 channel; found {:?}",
+                    m.channels
+                ),
             ));
         }
         if m.kind == ModelKind::Resnet18 && m.width == 0 {
