@@ -382,6 +382,44 @@ impl Default for OutputConfig {
 
 /// Parse YAML text into a config, applying `key=value` overrides first.
 /// `origin` names the file in error messages.
+/// A resolved config (a run's config.yaml) as runs are compared: without `output` (where a run
+/// went does not change what it computed), without unset (`null`) keys, and without the model keys
+/// its `model.kind` does not read. Config files written before those keys were left out compare
+/// equal to today's.
+pub fn comparable_config(v: &serde_yaml::Value) -> serde_yaml::Value {
+    fn drop_nulls(v: &mut serde_yaml::Value) {
+        if let Some(m) = v.as_mapping_mut() {
+            m.retain(|_, x| !x.is_null());
+            for (_, x) in m.iter_mut() {
+                drop_nulls(x);
+            }
+        }
+    }
+    let mut v = v.clone();
+    drop_nulls(&mut v);
+    if let Some(m) = v.as_mapping_mut() {
+        m.remove("output");
+    }
+    drop_other_model_keys(&mut v);
+    v
+}
+
+/// Remove from a config's `model` section the keys its `kind` does not read.
+fn drop_other_model_keys(v: &mut serde_yaml::Value) {
+    let Some(model) = v.get_mut("model").and_then(|m| m.as_mapping_mut()) else {
+        return;
+    };
+    let unused: &[&str] = match model.get("kind").and_then(|k| k.as_str()).unwrap_or("mlp") {
+        "mlp" => &["channels", "width"],
+        "cnn" => &["hidden", "activation", "dropout", "width"],
+        "resnet18" => &["hidden", "activation", "dropout", "channels"],
+        _ => &[],
+    };
+    for k in unused {
+        model.remove(*k);
+    }
+}
+
 pub fn parse_config(text: &str, origin: &str, overrides: &[String]) -> Result<ExperimentConfig> {
     let mut value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| Error::Config {
         file: origin.to_string(),
@@ -529,16 +567,7 @@ impl ExperimentConfig {
     /// nothing that is unset (`null`) or that the chosen model kind does not read.
     pub fn resolved_yaml(&self) -> Result<String> {
         let mut v = serde_yaml::to_value(self).map_err(|e| Error::msg(e.to_string()))?;
-        if let Some(model) = v.get_mut("model").and_then(|m| m.as_mapping_mut()) {
-            let unused: &[&str] = match self.model.kind {
-                ModelKind::Mlp => &["channels", "width"],
-                ModelKind::Cnn => &["hidden", "activation", "dropout", "width"],
-                ModelKind::Resnet18 => &["hidden", "activation", "dropout", "channels"],
-            };
-            for k in unused {
-                model.remove(*k);
-            }
-        }
+        drop_other_model_keys(&mut v);
         serde_yaml::to_string(&v).map_err(|e| Error::msg(e.to_string()))
     }
 
@@ -743,6 +772,31 @@ mod tests {
     fn err_of(text: &str, overrides: &[&str]) -> String {
         let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
         parse_config(text, "exp.yaml", &o).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn resolved_yaml_omits_unset_and_unread_keys_and_compares_equal_to_older_files() {
+        let mut c = parse_config(MIN, "exp.yaml", &[]).unwrap();
+        c.resolve_defaults();
+        let text = c.resolved_yaml().unwrap();
+        assert!(
+            !text.contains("null") && !text.contains("channels"),
+            "{text}"
+        );
+        // Reading it back gives the same config.
+        assert_eq!(parse_config(&text, "r.yaml", &[]).unwrap(), c);
+        // A config.yaml written with `null`s and every backbone's keys compares equal.
+        let new: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let mut old = serde_yaml::to_value(&c).unwrap();
+        assert!(
+            old["model"]["width"].is_number(),
+            "the other backbones' keys are there"
+        );
+        old["benchmark"]["classes_per_task"] = serde_yaml::Value::Null;
+        assert_eq!(comparable_config(&old), comparable_config(&new));
+        let cnn = parse_config(MIN, "exp.yaml", &["model.kind=cnn".into()]).unwrap();
+        let t = cnn.resolved_yaml().unwrap();
+        assert!(t.contains("channels") && !t.contains("hidden"), "{t}");
     }
 
     #[test]

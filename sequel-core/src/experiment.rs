@@ -372,12 +372,9 @@ pub fn config_differences(staging: &Path, resolved_yaml: &str) -> Result<Vec<Str
     let path = staging.join("config.yaml");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let parse = |t: &str| -> Result<serde_yaml::Value> {
-        let mut v: serde_yaml::Value =
+        let v: serde_yaml::Value =
             serde_yaml::from_str(t).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
-        if let Some(m) = v.as_mapping_mut() {
-            m.remove("output");
-        }
-        Ok(v)
+        Ok(crate::config::comparable_config(&v))
     };
     Ok(checkpoint::yaml_differences(
         &parse(&text)?,

@@ -45,11 +45,11 @@ impl RunRecord {
 
     /// The config without its seed: runs with equal keys differ only in the seed.
     pub fn seedless_key(&self) -> String {
-        let mut c = self.config.clone();
+        // Without the output folder, unset keys and other backbones' keys (see
+        // `comparable_config`), so that runs written before those were left out still match.
+        let mut c = crate::config::comparable_config(&self.config);
         if let Some(m) = c.as_mapping_mut() {
             m.remove("seed");
-            // The output folder does not change what was run.
-            m.remove("output");
         }
         serde_yaml::to_string(&c).unwrap_or_default()
     }
@@ -230,7 +230,11 @@ fn leaves(config: &serde_yaml::Value) -> BTreeMap<String, String> {
         }
     }
     let mut out = BTreeMap::new();
-    walk(config, String::new(), &mut out);
+    walk(
+        &crate::config::comparable_config(config),
+        String::new(),
+        &mut out,
+    );
     out.retain(|k, _| k != "seed" && k != "name" && k != "output" && !k.starts_with("output."));
     out
 }
