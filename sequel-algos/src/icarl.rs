@@ -185,17 +185,23 @@ impl Algorithm for Icarl {
         io.field("exemplars", &mut self.exemplars)
     }
 
+    fn check_stream(&mut self, stream: &TaskStream) -> Result<()> {
+        let groups: usize = stream.tasks.iter().map(|t| t.units.len()).sum();
+        if self.memory_size < groups {
+            return Err(Error::Config {
+                file: String::new(),
+                path: "algorithm.buffer_size".into(),
+                message: format!(
+                    "iCaRL keeps at least one exemplar per class and task: {groups} are needed, got {}",
+                    self.memory_size
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
         let stream = ctx.stream;
-        if ctx.task == 0 {
-            let groups: usize = stream.tasks.iter().map(|t| t.units.len()).sum();
-            if self.memory_size < groups {
-                return Err(Error::msg(format!(
-                    "algorithm.buffer_size: iCaRL keeps at least one exemplar per class and task: {groups} are needed, got {}",
-                    self.memory_size
-                )));
-            }
-        }
         let n = stream.num_units;
         let mut seen = vec![false; n];
         let mut past = vec![false; n];
@@ -296,7 +302,6 @@ mod tests {
     use candle_core::Device;
     use sequel_core::data::Split;
     use sequel_core::state::StateDict;
-    use sequel_core::trainer::Silent;
     use sequel_core::Trainer;
 
     fn icarl(k: usize) -> Icarl {
@@ -462,8 +467,10 @@ mod tests {
 
     #[test]
     fn buffer_too_small_for_one_exemplar_per_class_is_a_config_error() {
-        let mut t = mini_trainer(Box::new(icarl(9)), &[]);
-        let e = t.run(&mut Silent).err().unwrap().to_string();
+        // 5 tasks of 2 classes need 10 exemplars; the check runs before any training.
+        let t = mini_trainer(Box::new(icarl(10)), &[]);
+        assert!(icarl(10).check_stream(&t.stream).is_ok());
+        let e = icarl(9).check_stream(&t.stream).unwrap_err().to_string();
         assert!(e.contains("algorithm.buffer_size"), "{e}");
     }
 

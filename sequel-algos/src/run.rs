@@ -30,8 +30,7 @@ pub fn prepare(
         }
         None => None,
     };
-    let resolved_yaml =
-        serde_yaml::to_string(&config).map_err(|e| sequel_core::Error::msg(e.to_string()))?;
+    let resolved_yaml = config.resolved_yaml()?;
     Ok(Prepared {
         config,
         algorithm,

@@ -54,6 +54,9 @@ fn all_weights(model: &dyn Model) -> Result<Vec<Vec<f32>>> {
 }
 
 impl<A: Algorithm> Algorithm for Probe<A> {
+    fn check_stream(&mut self, stream: &TaskStream) -> Result<()> {
+        self.algo.check_stream(stream)
+    }
     fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
         self.weights_before.push(all_weights(ctx.model)?);
         self.algo.before_task(ctx)

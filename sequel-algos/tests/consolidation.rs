@@ -115,7 +115,7 @@ fn a_run_without_consolidation_writes_no_raw_matrix_and_the_old_metrics_header()
     assert!(!f.dir.join("accuracy_matrix_raw.csv").exists());
     assert_eq!(
         read(&f.dir, "metrics.csv").lines().next().unwrap(),
-        "task,avg_acc,avg_acc_pooled,avg_inc_acc,learning_acc,forgetting,bwt,fwt,train_s,eval_s,peak_rss_mb"
+        "task,avg_acc,avg_acc_pooled,avg_inc_acc,learning_acc,forgetting,forgetting_chaudhry,bwt,fwt,train_s,eval_s,peak_rss_mb"
     );
     assert!(!read(&f.dir, "summary.json").contains("final_raw"));
 }

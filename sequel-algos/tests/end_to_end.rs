@@ -237,10 +237,13 @@ fn multi_head_task_il_leaves_other_tasks_heads_untouched_even_with_weight_decay(
     let tmp = tempfile::tempdir().unwrap();
     let mut reg = Registry::builtin();
     reg.add::<HeadWatchConfig>();
-    for opt in [
+    for (i, opt) in [
         "{kind: sgd, lr: 0.03, momentum: 0.9, weight_decay: 0.01}",
         "{kind: adam, lr: 0.001, weight_decay: 0.01}",
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let p = prepare(
             &config(tmp.path(), "algorithm: { name: head-watch }\n"),
             "t.yaml",
@@ -251,6 +254,9 @@ fn multi_head_task_il_leaves_other_tasks_heads_untouched_even_with_weight_decay(
                 "benchmark.classes_per_task=2".into(),
                 format!("optimizer={opt}"),
                 "optimizer.reset_each_task=false".into(),
+                // Each optimizer its own run folder: a finished run is never replaced by another
+                // config.
+                format!("name=head-watch-{i}"),
             ],
             &reg,
         )

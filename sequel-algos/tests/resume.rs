@@ -201,8 +201,8 @@ fn a_damaged_checkpoint_is_detected_and_an_earlier_one_can_be_used() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("damaged") && e.contains("--resume-from-task"),
-        "{e}"
+        e.contains("damaged") && e.contains("--resume-from-task 2 (others: [2])"),
+        "the damaged checkpoint is not offered as a way out: {e}"
     );
     // A flipped byte in the JSON record is caught too.
     let j = ckpt.join("state-2.json");
@@ -244,4 +244,13 @@ fn resuming_a_finished_or_unknown_run_says_why() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no unfinished run"), "{e}");
+    // The staging folder's name, once the run has finished, says so too (it is what
+    // `--stop-after-task` printed), and the CLI asks before it reads the config there.
+    let e = sequel_core::run::RunDir::check_resumable(&tmp.path().join("done/.seed-3.partial"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("has finished: there is nothing to resume"),
+        "{e}"
+    );
 }

@@ -29,12 +29,12 @@ use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use sequel_algos::run::{execute_with, prepare, Prepared};
+use sequel_algos::run::{execute_with, prepare};
 use sequel_algos::Registry;
 use sequel_core::experiment::{ResumeFrom, RunOptions};
 
@@ -90,6 +90,10 @@ enum Command {
         /// Print only the final table.
         #[arg(long)]
         quiet: bool,
+        /// Replace a finished run of the same name and seed even if it ran a different config
+        /// (without it, that is refused; the same config reruns in place).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Check a config (keys, types, values, algorithm parameters) without training.
     Validate {
@@ -184,9 +188,10 @@ enum Command {
     Report {
         #[arg(required = true)]
         runs: Vec<PathBuf>,
-        /// Group by the value of this config key instead of "same config but the seed".
-        #[arg(long)]
-        by: Option<String>,
+        /// Group by the values of these config keys (comma-separated or repeated) instead of
+        /// "same config but the seed"; runs that differ in anything else stay apart.
+        #[arg(long, value_delimiter = ',', value_name = "KEY")]
+        by: Vec<String>,
         /// Output folder (default: the run directory for a single run, else ./report).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -197,9 +202,12 @@ enum Command {
         /// Run directories, or folders containing them (searched recursively).
         #[arg(required = true)]
         runs: Vec<PathBuf>,
-        /// Group by the value of this config key instead (e.g. `algorithm.name`).
-        #[arg(long)]
-        by: Option<String>,
+        /// Group by the values of these config keys instead (comma-separated or repeated, e.g.
+        /// `--by algorithm.name,benchmark.scenario`). Runs that differ in anything else besides
+        /// the seed are never averaged together: they get rows of their own, labelled with the
+        /// keys that set them apart. A key no run has is an error naming the keys that vary.
+        #[arg(long, value_delimiter = ',', value_name = "KEY")]
+        by: Vec<String>,
         /// Output format.
         #[arg(long, value_enum, default_value = "md")]
         format: TableFormat,
@@ -232,26 +240,60 @@ pub fn main_with(registry: Registry) -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Colour codes only on a terminal: a log written to a file stays plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match dispatch(cli, &registry) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
 }
 
+/// A config file's text and its name for messages; every failure is one line naming the file and
+/// what to give instead.
 pub(crate) fn read_config(path: &PathBuf) -> Result<(String, String)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config {}", path.display()))?;
+    let shown = path.display();
+    if path.is_dir() {
+        anyhow::bail!("cannot read config {shown}: it is a directory; give a YAML file");
+    }
+    let bytes = std::fs::read(path).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::NotFound => "no such file".to_string(),
+            std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+            _ => e.to_string(),
+        };
+        anyhow::anyhow!("cannot read config {shown}: {why}; give the path of a YAML file")
+    })?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        anyhow::anyhow!(
+            "cannot read config {shown}: it is not a text file (not UTF-8); give a YAML config \
+             such as configs/quickstart.yaml"
+        )
+    })?;
+    if text.contains('\0') {
+        anyhow::bail!(
+            "cannot read config {shown}: it is a binary file; give a YAML config such as \
+             configs/quickstart.yaml"
+        );
+    }
     Ok((text, path.display().to_string()))
+}
+
+/// An error as one line: its causes joined with `: `, line breaks inside messages (YAML
+/// excerpts, OS errors) folded into spaces.
+fn one_line(e: &anyhow::Error) -> String {
+    let text = e
+        .chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ");
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
@@ -267,12 +309,17 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
             threads,
             device,
             quiet,
+            overwrite,
         } => {
             if let Some(d) = device {
                 set.push(format!("device={d}"));
             }
             if stop_after_task == Some(0) {
                 anyhow::bail!("--stop-after-task must be at least 1 (the first checkpoint is written after task 1)");
+            }
+            if let Some(dir) = &resume {
+                // Before its config.yaml is read: a finished run has none left there.
+                sequel_core::run::RunDir::check_resumable(dir)?;
             }
             let config = match (config, &resume) {
                 (Some(c), _) => c,
@@ -315,6 +362,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
                 }),
                 stop_after_task,
                 interrupt: Some(interrupt),
+                overwrite,
             };
             let finished = execute_with(prepared, &mut progress, hash, &opts);
             progress.finish();
@@ -348,12 +396,25 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
             let (shape, units) = match input {
                 Some(shape) => (shape, outputs),
                 None => {
-                    let trainer = Prepared {
-                        consolidator: None,
-                        ..p
-                    }
-                    .trainer()?;
-                    (trainer.stream.input_shape(), trainer.stream.num_units)
+                    // Only the stream's shape matters: without the dataset's files, a stand-in
+                    // of its known shape and classes gives the same input and output sizes.
+                    let name = &c.benchmark.dataset;
+                    let dataset = match sources.load_dataset(name, c.benchmark.data_dir.as_deref())
+                    {
+                        Ok(d) => d,
+                        Err(e @ sequel_core::Error::DatasetNotFound { .. }) => {
+                            let d = stand_in_dataset(name).ok_or(e)?;
+                            say!("{name} not installed: timing on synthetic batches of its shape");
+                            d
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    let stream = sequel_core::experiment::build_stream(
+                        &c,
+                        &origin,
+                        std::sync::Arc::new(dataset),
+                    )?;
+                    (stream.input_shape(), stream.num_units)
                 }
             };
             say!(
@@ -367,7 +428,10 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
                 c.device,
                 std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into())
             );
-            let dev = c.device.open().with_context(|| origin.clone())?;
+            let dev = c
+                .device
+                .open()
+                .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
             say!("{:>6} {:>10} {:>12}", "batch", "steps/s", "samples/s");
             for b in batch {
                 let spec = sequel_core::BackboneSpec {
@@ -453,7 +517,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
         },
         Command::SweepTask { manifest, index } => slurm::task(registry, &manifest, index),
         Command::Report { runs, by, out } => {
-            let path = report::run(&runs, by.as_deref(), out)?;
+            let path = report::run(&runs, &by, out)?;
             say!("report: {}", path.display());
             Ok(())
         }
@@ -464,7 +528,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
                     "no run directories (with summary.json and config.yaml) under the given paths"
                 );
             }
-            let rows = sequel_core::results::compare(&records, by.as_deref());
+            let rows = sequel_core::results::compare(&records, &by)?;
             say!(
                 "{}",
                 sequel_core::results::format_table(&rows, matches!(format, TableFormat::Csv))
@@ -527,6 +591,32 @@ fn yaml_name<T: serde::Serialize>(v: &T) -> String {
     serde_yaml::to_string(v)
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+/// A dataset of a few blank images per class with `name`'s shape and classes, for timing on
+/// synthetic batches when its files are not installed.
+fn stand_in_dataset(name: &str) -> Option<sequel_core::data::Dataset> {
+    let (shape, classes) = match name {
+        "fashion-mnist" | "mnist" | "fmnist-mini" => ([1, 28, 28], 10),
+        "cifar10" => ([3, 32, 32], 10),
+        "cifar100" => ([3, 32, 32], 100),
+        _ => return None,
+    };
+    // A few per class, so that a validation split or a training subset still finds samples.
+    let n = classes * 20;
+    let set = sequel_core::data::ImageSet {
+        images: vec![0; n * shape.iter().product::<usize>()],
+        labels: (0..n).map(|i| (i % classes) as u16).collect(),
+        shape,
+    };
+    Some(sequel_core::data::Dataset {
+        name: name.to_string(),
+        train: set.clone(),
+        test: set,
+        num_classes: classes,
+        mean: vec![0.0; shape[0]],
+        std: vec![1.0; shape[0]],
+    })
 }
 
 /// Thread counts must be in the environment before candle's pools start (no tensor exists yet

@@ -349,7 +349,7 @@ fn slug(s: &str) -> String {
 
 /// Write the plots and report.html for the runs under `paths` into `out` (default: the run
 /// directory itself when there is exactly one run, else `./report`). Returns the HTML path.
-pub fn run(paths: &[PathBuf], by: Option<&str>, out: Option<PathBuf>) -> Result<PathBuf> {
+pub fn run(paths: &[PathBuf], by: &[String], out: Option<PathBuf>) -> Result<PathBuf> {
     let records = sequel_core::results::find_runs(paths)?;
     let completed: Vec<RunRecord> = records
         .iter()
@@ -369,7 +369,7 @@ pub fn run(paths: &[PathBuf], by: Option<&str>, out: Option<PathBuf>) -> Result<
     });
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut series = Vec::new();
-    for (label, runs) in groups(&completed, by) {
+    for (label, runs) in groups(&completed, by)? {
         let mut matrices = Vec::new();
         for r in runs {
             let m = read_matrix(&r.dir.join("accuracy_matrix.csv"))?;
@@ -424,7 +424,7 @@ pub fn run(paths: &[PathBuf], by: Option<&str>, out: Option<PathBuf>) -> Result<
          th:first-child,td:first-child{text-align:left}pre{background:#f6f6f6;padding:1em;overflow:auto}\
          figure{margin:1em 0}</style></head><body>\n<h1>sequel report</h1>\n",
     );
-    let rows = compare(&completed, by);
+    let rows = compare(&completed, by)?;
     let _ = writeln!(
         html,
         "<h2>Final metrics (mean ± std over seeds)</h2>\n<table>"

@@ -8,9 +8,15 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use anyhow::{bail, Context, Result};
 use sequel_algos::run::prepare;
 use sequel_algos::Registry;
+use sequel_core::data::discovery::load_dataset;
+use sequel_core::data::Dataset;
+use sequel_core::experiment::{build_stream, preflight};
 use sequel_core::sweep::{expand, is_finished, parse_grid, parse_seeds, SweepPoint};
 
 pub struct Args {
@@ -58,13 +64,43 @@ pub fn run(registry: &Registry, a: Args) -> Result<()> {
         o.append(&mut p.overrides);
         p.overrides = o;
     }
-    // Every point must be a valid config before anything runs.
+    // Every point must pass what `run` checks before training, before anything runs: the
+    // config, and the checks that need the stream (each dataset is loaded once).
     let mut mlp = Vec::with_capacity(points.len());
+    let mut datasets: HashMap<(String, Option<PathBuf>), Option<Arc<Dataset>>> = HashMap::new();
     for p in &points {
         let (text, origin) = crate::read_config(&p.config)?;
-        let prepared = prepare(&text, &origin, &p.all_overrides(), registry)
-            .with_context(|| format!("sweep point {} seed {}", p.name, p.seed))?;
-        mlp.push(prepared.config.model.kind == sequel_core::config::ModelKind::Mlp);
+        let point = || format!("sweep point {} seed {}", p.name, p.seed);
+        let mut o = p.all_overrides();
+        o.push(format!("seed={}", p.seed));
+        let mut prepared = prepare(&text, &origin, &o, registry).with_context(point)?;
+        let c = &prepared.config;
+        mlp.push(c.model.kind == sequel_core::config::ModelKind::Mlp);
+        let key = (c.benchmark.dataset.clone(), c.benchmark.data_dir.clone());
+        let dataset = match datasets.get(&key) {
+            Some(d) => d.clone(),
+            None => {
+                let loaded = match load_dataset(&key.0, key.1.as_deref()) {
+                    Ok(d) => Some(Arc::new(d)),
+                    // Slurm points may see files this machine does not: check what can be.
+                    Err(e) if a.launcher == Launcher::Slurm => {
+                        eprintln!(
+                            "warning: {origin}: {e}; the points on `{}` are checked without \
+                             their data",
+                            key.0
+                        );
+                        None
+                    }
+                    Err(e) => return Err(anyhow::Error::new(e).context(point())),
+                };
+                datasets.insert(key, loaded.clone());
+                loaded
+            }
+        };
+        if let Some(d) = dataset {
+            let stream = build_stream(c, &origin, d).with_context(point)?;
+            preflight(c, &origin, &stream, prepared.algorithm.as_mut()).with_context(point)?;
+        }
     }
     if a.launcher == Launcher::Slurm {
         return crate::slurm::submit(&a.out, &points, &a.slurm, a.dry_run);
@@ -130,14 +166,37 @@ pub fn run(registry: &Registry, a: Args) -> Result<()> {
                 let threads = if is_mlp { 1 } else { conv_threads };
                 let start = Instant::now();
                 let log = logs.join(format!("{}-seed-{}.log", p.name, p.seed));
-                let status = std::fs::File::create(&log).and_then(|f| {
-                    point_command(registry, &exe, p, &a.out, threads)
-                        .stdin(Stdio::null())
-                        .stdout(f.try_clone()?)
-                        .stderr(f)
-                        .status()
-                });
-                let ok = matches!(status, Ok(s) if s.success());
+                // Another sweep into the same folder may be running this point: wait for it
+                // rather than fail on its lock, and count the point done if it finished.
+                let (ok, outcome) = if done_elsewhere(&a.out, p) {
+                    (true, "done by another process")
+                } else {
+                    // The child writes a log of its own, moved into place when it ends, so
+                    // that a second sweep never overwrites the log of the first's child.
+                    let own = logs.join(format!(
+                        ".{}-seed-{}.log.{}",
+                        p.name,
+                        p.seed,
+                        std::process::id()
+                    ));
+                    let status = std::fs::File::create(&own).and_then(|f| {
+                        point_command(registry, &exe, p, &a.out, threads)
+                            .stdin(Stdio::null())
+                            .stdout(f.try_clone()?)
+                            .stderr(f)
+                            .status()
+                    });
+                    if matches!(status, Ok(s) if s.success()) {
+                        let _ = std::fs::rename(&own, &log);
+                        (true, "done")
+                    } else if done_elsewhere(&a.out, p) {
+                        let _ = std::fs::remove_file(&own);
+                        (true, "done by another process")
+                    } else {
+                        let _ = std::fs::rename(&own, &log);
+                        (false, "FAILED")
+                    }
+                };
                 let mut n = finished.lock().unwrap_or_else(|e| e.into_inner());
                 *n += 1;
                 let line = format!(
@@ -146,7 +205,7 @@ pub fn run(registry: &Registry, a: Args) -> Result<()> {
                     todo.len(),
                     p.name,
                     p.seed,
-                    if ok { "done" } else { "FAILED" },
+                    outcome,
                     start.elapsed().as_secs_f64()
                 );
                 match &bar {
@@ -189,6 +248,15 @@ pub fn run(registry: &Registry, a: Args) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// Whether point `p` has been finished by another process (after waiting for a live writer of
+/// it, such as a second sweep into the same folder, to end).
+fn done_elsewhere(out: &Path, p: &SweepPoint) -> bool {
+    while sequel_core::run::writer_of(out, &p.name, p.seed).is_some() {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    is_finished(out, &p.name, p.seed)
 }
 
 /// The `sequel run` child that computes one point under `out`. An interrupted point continues

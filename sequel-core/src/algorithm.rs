@@ -214,6 +214,16 @@ pub struct EvalCtx<'a> {
 
 /// A continual-learning algorithm. Override only the hooks you need.
 pub trait Algorithm: std::any::Any + Send {
+    /// Checks of the configuration that need the stream (numbers of tasks, classes and output
+    /// units): run once before any run folder is created, and by `sequel validate` and `sequel
+    /// sweep`. Return a [`crate::Error::Config`] naming the key (e.g. `algorithm.buffer_size`).
+    /// Every config error a run could meet must come from here or from the config's `build`,
+    /// never from a training hook: a hook's error is found only after the run folder exists.
+    /// The replay memory's own checks ([`Memory::check`]) are run by the trainer. Default: none.
+    fn check_stream(&mut self, _stream: &TaskStream) -> Result<()> {
+        Ok(())
+    }
+
     /// H0: before training on a task (snapshot a teacher, swap the data, ...).
     fn before_task(&mut self, _ctx: &mut TaskCtx) -> Result<()> {
         Ok(())

@@ -141,6 +141,35 @@ pub struct ReplayBuffer {
 }
 
 impl ReplayBuffer {
+    /// Whether a buffer of `capacity` slots can work under `policy` with `groups` groups (tasks
+    /// for `task_quota`, output units for `class_balanced`): the check [`ReplayBuffer::new`]
+    /// makes, callable before a run starts. The error is a [`Error::Config`] naming
+    /// `algorithm.buffer_size`, without a file (the caller adds it).
+    pub fn check(capacity: usize, policy: BufferPolicy, groups: usize) -> Result<()> {
+        let err = |message: String| Error::Config {
+            file: String::new(),
+            path: "algorithm.buffer_size".into(),
+            message,
+        };
+        if capacity == 0 {
+            return Err(err("must be at least 1".into()));
+        }
+        if policy != BufferPolicy::Reservoir && groups == 0 {
+            return Err(Error::msg(format!(
+                "a {policy:?} buffer needs at least one group"
+            )));
+        }
+        if policy == BufferPolicy::TaskQuota && capacity < groups {
+            // Every task would get 0 slots: the method would silently never replay.
+            return Err(err(format!(
+                "{capacity} is smaller than the number of tasks ({groups}): buffer_policy \
+                 task_quota gives each task ⌊{capacity}/{groups}⌋ = 0 slots; raise buffer_size \
+                 to at least {groups} or set buffer_policy: reservoir"
+            )));
+        }
+        Ok(())
+    }
+
     /// A buffer of `capacity` slots. `groups` is the number of tasks (`task_quota`) or output units
     /// (`class_balanced`); `logit_dim` > 0 stores that many logits per slot.
     pub fn new(
@@ -150,27 +179,15 @@ impl ReplayBuffer {
         logit_dim: usize,
         rng: SeededRng,
     ) -> Result<Self> {
+        Self::check(capacity, policy, groups)?;
         let groups = match policy {
             BufferPolicy::Reservoir => 0,
-            _ if groups == 0 => {
-                return Err(Error::msg(format!(
-                    "a {policy:?} buffer needs at least one group"
-                )))
-            }
             _ => groups,
         };
         let quota = match policy {
             BufferPolicy::TaskQuota => capacity / groups,
             _ => 0,
         };
-        if policy == BufferPolicy::TaskQuota && quota == 0 {
-            // Every task would get 0 slots: the method would silently never replay.
-            return Err(Error::Msg(format!(
-                "algorithm.buffer_size ({capacity}) is smaller than the number of tasks ({groups}): \
-                 buffer_policy task_quota gives each task ⌊{capacity}/{groups}⌋ = 0 slots; raise \
-                 buffer_size to at least {groups} or set buffer_policy: reservoir"
-            )));
-        }
         Ok(Self {
             capacity,
             policy,

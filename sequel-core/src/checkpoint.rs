@@ -114,11 +114,18 @@ pub fn available(dir: &Path) -> Vec<usize> {
 pub fn load(dir: &Path, t: usize) -> Result<Checkpoint> {
     let mpath = meta_path(dir, t);
     let corrupt = |what: &Path, why: &str| {
+        // The damaged checkpoint is no way out: name only the others.
+        let others: Vec<usize> = available(dir).into_iter().filter(|&k| k != t).collect();
+        let fix = match others.last() {
+            Some(k) => format!(
+                "resume from an earlier one with --resume-from-task {k} (others: {others:?}), or \
+                 start the run again"
+            ),
+            None => "there is no other checkpoint: start the run again".into(),
+        };
         Error::Msg(format!(
-            "checkpoint {} is damaged ({why}); resume from an earlier intact one with \
-             --resume-from-task N (available: {:?}), or start the run again",
-            what.display(),
-            available(dir)
+            "checkpoint {} is damaged ({why}); {fix}",
+            what.display()
         ))
     };
     let text = std::fs::read_to_string(&mpath).map_err(|e| Error::io(&mpath, e))?;

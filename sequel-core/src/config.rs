@@ -110,13 +110,13 @@ pub struct BenchmarkConfig {
     /// `task-il`, `class-il` or `domain-il`.
     pub scenario: Scenario,
     /// Split only: classes per task. Default: all classes divided evenly by `tasks`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes_per_task: Option<usize>,
     /// Split only: `fixed` (default) or `seeded`.
     #[serde(default = "default_class_order")]
     pub class_order: ClassOrder,
     /// Split only: an explicit class order (overrides `class_order`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes: Option<Vec<u16>>,
     /// Task-IL only: `masked` (default; single head masked at evaluation) or `multi`.
     #[serde(default = "default_head")]
@@ -125,10 +125,10 @@ pub struct BenchmarkConfig {
     #[serde(default = "yes")]
     pub permute_first_task: bool,
     /// Rotated only: angle of each task in degrees. Default (t−1)·180/T.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub angles: Option<Vec<f32>>,
     /// Use at most this many training samples per task (seeded subset). Default: all.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_subset: Option<usize>,
     /// Fraction of each task's training samples held out for validation (seeded). Default 0.
     #[serde(default)]
@@ -140,7 +140,7 @@ pub struct BenchmarkConfig {
     #[serde(default)]
     pub normalize: bool,
     /// First folder searched for dataset files (then `$SEQUEL_DATA`, `./data`, system folders).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
 }
 
@@ -429,12 +429,68 @@ impl Default for OutputConfig {
 
 /// Parse YAML text into a config, applying `key=value` overrides first.
 /// `origin` names the file in error messages.
+/// A resolved config (a run's config.yaml) as runs are compared: without `output` (where a run
+/// went does not change what it computed), without unset (`null`) keys, and without the model keys
+/// its `model.kind` does not read. Config files written before those keys were left out compare
+/// equal to today's.
+pub fn comparable_config(v: &serde_yaml::Value) -> serde_yaml::Value {
+    fn drop_nulls(v: &mut serde_yaml::Value) {
+        if let Some(m) = v.as_mapping_mut() {
+            m.retain(|_, x| !x.is_null());
+            for (_, x) in m.iter_mut() {
+                drop_nulls(x);
+            }
+        }
+    }
+    let mut v = v.clone();
+    drop_nulls(&mut v);
+    if let Some(m) = v.as_mapping_mut() {
+        m.remove("output");
+        m.remove("device");
+    }
+    drop_other_model_keys(&mut v);
+    v
+}
+
+/// Remove from a config's `model` section the keys its `kind` does not read.
+fn drop_other_model_keys(v: &mut serde_yaml::Value) {
+    let Some(model) = v.get_mut("model").and_then(|m| m.as_mapping_mut()) else {
+        return;
+    };
+    let unused: &[&str] = match model.get("kind").and_then(|k| k.as_str()).unwrap_or("mlp") {
+        "mlp" => &["channels", "width"],
+        "cnn" => &["hidden", "activation", "dropout", "width"],
+        "resnet18" => &["hidden", "activation", "dropout", "channels"],
+        // A registered backbone reads `options` only.
+        _ => &["hidden", "activation", "dropout", "channels", "width"],
+    };
+    for k in unused {
+        model.remove(*k);
+    }
+}
+
 pub fn parse_config(text: &str, origin: &str, overrides: &[String]) -> Result<ExperimentConfig> {
     let mut value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| Error::Config {
         file: origin.to_string(),
         path: location(&e),
         message: format!("invalid YAML: {e}"),
     })?;
+    // Overrides descend into the top level, and their errors would blame a key.
+    if !value.is_mapping() {
+        let found = match &value {
+            serde_yaml::Value::Null => "empty",
+            serde_yaml::Value::Sequence(_) => "a list",
+            _ => "a single value",
+        };
+        return Err(Error::Config {
+            file: origin.to_string(),
+            path: "(top level)".into(),
+            message: format!(
+                "the file's top level must be a mapping of keys (name:, benchmark:, ...), but it \
+                 is {found}; see configs/quickstart.yaml"
+            ),
+        });
+    }
     for o in overrides {
         apply_override(&mut value, o).map_err(|message| Error::Config {
             file: origin.to_string(),
@@ -556,6 +612,14 @@ pub fn apply_override(root: &mut serde_yaml::Value, spec: &str) -> std::result::
 
 impl ExperimentConfig {
     /// Fill defaults that depend on other keys, so the resolved config states them.
+    /// The config as it is written into a run's config.yaml: every default filled in, and
+    /// nothing that is unset (`null`) or that the chosen model kind does not read.
+    pub fn resolved_yaml(&self) -> Result<String> {
+        let mut v = serde_yaml::to_value(self).map_err(|e| Error::msg(e.to_string()))?;
+        drop_other_model_keys(&mut v);
+        serde_yaml::to_string(&v).map_err(|e| Error::msg(e.to_string()))
+    }
+
     pub fn resolve_defaults(&mut self) {
         self.optimizer.weight_decay = Some(self.optimizer.weight_decay());
     }
@@ -718,6 +782,22 @@ impl ExperimentConfig {
                 format!("must be in [0, 1), found {}", m.dropout),
             ));
         }
+        // A layer of width 0 has no weights: its outputs are constant and the loss NaN.
+        if m.kind == ModelKind::Mlp && m.hidden.contains(&0) {
+            return Err(err(
+                "model.hidden",
+                format!("every width must be at least 1, found {:?}", m.hidden),
+            ));
+        }
+        if m.kind == ModelKind::Cnn && (m.channels.is_empty() || m.channels.contains(&0)) {
+            return Err(err(
+                "model.channels",
+                format!(
+                    "give at least one block, each of at least 1 channel; found {:?}",
+                    m.channels
+                ),
+            ));
+        }
         if m.kind == ModelKind::Resnet18 && m.width == 0 {
             return Err(err("model.width", "must be at least 1".into()));
         }
@@ -751,6 +831,31 @@ mod tests {
     fn err_of(text: &str, overrides: &[&str]) -> String {
         let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
         parse_config(text, "exp.yaml", &o).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn resolved_yaml_omits_unset_and_unread_keys_and_compares_equal_to_older_files() {
+        let mut c = parse_config(MIN, "exp.yaml", &[]).unwrap();
+        c.resolve_defaults();
+        let text = c.resolved_yaml().unwrap();
+        assert!(
+            !text.contains("null") && !text.contains("channels"),
+            "{text}"
+        );
+        // Reading it back gives the same config.
+        assert_eq!(parse_config(&text, "r.yaml", &[]).unwrap(), c);
+        // A config.yaml written with `null`s and every backbone's keys compares equal.
+        let new: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let mut old = serde_yaml::to_value(&c).unwrap();
+        assert!(
+            old["model"]["width"].is_number(),
+            "the other backbones' keys are there"
+        );
+        old["benchmark"]["classes_per_task"] = serde_yaml::Value::Null;
+        assert_eq!(comparable_config(&old), comparable_config(&new));
+        let cnn = parse_config(MIN, "exp.yaml", &["model.kind=cnn".into()]).unwrap();
+        let t = cnn.resolved_yaml().unwrap();
+        assert!(t.contains("channels") && !t.contains("hidden"), "{t}");
     }
 
     #[test]

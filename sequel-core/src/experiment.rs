@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use crate::algorithm::Algorithm;
 use crate::checkpoint;
-use crate::config::ExperimentConfig;
+use crate::config::{ExperimentConfig, ModelConfig, ModelKind};
 use crate::consolidation::Consolidation;
-use crate::data::TaskStream;
+use crate::data::{Dataset, TaskStream};
 use crate::error::{Error, Result};
 use crate::outcome::RunOutcome;
 use crate::run::{write_results, RunDir, RunInfo};
@@ -42,6 +42,161 @@ impl Prepared {
     }
 }
 
+/// Prefix an error that a config change fixes with the config file `origin`.
+fn in_file(origin: &str) -> impl Fn(Error) -> Error + '_ {
+    move |e: Error| match e {
+        Error::Config {
+            file,
+            path,
+            message,
+        } if file.is_empty() => Error::Config {
+            file: origin.to_string(),
+            path,
+            message,
+        },
+        Error::UnknownName { .. } | Error::Benchmark(_) => Error::Msg(format!("{origin}: {e}")),
+        Error::Msg(m) if m.starts_with("model.") || m.starts_with("algorithm.") => {
+            Error::Msg(format!("{origin}: {m}"))
+        }
+        e => e,
+    }
+}
+
+/// Build the task stream `cfg` describes over an already-loaded `dataset`.
+pub fn build_stream(
+    cfg: &ExperimentConfig,
+    origin: &str,
+    dataset: Arc<Dataset>,
+) -> Result<TaskStream> {
+    TaskStream::build(dataset, &cfg.benchmark, cfg.seed).map_err(in_file(origin))
+}
+
+/// Every check of the config that needs the stream, short of training: the algorithm's
+/// [`Algorithm::check_stream`], its replay memory's ([`crate::Memory::check`]), and whether the
+/// model fits in memory. `run` makes them before it creates the run folder, and `validate` and
+/// `sweep` make them too, so that nothing `run` rejects passes validation. Errors name the file
+/// and the key.
+pub fn preflight(
+    cfg: &ExperimentConfig,
+    origin: &str,
+    stream: &TaskStream,
+    algorithm: &mut dyn Algorithm,
+) -> Result<()> {
+    let in_file = in_file(origin);
+    algorithm.check_stream(stream).map_err(&in_file)?;
+    if let Some(m) = algorithm.memory() {
+        m.check(stream).map_err(&in_file)?;
+    }
+    check_model_size(
+        &cfg.model,
+        stream.input_shape(),
+        &stream.head_sizes(),
+        available_memory_bytes(),
+    )
+    .map_err(&in_file)
+}
+
+/// Bytes held per model parameter while training: the weights, their gradients, the optimizer's
+/// state and a snapshot (teachers, anchors and consolidation keep more, so this is a floor).
+const BYTES_PER_PARAM: u64 = 16;
+
+/// About how many parameters the configured backbone has on `input` with `heads`, or `None`
+/// when the count does not fit in 64 bits.
+pub fn parameter_estimate(cfg: &ModelConfig, input: [usize; 3], heads: &[usize]) -> Option<u64> {
+    let u = |v: usize| u64::try_from(v).ok();
+    let outputs = heads.iter().try_fold(0u64, |a, &h| a.checked_add(u(h)?))?;
+    // A dense layer n → m: (n + 1) · m weights and biases.
+    let dense = |n: u64, m: u64| n.checked_add(1)?.checked_mul(m);
+    match &cfg.kind {
+        // A registered backbone's size is its own business.
+        ModelKind::Other(_) => Some(0),
+        ModelKind::Mlp => {
+            let mut n = input.iter().try_fold(1u64, |a, &d| a.checked_mul(u(d)?))?;
+            let mut total = 0u64;
+            for &h in &cfg.hidden {
+                total = total.checked_add(dense(n, u(h)?)?)?;
+                n = u(h)?;
+            }
+            total.checked_add(dense(n, outputs)?)
+        }
+        ModelKind::Cnn => {
+            let [mut c, mut h, mut w] = input.map(|d| d as u64);
+            let mut total = 0u64;
+            for &out in &cfg.channels {
+                total = total.checked_add(dense(c.checked_mul(9)?, u(out)?)?)?;
+                c = u(out)?;
+                h /= 2;
+                w /= 2;
+            }
+            let flat = c.checked_mul(h)?.checked_mul(w)?;
+            total.checked_add(dense(flat, outputs)?)
+        }
+        // ResNet-18 with base width nf has about 2727·nf² convolution weights (11.2 M at 64),
+        // and a head on 8·nf features.
+        ModelKind::Resnet18 => {
+            let nf = u(cfg.width)?;
+            let body = nf.checked_mul(nf)?.checked_mul(2727)?;
+            body.checked_add(dense(nf.checked_mul(8)?, outputs)?)
+        }
+    }
+}
+
+/// Refuse a model whose parameters alone would not fit in `available` bytes (when known), in
+/// one line naming the key that sizes it, before anything is allocated.
+pub fn check_model_size(
+    cfg: &ModelConfig,
+    input: [usize; 3],
+    heads: &[usize],
+    available: Option<u64>,
+) -> Result<()> {
+    let (key, value) = match &cfg.kind {
+        ModelKind::Mlp => ("model.hidden", format!("{:?}", cfg.hidden)),
+        ModelKind::Cnn => ("model.channels", format!("{:?}", cfg.channels)),
+        ModelKind::Resnet18 => ("model.width", cfg.width.to_string()),
+        ModelKind::Other(_) => return Ok(()),
+    };
+    let err = |message: String| Error::Config {
+        file: String::new(),
+        path: key.into(),
+        message,
+    };
+    let limit = available.map(|a| a / BYTES_PER_PARAM);
+    let limit_text = match (available, limit) {
+        (Some(a), Some(l)) => format!(
+            "; this machine has {:.1} GB available, enough for about {l:.1e} parameters",
+            a as f64 / 1e9,
+            l = l as f64
+        ),
+        _ => String::new(),
+    };
+    match parameter_estimate(cfg, input, heads) {
+        None => Err(err(format!(
+            "{value} gives a model of more than 2^64 parameters{limit_text}; lower {key}"
+        ))),
+        Some(n) if limit.is_some_and(|l| n > l) => Err(err(format!(
+            "{value} gives a model of about {n:.1e} parameters, which needs about {:.1} GB \
+             ({BYTES_PER_PARAM} bytes per parameter: weights, gradients, optimizer state, a \
+             snapshot){limit_text}; lower {key}",
+            n as f64 * BYTES_PER_PARAM as f64 / 1e9,
+            n = n as f64
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Memory available to a new allocation (`MemAvailable` of /proc/meminfo), if known.
+fn available_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = info
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    kb.checked_mul(1024)
+}
+
 /// Build the trainer that `cfg` describes around an already-built algorithm, from the built-in
 /// datasets and backbones ([`build_trainer_with`] for registered ones).
 pub fn build_trainer(
@@ -53,29 +208,25 @@ pub fn build_trainer(
     build_trainer_with(&Sources::builtin(), cfg, origin, algorithm, consolidation)
 }
 
-/// Load the data, build the task stream and the seeded model from `sources`. `origin` (the
-/// config file) prefixes errors that a config change fixes.
+/// Load the data, build the task stream, run the [`preflight`] checks, and build the seeded model
+/// from `sources`. `origin` (the config file) prefixes errors that a config change fixes.
 pub fn build_trainer_with(
     sources: &Sources,
     cfg: &ExperimentConfig,
     origin: &str,
-    algorithm: Box<dyn Algorithm>,
+    mut algorithm: Box<dyn Algorithm>,
     consolidation: Option<Consolidation>,
 ) -> Result<Trainer> {
     let device = cfg
         .device
         .open()
         .map_err(|e| Error::Msg(format!("{origin}: {e}")))?;
-    let in_file = |e: Error| match e {
-        Error::UnknownName { .. } | Error::Benchmark(_) => Error::Msg(format!("{origin}: {e}")),
-        Error::Msg(m) if m.starts_with("model.") => Error::Msg(format!("{origin}: {m}")),
-        e => e,
-    };
     let b = &cfg.benchmark;
     let dataset = sources
         .load_dataset(&b.dataset, b.data_dir.as_deref())
-        .map_err(in_file)?;
-    let stream = TaskStream::build(Arc::new(dataset), b, cfg.seed).map_err(in_file)?;
+        .map_err(in_file(origin))?;
+    let stream = build_stream(cfg, origin, Arc::new(dataset))?;
+    preflight(cfg, origin, &stream, algorithm.as_mut())?;
     let heads = stream.head_sizes();
     let spec = BackboneSpec {
         input: stream.input_shape(),
@@ -85,7 +236,7 @@ pub fn build_trainer_with(
     };
     let model = sources
         .build_model(&cfg.model, &spec, origin)
-        .map_err(in_file)?;
+        .map_err(in_file(origin))?;
     Ok(Trainer::new(
         cfg.clone(),
         stream,
@@ -112,6 +263,9 @@ pub struct RunOptions {
     pub stop_after_task: Option<usize>,
     /// Set to true (e.g. by a Ctrl-C handler) to stop at the next step.
     pub interrupt: Option<Arc<AtomicBool>>,
+    /// Replace a finished run of the same name and seed even when it ran a different config
+    /// (otherwise refused: results are never replaced silently).
+    pub overwrite: bool,
 }
 
 /// Which unfinished run to continue, and from which checkpoint.
@@ -169,6 +323,9 @@ pub fn run_experiment(
     trainer.interrupt = opts.interrupt.clone();
     let dir = match &opts.resume {
         None => {
+            if !opts.overwrite {
+                check_not_replacing(cfg, resolved_yaml)?;
+            }
             let dir = RunDir::create(&cfg.output.dir, &cfg.name, cfg.seed)?;
             // Written now too, so that an unfinished run can be resumed from its folder alone.
             dir.write("config.yaml", resolved_yaml.as_bytes())?;
@@ -255,24 +412,47 @@ pub fn program_name() -> String {
         .unwrap_or_else(|| "sequel".into())
 }
 
-/// Keys (dotted paths) whose values differ between the config an unfinished run was started with
-/// (`<staging>/config.yaml`) and `resolved_yaml`, ignoring `output`.
+/// Keys (dotted paths) whose values differ between the config a run was started with
+/// (`<dir>/config.yaml`, `dir` its staging or final folder) and `resolved_yaml`, ignoring
+/// `output`.
 pub fn config_differences(staging: &Path, resolved_yaml: &str) -> Result<Vec<String>> {
     let path = staging.join("config.yaml");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let parse = |t: &str| -> Result<serde_yaml::Value> {
-        let mut v: serde_yaml::Value =
+        let v: serde_yaml::Value =
             serde_yaml::from_str(t).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
-        if let Some(m) = v.as_mapping_mut() {
-            m.remove("output");
-            m.remove("device");
-        }
-        Ok(v)
+        Ok(crate::config::comparable_config(&v))
     };
     Ok(checkpoint::yaml_differences(
         &parse(&text)?,
         &parse(resolved_yaml)?,
     ))
+}
+
+/// Refuse to replace the finished run at `<output.dir>/<name>/seed-<s>` with a run of a
+/// different config (the same config reruns in place: its results are the same).
+fn check_not_replacing(cfg: &ExperimentConfig, resolved_yaml: &str) -> Result<()> {
+    let dir = cfg
+        .output
+        .dir
+        .join(&cfg.name)
+        .join(format!("seed-{}", cfg.seed));
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    let what = match config_differences(&dir, resolved_yaml) {
+        Ok(diff) if diff.is_empty() => return Ok(()),
+        Ok(diff) => format!(
+            "a finished run of a different config (it differs in: {})",
+            diff.join(", ")
+        ),
+        Err(_) => "something that is not a finished run (no readable config.yaml)".into(),
+    };
+    Err(Error::Msg(format!(
+        "{} holds {what}; give this run its own folder with --set name=NEW_NAME (or --out DIR), \
+         or pass --overwrite to replace it",
+        dir.display()
+    )))
 }
 
 /// Refuse to resume a run with a config that computes something else, naming the keys.

@@ -65,16 +65,31 @@ impl Memory {
         &self.cfg
     }
 
+    /// The buffer's groups on `stream` (see [`ReplayBuffer::new`]).
+    fn groups(&self, stream: &TaskStream) -> usize {
+        match self.cfg.buffer_policy {
+            BufferPolicy::Reservoir => 0,
+            BufferPolicy::TaskQuota => stream.len(),
+            BufferPolicy::ClassBalanced => stream.num_units,
+        }
+    }
+
+    /// Whether this memory can work on `stream` (e.g. `task_quota` needs a slot per task): the
+    /// check that creating the buffer makes, run before a run starts.
+    pub fn check(&self, stream: &TaskStream) -> Result<()> {
+        ReplayBuffer::check(
+            self.cfg.buffer_size,
+            self.cfg.buffer_policy,
+            self.groups(stream),
+        )
+    }
+
     /// Create the buffer on first use (the numbers of tasks and units are known only then). Its
     /// random stream is seeded from `rng`, the algorithm's stream, so it depends on the experiment
     /// seed and on nothing else.
     pub fn ensure(&mut self, stream: &TaskStream, rng: &mut SeededRng) -> Result<()> {
         if self.buffer.is_none() {
-            let groups = match self.cfg.buffer_policy {
-                BufferPolicy::Reservoir => 0,
-                BufferPolicy::TaskQuota => stream.len(),
-                BufferPolicy::ClassBalanced => stream.num_units,
-            };
+            let groups = self.groups(stream);
             let logit_dim = if self.store_logits {
                 stream.num_units
             } else {

@@ -30,8 +30,12 @@ pub struct TaskMetrics {
     pub avg_inc_acc: f64,
     /// Mean over j ≤ i of R[j][j] (accuracy right after learning each task).
     pub learning_acc: f64,
-    /// Max-based forgetting (Chaudhry et al., 2018).
+    /// Max-based forgetting over every earlier row, before task j was learned too (Mammoth).
     pub forgetting: Option<f64>,
+    /// Chaudhry et al.'s (2018) forgetting: the max over the rows from the one that learned task
+    /// j on. Differs from `forgetting` when a task scored higher before it was learned (task-IL,
+    /// domain-IL).
+    pub forgetting_chaudhry: Option<f64>,
     /// Backward transfer (Lopez-Paz & Ranzato, 2017).
     pub bwt: Option<f64>,
     /// Forward transfer (Lopez-Paz & Ranzato, 2017).
@@ -68,6 +72,10 @@ impl AccuracyMatrix {
             let best = (1..i).map(|l| r(l, j)).fold(f64::NEG_INFINITY, f64::max);
             best - r(i, j)
         }));
+        let forgetting_chaudhry = mean(&mut (1..i).map(|j| {
+            let best = (j..i).map(|l| r(l, j)).fold(f64::NEG_INFINITY, f64::max);
+            best - r(i, j)
+        }));
         let bwt = mean(&mut (1..i).map(|j| r(i, j) - r(j, j)));
         let fwt = mean(&mut (2..=i).map(|j| r(j - 1, j) - self.init[j - 1]));
         TaskMetrics {
@@ -77,6 +85,7 @@ impl AccuracyMatrix {
             avg_inc_acc,
             learning_acc,
             forgetting,
+            forgetting_chaudhry,
             bwt,
             fwt,
         }
@@ -142,6 +151,10 @@ mod tests {
         assert!(close(f.avg_acc_pooled, (50.0 + 70.0 + 190.0) / 400.0));
         // forgetting: task1 max(0.9, 0.6) − 0.5 = 0.4; task2 max(0.25, 0.8) − 0.7 = 0.1
         assert!(close(f.forgetting.unwrap(), 0.25));
+        // Chaudhry: rows from the one that learned the task. Task 2 scored 0.25 before it was
+        // learned (row 1), which only the first definition counts: task1 max(0.9, 0.6) − 0.5 =
+        // 0.4; task2 max(0.8) − 0.7 = 0.1. Here equal; the next matrix tells them apart.
+        assert!(close(f.forgetting_chaudhry.unwrap(), 0.25));
         // bwt: (0.5 − 0.9 + 0.7 − 0.8) / 2
         assert!(close(f.bwt.unwrap(), -0.25));
         // fwt: (R[1][2] − b2 + R[2][3] − b3) / 2 = (0.05 + 0.05) / 2
@@ -154,9 +167,29 @@ mod tests {
     }
 
     #[test]
+    fn chaudhry_forgetting_ignores_rows_before_the_task_was_learned() {
+        // Task 2 (shared units, domain-IL-like) scores 0.9 before it is learned and 0.6 after.
+        let m = AccuracyMatrix {
+            init: vec![0.5, 0.5, 0.5],
+            rows: vec![
+                vec![0.8, 0.9, 0.5],
+                vec![0.7, 0.6, 0.5],
+                vec![0.7, 0.5, 0.9],
+            ],
+            counts: vec![],
+        };
+        let f = m.metrics_after(3);
+        // max over rows 1–2: task1 0.8 − 0.7, task2 0.9 − 0.5.
+        assert!(close(f.forgetting.unwrap(), (0.1 + 0.4) / 2.0));
+        // from the learning row on: task1 max(0.8, 0.7) − 0.7, task2 0.6 − 0.5.
+        assert!(close(f.forgetting_chaudhry.unwrap(), (0.1 + 0.1) / 2.0));
+    }
+
+    #[test]
     fn first_task_has_no_forgetting_bwt_or_fwt() {
         let f = m().metrics_after(1);
         assert_eq!((f.forgetting, f.bwt, f.fwt), (None, None, None));
+        assert_eq!(f.forgetting_chaudhry, None);
         assert!(close(f.avg_acc, 0.9));
     }
 

@@ -45,11 +45,11 @@ impl RunRecord {
 
     /// The config without its seed: runs with equal keys differ only in the seed.
     pub fn seedless_key(&self) -> String {
-        let mut c = self.config.clone();
+        // Without the output folder, unset keys and other backbones' keys (see
+        // `comparable_config`), so that runs written before those were left out still match.
+        let mut c = crate::config::comparable_config(&self.config);
         if let Some(m) = c.as_mapping_mut() {
             m.remove("seed");
-            // The output folder does not change what was run.
-            m.remove("output");
         }
         serde_yaml::to_string(&c).unwrap_or_default()
     }
@@ -200,22 +200,140 @@ pub struct RawSummary {
     pub learning_acc: Option<Stat>,
 }
 
-/// Runs grouped by their seedless config (or by the value of the config key `by`), labelled by
-/// run name (or `key=value`); labels are made unique. Groups in first-seen order.
-pub fn groups<'a>(runs: &'a [RunRecord], by: Option<&str>) -> Vec<(String, Vec<&'a RunRecord>)> {
+/// Every leaf of a config as `dotted.key → value`, without the keys that never make two runs
+/// compute different things (`seed` is what groups average over; `name` and `output` only say
+/// where a run went).
+fn leaves(config: &serde_yaml::Value) -> BTreeMap<String, String> {
+    fn walk(v: &serde_yaml::Value, path: String, out: &mut BTreeMap<String, String>) {
+        match v {
+            serde_yaml::Value::Mapping(m) => {
+                for (k, v) in m {
+                    let k = k
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| format!("{k:?}"));
+                    let p = if path.is_empty() {
+                        k
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    walk(v, p, out);
+                }
+            }
+            serde_yaml::Value::String(s) => {
+                out.insert(path, s.clone());
+            }
+            other => {
+                let text = serde_yaml::to_string(other).unwrap_or_default();
+                out.insert(path, text.trim().to_string());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(
+        &crate::config::comparable_config(config),
+        String::new(),
+        &mut out,
+    );
+    out.retain(|k, _| k != "seed" && k != "name" && k != "output" && !k.starts_with("output."));
+    out
+}
+
+/// The config keys whose values differ between `runs` (besides the seed, name and output).
+pub fn varying_keys(runs: &[&RunRecord]) -> Vec<String> {
+    let all: Vec<BTreeMap<String, String>> = runs.iter().map(|r| leaves(&r.config)).collect();
+    let mut keys: Vec<String> = all.iter().flat_map(|m| m.keys().cloned()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.retain(|k| all.iter().any(|m| m.get(k) != all[0].get(k)));
+    keys
+}
+
+/// Runs grouped by their seedless config, labelled by run name; or, with `by` keys, by the
+/// values of those config keys, labelled `key=value, ...`. Runs that share the `by` values but
+/// differ in anything else besides the seed are never pooled: they form separate groups whose
+/// labels add the keys that tell them apart. A `by` key that no run has is an error naming the
+/// keys that do vary. Labels are made unique; groups in first-seen order.
+pub fn groups<'a>(
+    runs: &'a [RunRecord],
+    by: &[String],
+) -> Result<Vec<(String, Vec<&'a RunRecord>)>> {
+    if by.is_empty() {
+        return Ok(unique_labels(seedless_groups(runs)));
+    }
+    let all: Vec<&RunRecord> = runs.iter().collect();
+    for key in by {
+        if runs.iter().all(|r| r.config_value(key).is_none()) {
+            let vary = varying_keys(&all);
+            return Err(Error::Msg(if vary.is_empty() {
+                format!(
+                    "--by {key}: no run's config has this key, and these runs differ in no key \
+                     but the seed: compare them without --by"
+                )
+            } else {
+                format!(
+                    "--by {key}: no run's config has this key; the keys that vary across these \
+                     runs are: {} (several: --by a,b)",
+                    vary.join(", ")
+                )
+            }));
+        }
+    }
+    let by_values = |r: &RunRecord| -> Vec<String> {
+        by.iter()
+            .map(|k| r.config_value(k).unwrap_or_else(|| "(unset)".into()))
+            .collect()
+    };
+    let same_config = |r: &RunRecord| {
+        let mut m = leaves(&r.config);
+        m.retain(|k, _| !by.iter().any(|b| k == b || k.starts_with(&format!("{b}."))));
+        format!("{m:?}")
+    };
+    // (by values, rest of the config) → runs.
+    type Key = (Vec<String>, String);
+    let mut keyed: Vec<(Key, Vec<&RunRecord>)> = Vec::new();
+    for r in runs {
+        let key = (by_values(r), same_config(r));
+        match keyed.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, rs)) => rs.push(r),
+            None => keyed.push((key, vec![r])),
+        }
+    }
+    let mut out = Vec::new();
+    for ((values, _), rs) in &keyed {
+        let mut label: Vec<String> = by
+            .iter()
+            .zip(values)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        // Groups sharing these values but not the rest: name what sets this one apart.
+        let siblings: Vec<&RunRecord> = keyed
+            .iter()
+            .filter(|((v, _), _)| v == values)
+            .flat_map(|(_, rs)| rs.iter().copied())
+            .collect();
+        if siblings.len() > rs.len() {
+            for k in varying_keys(&siblings) {
+                if !by
+                    .iter()
+                    .any(|b| k == *b || k.starts_with(&format!("{b}.")))
+                {
+                    let v = rs[0].config_value(&k).unwrap_or_else(|| "(unset)".into());
+                    label.push(format!("{k}={v}"));
+                }
+            }
+        }
+        out.push((label.join(", "), rs.clone()));
+    }
+    Ok(unique_labels(out))
+}
+
+fn seedless_groups(runs: &[RunRecord]) -> Vec<(String, Vec<&RunRecord>)> {
     let mut keyed: BTreeMap<String, usize> = BTreeMap::new();
     let mut out: Vec<(String, Vec<&RunRecord>)> = Vec::new();
     for r in runs {
-        let (key, label) = match by {
-            Some(path) => {
-                let v = r.config_value(path).unwrap_or_else(|| "(unset)".into());
-                (v.clone(), format!("{path}={v}"))
-            }
-            None => (
-                r.seedless_key(),
-                r.config_value("name").unwrap_or_else(|| "?".into()),
-            ),
-        };
+        let key = r.seedless_key();
+        let label = r.config_value("name").unwrap_or_else(|| "?".into());
         match keyed.get(&key) {
             Some(&i) => out[i].1.push(r),
             None => {
@@ -224,6 +342,10 @@ pub fn groups<'a>(runs: &'a [RunRecord], by: Option<&str>) -> Vec<(String, Vec<&
             }
         }
     }
+    out
+}
+
+fn unique_labels<T>(mut out: Vec<(String, T)>) -> Vec<(String, T)> {
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for (label, _) in &mut out {
         let c = seen.entry(label.clone()).or_insert(0);
@@ -237,8 +359,8 @@ pub fn groups<'a>(runs: &'a [RunRecord], by: Option<&str>) -> Vec<(String, Vec<&
 
 /// Group runs (see [`groups`]) and summarise each group over its completed runs. Sorted by mean
 /// average accuracy, best first.
-pub fn compare(runs: &[RunRecord], by: Option<&str>) -> Vec<GroupSummary> {
-    let mut rows: Vec<GroupSummary> = groups(runs, by)
+pub fn compare(runs: &[RunRecord], by: &[String]) -> Result<Vec<GroupSummary>> {
+    let mut rows: Vec<GroupSummary> = groups(runs, by)?
         .into_iter()
         .map(|(label, rs)| {
             let ok: Vec<&&RunRecord> = rs.iter().filter(|r| r.completed()).collect();
@@ -292,7 +414,7 @@ pub fn compare(runs: &[RunRecord], by: Option<&str>) -> Vec<GroupSummary> {
         let m = |g: &GroupSummary| g.avg_acc.map(|s| s.mean).unwrap_or(f64::NEG_INFINITY);
         m(b).total_cmp(&m(a)).then_with(|| a.label.cmp(&b.label))
     });
-    rows
+    Ok(rows)
 }
 
 /// The comparison as a Markdown (`md`) or CSV table; accuracies in percent. When any group ran
@@ -420,7 +542,7 @@ mod tests {
         fs::create_dir_all(tmp.path().join("b/.seed-1.partial")).unwrap();
         let runs = find_runs(&[tmp.path().to_path_buf()]).unwrap();
         assert_eq!(runs.len(), 4);
-        let rows = compare(&runs, None);
+        let rows = compare(&runs, &[]).unwrap();
         assert_eq!(rows[0].label, "b");
         let a = &rows[1];
         assert_eq!((a.runs, a.failed, a.seeds.clone()), (3, 1, vec![0, 1]));
@@ -473,7 +595,7 @@ mod tests {
         s["final_raw"] =
             serde_json::json!({"avg_acc": 0.4, "forgetting": 0.3, "learning_acc": 0.95});
         fs::write(&d, s.to_string()).unwrap();
-        let rows = compare(&find_runs(&[tmp.path().to_path_buf()]).unwrap(), None);
+        let rows = compare(&find_runs(&[tmp.path().to_path_buf()]).unwrap(), &[]).unwrap();
         let md = format_table(&rows, false);
         assert!(md.contains("raw forgetting (%)"), "{md}");
         assert!(
@@ -499,15 +621,46 @@ mod tests {
     }
 
     #[test]
-    fn by_key_merges_groups_sharing_a_value() {
+    fn by_keys_group_and_never_pool_runs_that_differ_in_more() {
         let tmp = tempfile::tempdir().unwrap();
+        // `fake` sets algorithm.name to the run name: a and b differ in it, b and b2 do not.
         fake(tmp.path(), "a", 0, 0.1, 0.5, "completed");
         fake(tmp.path(), "b", 0, 0.1, 0.7, "completed");
+        fake(tmp.path(), "b", 1, 0.1, 0.9, "completed");
         fake(tmp.path(), "c", 0, 0.2, 0.9, "completed");
         let runs = find_runs(&[tmp.path().to_path_buf()]).unwrap();
-        let rows = compare(&runs, Some("optimizer.lr"));
-        let labels: Vec<&str> = rows.iter().map(|r| r.label.as_str()).collect();
-        assert_eq!(labels, vec!["optimizer.lr=0.2", "optimizer.lr=0.1"]);
-        assert_eq!(rows[1].runs, 2);
+        let labels = |by: &[&str]| -> Vec<(String, usize)> {
+            let by: Vec<String> = by.iter().map(|s| s.to_string()).collect();
+            let mut v: Vec<(String, usize)> = compare(&runs, &by)
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.label, r.runs))
+                .collect();
+            v.sort();
+            v
+        };
+        // lr 0.1 holds runs of two algorithms: two rows, each naming its algorithm.
+        assert_eq!(
+            labels(&["optimizer.lr"]),
+            vec![
+                ("optimizer.lr=0.1, algorithm.name=a".into(), 1),
+                ("optimizer.lr=0.1, algorithm.name=b".into(), 2),
+                ("optimizer.lr=0.2".into(), 1),
+            ]
+        );
+        // Several keys.
+        assert_eq!(
+            labels(&["algorithm.name", "optimizer.lr"]),
+            vec![
+                ("algorithm.name=a, optimizer.lr=0.1".into(), 1),
+                ("algorithm.name=b, optimizer.lr=0.1".into(), 2),
+                ("algorithm.name=c, optimizer.lr=0.2".into(), 1),
+            ]
+        );
+        // A key no run has (misspelt, or two keys joined into one) names the keys that vary.
+        let e = compare(&runs, &["algorithm.nam".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("algorithm.name, optimizer.lr"), "{e}");
     }
 }

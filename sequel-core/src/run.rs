@@ -41,7 +41,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 impl RunDir {
     /// Prepare `<root>/<name>/seed-<seed>` for writing; fails early, before any training, when
-    /// the location is not writable.
+    /// the location is not writable, or when something other than a run directory is where the
+    /// run will go.
     pub fn create(root: &Path, name: &str, seed: u64) -> Result<Self> {
         let parent = root.join(name);
         let final_dir = parent.join(format!("seed-{seed}"));
@@ -53,6 +54,12 @@ impl RunDir {
         ))
         };
         fs::create_dir_all(&parent).map_err(|e| unwritable(&parent, e))?;
+        if final_dir.exists() && !final_dir.is_dir() {
+            return Err(Error::Msg(format!(
+                "{} exists and is not a run directory: move it away, or pass --out DIR",
+                final_dir.display()
+            )));
+        }
         // One writer per run directory: a second run with the same name and seed would delete
         // this one's staging folder.
         let lock = parent.join(format!(".seed-{seed}.lock"));
@@ -74,9 +81,10 @@ impl RunDir {
         })
     }
 
-    /// Reopen the staging folder of an unfinished run (`<name>/.seed-<s>.partial`, or its
-    /// final name `<name>/seed-<s>` when only the staging folder exists) to continue it.
-    pub fn reopen(path: &Path) -> Result<Self> {
+    /// The staging folder, final folder and lock file of the run `path` names
+    /// (`<name>/.seed-<s>.partial` or `<name>/seed-<s>`), if it can be resumed: an error that says
+    /// why not otherwise (a finished run, no run, not a run directory name).
+    fn locate(path: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -111,7 +119,27 @@ impl RunDir {
                 )
             }));
         }
+        if !staging.join("config.yaml").is_file() {
+            return Err(Error::Msg(format!(
+                "{} has no config.yaml: it is not a run `sequel run` started; start the run \
+                 again with `sequel run CONFIG`",
+                staging.display()
+            )));
+        }
         let lock = parent.join(format!(".seed-{seed}.lock"));
+        Ok((staging, final_dir, lock))
+    }
+
+    /// Whether `path` names an unfinished run that `--resume` can continue; the error says why
+    /// not (asked before the run's own config.yaml is read).
+    pub fn check_resumable(path: &Path) -> Result<()> {
+        Self::locate(path).map(|_| ())
+    }
+
+    /// Reopen the staging folder of an unfinished run (`<name>/.seed-<s>.partial`, or its
+    /// final name `<name>/seed-<s>` when only the staging folder exists) to continue it.
+    pub fn reopen(path: &Path) -> Result<Self> {
+        let (staging, final_dir, lock) = Self::locate(path)?;
         take_lock(&lock, &final_dir)?;
         Ok(Self {
             staging,
@@ -157,13 +185,54 @@ impl RunDir {
     }
 }
 
-/// Write our pid into `lock`, unless a live process holds it. A lock left by a process that no
-/// longer exists is taken over.
+/// The identity a lock records: our pid and the process's start time (clock ticks since boot,
+/// field 22 of /proc/<pid>/stat), so that a pid reused by another program is not taken for us.
+fn lock_text() -> String {
+    let pid = std::process::id();
+    match process_start(pid) {
+        Some(start) => format!("{pid} {start}"),
+        None => pid.to_string(),
+    }
+}
+
+/// State and start time of process `pid` from /proc/<pid>/stat, if it exists.
+fn process_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: read after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+fn process_start(pid: u32) -> Option<u64> {
+    process_stat(pid).map(|(_, start)| start)
+}
+
+/// Whether the writer a lock names still runs: its process exists, is not a zombie (exited,
+/// not yet reaped — as after `kill -9` of a sweep), and started when the lock says.
+fn lock_holder_alive(text: &str) -> Option<u32> {
+    let mut parts = text.split_whitespace();
+    let pid: u32 = parts.next()?.parse().ok()?;
+    let start: Option<u64> = parts.next().and_then(|s| s.parse().ok());
+    let (state, actual) = process_stat(pid)?;
+    let running = !matches!(state, 'Z' | 'X' | 'x') && start.is_none_or(|s| s == actual);
+    running.then_some(pid)
+}
+
+/// The pid of the live process writing run `<root>/<name>/seed-<seed>`, if one is.
+pub fn writer_of(root: &Path, name: &str, seed: u64) -> Option<u32> {
+    let lock = root.join(name).join(format!(".seed-{seed}.lock"));
+    let text = fs::read_to_string(lock).ok()?;
+    lock_holder_alive(&text).filter(|&p| p != std::process::id())
+}
+
+/// Write our identity into `lock`, unless a live process holds it. A lock left by a process
+/// that no longer runs (gone, a zombie, or its pid now another program's) is taken over.
 fn take_lock(lock: &Path, final_dir: &Path) -> Result<()> {
     if let Ok(text) = fs::read_to_string(lock) {
-        let pid = text.trim();
-        let alive = Path::new("/proc").join(pid).exists();
-        if alive && pid != std::process::id().to_string() {
+        if let Some(pid) = lock_holder_alive(&text).filter(|&p| p != std::process::id()) {
             return Err(Error::Msg(format!(
                 "another run (pid {pid}) is writing {}; wait for it, or delete {} if that process is gone",
                 final_dir.display(),
@@ -171,7 +240,7 @@ fn take_lock(lock: &Path, final_dir: &Path) -> Result<()> {
             )));
         }
     }
-    fs::write(lock, std::process::id().to_string()).map_err(|e| Error::io(lock, e))
+    fs::write(lock, lock_text()).map_err(|e| Error::io(lock, e))
 }
 
 /// Facts about the run recorded in summary.json.
@@ -228,7 +297,7 @@ fn opt(v: Option<f64>) -> String {
 /// trained weights before consolidation (the raw matrix).
 pub fn metrics_csv(outcome: &RunOutcome) -> String {
     let mut s = String::from(
-        "task,avg_acc,avg_acc_pooled,avg_inc_acc,learning_acc,forgetting,bwt,fwt,train_s,eval_s,peak_rss_mb",
+        "task,avg_acc,avg_acc_pooled,avg_inc_acc,learning_acc,forgetting,forgetting_chaudhry,bwt,fwt,train_s,eval_s,peak_rss_mb",
     );
     if outcome.raw.is_some() {
         s.push_str(",avg_acc_raw,learning_acc_raw,forgetting_raw");
@@ -238,13 +307,14 @@ pub fn metrics_csv(outcome: &RunOutcome) -> String {
         let m = outcome.matrix.metrics_after(i + 1);
         let _ = write!(
             s,
-            "{},{:.6},{:.6},{:.6},{:.6},{},{},{},{:.3},{:.3},{}",
+            "{},{:.6},{:.6},{:.6},{:.6},{},{},{},{},{:.3},{:.3},{}",
             m.task,
             m.avg_acc,
             m.avg_acc_pooled,
             m.avg_inc_acc,
             m.learning_acc,
             opt(m.forgetting),
+            opt(m.forgetting_chaudhry),
             opt(m.bwt),
             opt(m.fwt),
             t.train_s,
@@ -398,5 +468,43 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("another run (pid 1)"), "{e}");
+        fs::remove_file(tmp.path().join("r/.seed-0.lock")).unwrap();
+    }
+
+    #[test]
+    fn a_lock_of_a_zombie_or_of_another_program_is_taken_over() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lock = tmp.path().join("r/.seed-0.lock");
+        fs::create_dir_all(tmp.path().join("r")).unwrap();
+        // A child that has exited but is not reaped yet: a zombie, as after `kill -9`.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while process_stat(pid).map(|(s, _)| s) != Some('Z') {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "child never became a zombie"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        fs::write(&lock, pid.to_string()).unwrap();
+        let d = RunDir::create(tmp.path(), "r", 0).expect("a zombie holds no lock");
+        drop(d);
+        child.wait().unwrap();
+        // pid 1 runs, but it is not the process that wrote the lock (another start time).
+        let start = process_start(1).unwrap();
+        fs::write(&lock, format!("1 {}", start + 1)).unwrap();
+        let d = RunDir::create(tmp.path(), "r", 0).expect("a reused pid holds no lock");
+        // The lock now names this process with its start time.
+        let text = fs::read_to_string(&lock).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "{} {}",
+                std::process::id(),
+                process_start(std::process::id()).unwrap()
+            )
+        );
+        drop(d);
     }
 }

@@ -111,6 +111,12 @@ impl Trainer {
     /// train → consolidate and evaluate → checkpoint. A stop (asked for, a non-finite loss or
     /// weights) ends the loop with `failure` set and the finished tasks' results kept.
     pub fn run(&mut self, progress: &mut dyn Progress) -> Result<RunOutcome> {
+        // The stream-dependent config checks (also run before a run folder is created, see
+        // `experiment::preflight`), for a trainer assembled by hand.
+        self.algorithm.check_stream(&self.stream)?;
+        if let Some(m) = self.algorithm.memory() {
+            m.check(&self.stream)?;
+        }
         let mut outcome = match self.resumed.take() {
             Some(results) => RunOutcome {
                 results,
