@@ -18,6 +18,7 @@ pub mod icarl;
 pub mod importance;
 pub mod joint;
 pub mod lwf;
+pub mod lwf_mc;
 pub mod mas;
 pub mod naive;
 pub mod penalty;

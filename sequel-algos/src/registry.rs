@@ -181,6 +181,7 @@ impl Registry {
         r.add::<crate::si::SiConfig>();
         r.add::<crate::mas::MasConfig>();
         r.add::<crate::lwf::LwfConfig>();
+        r.add::<crate::lwf_mc::LwfMcConfig>();
         r.add::<crate::er::ErConfig>();
         r.add::<crate::agem::AgemConfig>();
         r.add::<crate::gem::GemConfig>();
