@@ -7,6 +7,7 @@ pub mod consolidation;
 pub mod der;
 pub mod er;
 pub mod er_ace;
+pub mod er_aml;
 pub mod ewc;
 pub mod ewc_online;
 pub mod exemplars;
