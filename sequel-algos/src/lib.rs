@@ -21,6 +21,7 @@ pub mod joint;
 pub mod lwf;
 pub mod lwf_mc;
 pub mod mas;
+pub mod mir;
 pub mod naive;
 pub mod penalty;
 pub mod qp;

@@ -189,6 +189,7 @@ impl Registry {
         r.add::<crate::der::DerppConfig>();
         r.add::<crate::er_ace::ErAceConfig>();
         r.add::<crate::er_aml::ErAmlConfig>();
+        r.add::<crate::mir::MirConfig>();
         r.add::<crate::icarl::IcarlConfig>();
         r.add::<crate::gdumb::GdumbConfig>();
         use crate::consolidation as c;
