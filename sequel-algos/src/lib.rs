@@ -27,6 +27,7 @@ pub mod penalty;
 pub mod qp;
 pub mod registry;
 pub mod run;
+pub mod rwalk;
 pub mod si;
 #[cfg(test)]
 mod testing;

@@ -179,6 +179,7 @@ impl Registry {
         r.add::<crate::ewc::EwcConfig>();
         r.add::<crate::ewc_online::OnlineEwcConfig>();
         r.add::<crate::si::SiConfig>();
+        r.add::<crate::rwalk::RwalkConfig>();
         r.add::<crate::mas::MasConfig>();
         r.add::<crate::lwf::LwfConfig>();
         r.add::<crate::lwf_mc::LwfMcConfig>();
