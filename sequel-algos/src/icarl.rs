@@ -91,10 +91,116 @@ struct LossPlan {
     past: Vec<bool>,
 }
 
-pub struct Icarl {
-    memory_size: usize,
+/// iCaRL's representation loss (the module documentation's BCE with distillation targets on the
+/// past units): the frozen task-start teacher and the loss plan of the current task. Shared with
+/// LwF.MC ([`crate::lwf_mc`]), which is this loss without exemplars.
+#[derive(Default)]
+pub struct BceDistillation {
     teacher: Option<Box<dyn Model>>,
     plan: LossPlan,
+    /// Multi-head task-IL only: every sample also covers the old tasks' heads (distilled), not
+    /// only its own head. iCaRL leaves it off (an exemplar of task k is distilled on head k);
+    /// LwF.MC, which has no exemplars, needs it to distil anything in that scenario.
+    old_heads: bool,
+}
+
+impl BceDistillation {
+    /// The loss with `old_heads` as documented on the field.
+    pub fn new(old_heads: bool) -> Self {
+        Self {
+            old_heads,
+            ..Self::default()
+        }
+    }
+
+    /// At the start of task `ctx.task`: the plan (units seen, past units `P_t`) and, from the
+    /// second task on, the teacher forked from the model.
+    pub fn before_task(&mut self, ctx: &TaskCtx) -> Result<()> {
+        let stream = ctx.stream;
+        let n = stream.num_units;
+        let mut seen = vec![false; n];
+        let mut past = vec![false; n];
+        for (k, task) in stream.tasks[..=ctx.task].iter().enumerate() {
+            for u in task.units.clone() {
+                seen[u] = true;
+                past[u] |= k < ctx.task;
+            }
+        }
+        for u in stream.tasks[ctx.task].units.clone() {
+            past[u] = false;
+        }
+        self.plan = LossPlan { seen, past };
+        self.teacher = if ctx.task > 0 {
+            Some(ctx.model.fork()?)
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    /// Drop the teacher (it is only needed while training on a task).
+    pub fn release(&mut self) {
+        self.teacher = None;
+    }
+
+    /// The loss of a batch with training-mode `logits` (see the module documentation).
+    pub fn loss(&self, logits: &Tensor, batch: &Batch, stream: &TaskStream) -> Result<Tensor> {
+        let units = logits.dim(D::Minus1)?;
+        let rows = batch.len();
+        let mut cover = vec![0f32; rows * units];
+        let mut distil = vec![0f32; rows * units];
+        let mut onehot = vec![0f32; rows * units];
+        for i in 0..rows {
+            let row = i * units;
+            if stream.mask_in_training() {
+                let own = &stream.tasks[batch.tasks[i] as usize].units;
+                cover[row + own.start..row + own.end].fill(1.0);
+                if self.old_heads {
+                    for (u, &p) in self.plan.past.iter().enumerate().take(units) {
+                        if p {
+                            cover[row + u] = 1.0;
+                        }
+                    }
+                }
+            } else {
+                for (u, &s) in self.plan.seen.iter().enumerate().take(units) {
+                    cover[row + u] = if s { 1.0 } else { 0.0 };
+                }
+            }
+            for (u, &p) in self.plan.past.iter().enumerate().take(units) {
+                if p && cover[row + u] > 0.0 {
+                    distil[row + u] = 1.0;
+                }
+            }
+            onehot[row + batch.units[i] as usize] = 1.0;
+        }
+        let count: f32 = cover.iter().sum();
+        if count == 0.0 {
+            return Err(Error::msg(
+                "BCE with distillation: a batch covers no output unit",
+            ));
+        }
+        let dev = logits.device();
+        let shape = (rows, units);
+        let onehot = Tensor::from_vec(onehot, shape, dev)?;
+        let targets = match &self.teacher {
+            Some(teacher) if distil.iter().any(|&d| d > 0.0) => {
+                let old = teacher.forward(&batch.x, false)?.logits.detach();
+                let soft = candle_nn::ops::sigmoid(&old)?;
+                let distil = Tensor::from_vec(distil, shape, dev)?;
+                (&onehot + distil.mul(&(soft - &onehot)?)?)?
+            }
+            _ => onehot,
+        };
+        let cover = Tensor::from_vec(cover, shape, dev)?;
+        let z = logits.to_dtype(DType::F32)?;
+        Ok((bce_with_logits(&z, &targets)?.mul(&cover)?.sum_all()? / count as f64)?)
+    }
+}
+
+pub struct Icarl {
+    memory_size: usize,
+    bce: BceDistillation,
     exemplars: Vec<ExemplarSet>,
     /// Computed by `before_eval` for the weights about to be evaluated (a consolidation strategy
     /// may change them after `after_task`).
@@ -107,8 +213,7 @@ impl Icarl {
         check::at_least_one("buffer_size", cfg.buffer_size)?;
         Ok(Self {
             memory_size: cfg.buffer_size,
-            teacher: None,
-            plan: LossPlan::default(),
+            bce: BceDistillation::new(false),
             exemplars: Vec::new(),
             means: None,
             gather: GatherBuf::default(),
@@ -127,47 +232,7 @@ impl Icarl {
 
     /// The iCaRL loss of a batch (see the module documentation).
     pub fn bce_loss(&self, logits: &Tensor, batch: &Batch, stream: &TaskStream) -> Result<Tensor> {
-        let units = logits.dim(D::Minus1)?;
-        let rows = batch.len();
-        let mut cover = vec![0f32; rows * units];
-        let mut distil = vec![0f32; rows * units];
-        let mut onehot = vec![0f32; rows * units];
-        for i in 0..rows {
-            let row = i * units;
-            if stream.mask_in_training() {
-                let own = &stream.tasks[batch.tasks[i] as usize].units;
-                cover[row + own.start..row + own.end].fill(1.0);
-            } else {
-                for (u, &s) in self.plan.seen.iter().enumerate().take(units) {
-                    cover[row + u] = if s { 1.0 } else { 0.0 };
-                }
-            }
-            for (u, &p) in self.plan.past.iter().enumerate().take(units) {
-                if p && cover[row + u] > 0.0 {
-                    distil[row + u] = 1.0;
-                }
-            }
-            onehot[row + batch.units[i] as usize] = 1.0;
-        }
-        let count: f32 = cover.iter().sum();
-        if count == 0.0 {
-            return Err(Error::msg("iCaRL: a batch covers no output unit"));
-        }
-        let dev = logits.device();
-        let shape = (rows, units);
-        let onehot = Tensor::from_vec(onehot, shape, dev)?;
-        let targets = match &self.teacher {
-            Some(teacher) if distil.iter().any(|&d| d > 0.0) => {
-                let old = teacher.forward(&batch.x, false)?.logits.detach();
-                let soft = candle_nn::ops::sigmoid(&old)?;
-                let distil = Tensor::from_vec(distil, shape, dev)?;
-                (&onehot + distil.mul(&(soft - &onehot)?)?)?
-            }
-            _ => onehot,
-        };
-        let cover = Tensor::from_vec(cover, shape, dev)?;
-        let z = logits.to_dtype(DType::F32)?;
-        Ok((bce_with_logits(&z, &targets)?.mul(&cover)?.sum_all()? / count as f64)?)
+        self.bce.loss(logits, batch, stream)
     }
 }
 
@@ -201,26 +266,7 @@ impl Algorithm for Icarl {
     }
 
     fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        let stream = ctx.stream;
-        let n = stream.num_units;
-        let mut seen = vec![false; n];
-        let mut past = vec![false; n];
-        for (k, task) in stream.tasks[..=ctx.task].iter().enumerate() {
-            for u in task.units.clone() {
-                seen[u] = true;
-                past[u] |= k < ctx.task;
-            }
-        }
-        for u in stream.tasks[ctx.task].units.clone() {
-            past[u] = false;
-        }
-        self.plan = LossPlan { seen, past };
-        self.teacher = if ctx.task > 0 {
-            Some(ctx.model.fork()?)
-        } else {
-            None
-        };
-        Ok(())
+        self.bce.before_task(ctx)
     }
 
     fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
@@ -239,8 +285,7 @@ impl Algorithm for Icarl {
     }
 
     fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        // The teacher is only needed while training on the task.
-        self.teacher = None;
+        self.bce.release();
         let samples = task_samples(ctx.stream, ctx.task);
         let (feats, units) = features_of(
             ctx.model,
@@ -317,7 +362,7 @@ mod tests {
         let mut past = vec![false; 10];
         seen[..4].fill(true);
         past[..2].fill(true);
-        alg.plan = LossPlan { seen, past };
+        alg.bce.plan = LossPlan { seen, past };
         let teacher = t.model.fork().unwrap();
         // A different student so teacher and student logits differ.
         for p in t.model.params().iter() {
@@ -352,7 +397,7 @@ mod tests {
             .logits
             .to_vec2()
             .unwrap();
-        alg.teacher = Some(teacher);
+        alg.bce.teacher = Some(teacher);
         let logits = t.model.forward(&batch.x, true).unwrap().logits;
         let got = alg
             .bce_loss(&logits, &batch, &t.stream)
@@ -528,7 +573,7 @@ mod tests {
         let mut past = vec![false; 10];
         seen[..4].fill(true);
         past[..2].fill(true);
-        alg.plan = LossPlan { seen, past };
+        alg.bce.plan = LossPlan { seen, past };
         let teacher = t.model.fork().unwrap();
         for p in t.model.params().iter() {
             p.var.set(&(p.var.as_tensor() * 0.5).unwrap()).unwrap();
@@ -553,7 +598,7 @@ mod tests {
             .logits
             .to_vec2()
             .unwrap();
-        alg.teacher = Some(teacher);
+        alg.bce.teacher = Some(teacher);
         let logits = t.model.forward(&batch.x, true).unwrap().logits;
         let got = alg
             .bce_loss(&logits, &batch, &t.stream)
@@ -586,7 +631,7 @@ mod tests {
         assert_eq!(keys, vec![(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]);
         assert!(sets.iter().all(|g| g.samples.len() <= 10));
         // No unit is "past only" in domain-IL, so nothing is distilled.
-        assert!(r.icarl.plan.past.iter().all(|&p| !p));
+        assert!(r.icarl.bce.plan.past.iter().all(|&p| !p));
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod consolidation;
 pub mod der;
 pub mod er;
 pub mod er_ace;
+pub mod er_aml;
 pub mod ewc;
 pub mod ewc_online;
 pub mod exemplars;
@@ -18,12 +19,15 @@ pub mod icarl;
 pub mod importance;
 pub mod joint;
 pub mod lwf;
+pub mod lwf_mc;
 pub mod mas;
+pub mod mir;
 pub mod naive;
 pub mod penalty;
 pub mod qp;
 pub mod registry;
 pub mod run;
+pub mod rwalk;
 pub mod si;
 /// Test support for algorithm authors (feature `testing`): run an algorithm on small
 /// fmnist-mini tasks under a [`testing::Probe`] that records every step and the weights around

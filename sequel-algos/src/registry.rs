@@ -184,14 +184,18 @@ impl Registry {
         r.add::<crate::ewc::EwcConfig>();
         r.add::<crate::ewc_online::OnlineEwcConfig>();
         r.add::<crate::si::SiConfig>();
+        r.add::<crate::rwalk::RwalkConfig>();
         r.add::<crate::mas::MasConfig>();
         r.add::<crate::lwf::LwfConfig>();
+        r.add::<crate::lwf_mc::LwfMcConfig>();
         r.add::<crate::er::ErConfig>();
         r.add::<crate::agem::AgemConfig>();
         r.add::<crate::gem::GemConfig>();
         r.add::<crate::der::DerConfig>();
         r.add::<crate::der::DerppConfig>();
         r.add::<crate::er_ace::ErAceConfig>();
+        r.add::<crate::er_aml::ErAmlConfig>();
+        r.add::<crate::mir::MirConfig>();
         r.add::<crate::icarl::IcarlConfig>();
         r.add::<crate::gdumb::GdumbConfig>();
         use crate::consolidation as c;
