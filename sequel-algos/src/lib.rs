@@ -27,5 +27,6 @@ pub mod run;
 pub mod si;
 #[cfg(test)]
 mod testing;
+pub mod xder;
 
 pub use registry::Registry;
