@@ -3,6 +3,7 @@
 
 pub mod agem;
 mod check;
+pub mod cls_er;
 pub mod consolidation;
 pub mod der;
 pub mod er;

@@ -188,6 +188,7 @@ impl Registry {
         r.add::<crate::der::DerppConfig>();
         r.add::<crate::er_ace::ErAceConfig>();
         r.add::<crate::xder::XderConfig>();
+        r.add::<crate::cls_er::ClsErConfig>();
         r.add::<crate::icarl::IcarlConfig>();
         r.add::<crate::gdumb::GdumbConfig>();
         use crate::consolidation as c;
