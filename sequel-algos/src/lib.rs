@@ -2,6 +2,7 @@
 //! strategies, and the registry that maps config names to them.
 
 pub mod agem;
+pub mod bic;
 mod check;
 pub mod cls_er;
 pub mod consolidation;
