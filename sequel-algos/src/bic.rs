@@ -16,10 +16,12 @@
 //! **Bias correction.** After the task, two scalars act on the new classes' logits only:
 //! `qₖ = α·oₖ + β` for `k` in the new task's units, `qₖ = oₖ` for the old ones, and `(α, β)`
 //! are fitted to the cross-entropy of `softmax(q)` over the classes seen so far **on the validation
-//! split only** (the model frozen), from `(1, 0)`, by `bias_epochs` Adam steps of rate `bias_lr`
-//! (Mammoth's 250 epochs at 0.001, here with the split as one batch: it is a few dozen samples).
-//! The short fit is the reference procedure's implicit regularisation: the exact minimiser over a
-//! handful of samples can drive α to 0 or below, which erases the ranking among the new classes.
+//! split only** (the model frozen), from `(1, 0)`, by `bias_epochs` Adam steps of rate `bias_lr`,
+//! the split as one batch. Mammoth runs 250 epochs at 0.001, but over a split of 10 % of all the
+//! training data in minibatches — tens of thousands of steps, a converged fit. The balanced split
+//! here is a few dozen samples, one step per epoch, so the default rate is 0.05: at 0.001 the fit
+//! moves `(α, β)` by at most ≈ 0.25 and leaves most of the bias (measured on split Fashion-MNIST,
+//! M = 200, seed 0: 38.9 % class-IL at 0.001, 52.9 % with 5000 steps at 0.001, 53.9 % at 0.05).
 //! Evaluation applies the latest task's correction ([`Algorithm::predict`]); earlier tasks'
 //! corrections are dropped, as in the paper.
 //!
@@ -71,7 +73,7 @@ impl Default for BicConfig {
             temperature: 2.0,
             val_fraction: 0.1,
             bias_epochs: 250,
-            bias_lr: 0.001,
+            bias_lr: 0.05,
             memory: MemoryConfig {
                 buffer_size: 200,
                 buffer_policy: BufferPolicy::ClassBalanced,
@@ -473,7 +475,8 @@ mod tests {
             .unwrap();
         let bias = p.algo.bias().unwrap().clone();
         assert_eq!(bias.units, t.stream.tasks[last].units);
-        let (a, beta) = fit_bias(&z, &b.units, bias.units.clone(), 250, 0.001);
+        let d = BicConfig::default();
+        let (a, beta) = fit_bias(&z, &b.units, bias.units.clone(), d.bias_epochs, d.bias_lr);
         assert!((a - bias.alpha).abs() < 1e-9 && (beta - bias.beta).abs() < 1e-9);
         assert!((bias.alpha - 1.0).abs() > 1e-3 || bias.beta.abs() > 1e-3);
     }
