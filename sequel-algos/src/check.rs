@@ -3,7 +3,8 @@
 
 use sequel_core::{Error, Result};
 
-fn invalid(key: &str, message: String) -> Error {
+/// A config error on `algorithm.<key>`.
+pub fn invalid(key: &str, message: String) -> Error {
     Error::Config {
         file: String::new(),
         path: format!("algorithm.{key}"),

@@ -2,7 +2,9 @@
 //! strategies, and the registry that maps config names to them.
 
 pub mod agem;
+pub mod bic;
 mod check;
+pub mod cls_er;
 pub mod consolidation;
 pub mod der;
 pub mod er;
@@ -34,5 +36,6 @@ pub mod si;
 /// every task.
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod xder;
 
 pub use registry::Registry;

@@ -196,6 +196,9 @@ impl Registry {
         r.add::<crate::er_ace::ErAceConfig>();
         r.add::<crate::er_aml::ErAmlConfig>();
         r.add::<crate::mir::MirConfig>();
+        r.add::<crate::xder::XderConfig>();
+        r.add::<crate::cls_er::ClsErConfig>();
+        r.add::<crate::bic::BicConfig>();
         r.add::<crate::icarl::IcarlConfig>();
         r.add::<crate::gdumb::GdumbConfig>();
         use crate::consolidation as c;

@@ -89,6 +89,9 @@ impl<A: Algorithm> Algorithm for Probe<A> {
     fn predict(&self, out: &ModelOutput, task: usize, ctx: &EvalCtx) -> Result<Option<Tensor>> {
         self.algo.predict(out, task, ctx)
     }
+    fn after_eval(&mut self, ctx: &EvalCtx) -> Result<()> {
+        self.algo.after_eval(ctx)
+    }
     fn state(&mut self, io: &mut StateIo) -> Result<()> {
         self.algo.state(io)
     }

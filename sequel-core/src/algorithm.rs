@@ -5,7 +5,7 @@
 //! Loop order (see docs/architecture.md):
 //! `before_task → training_samples → [loss (forwards through StepCtx::forward) → backward →
 //! edit_gradients → optimizer step → after_step]* → after_task → consolidation → [before_eval →
-//! predict*]`.
+//! predict* → after_eval]`.
 //!
 //! A step's update rule lives in one place, [`Algorithm::loss`]: it forwards what it needs — the
 //! incoming batch and any number of memory draws — in one fused pass with [`StepCtx::forward`], and
@@ -260,6 +260,14 @@ pub trait Algorithm: std::any::Any + Send {
     /// H5: before each evaluation pass over every task, with the weights about to be evaluated
     /// (the trained or the consolidated ones): compute what `predict` needs (class means).
     fn before_eval(&mut self, _ctx: &EvalCtx) -> Result<()> {
+        Ok(())
+    }
+
+    /// H5′: after each evaluation pass, with what [`Algorithm::before_eval`] left in the model:
+    /// undo it. An algorithm that is evaluated with other weights than the ones it trains (CLS-ER's
+    /// stable model) loads them in `before_eval` and restores the trained ones here, so training,
+    /// checkpoints and saved weights see only the trained weights.
+    fn after_eval(&mut self, _ctx: &EvalCtx) -> Result<()> {
         Ok(())
     }
 

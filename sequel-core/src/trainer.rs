@@ -614,7 +614,9 @@ impl Trainer {
             device: &self.device,
         };
         self.algorithm.before_eval(&ctx)?;
-        (0..self.stream.len()).map(|j| self.evaluate(j)).collect()
+        let row = (0..self.stream.len()).map(|j| self.evaluate(j)).collect();
+        self.algorithm.after_eval(&ctx)?;
+        row
     }
 
     /// Accuracy on task `j`'s evaluation split (after [`Algorithm::before_eval`]).
