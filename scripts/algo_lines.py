@@ -11,8 +11,8 @@ import re
 import sys
 from pathlib import Path
 
-ALGOS = ["naive", "joint", "ewc", "ewc_online", "si", "mas", "lwf", "er", "agem", "gem", "der",
-         "er_ace", "icarl", "gdumb"]
+ALGOS = ["naive", "joint", "ewc", "ewc_online", "si", "rwalk", "mas", "lwf", "lwf_mc", "er",
+         "agem", "gem", "der", "xder", "er_ace", "er_aml", "mir", "cls_er", "bic", "icarl", "gdumb"]
 
 
 def items(lines):
