@@ -14,8 +14,8 @@
 # $CUDA_COMPUTE_CAP (default 90: H100/H200, as sm_90a).
 # The recipe and what failed on the way: ../shared/reference/cuda-build-notes.md.
 set -euo pipefail
+P=$(realpath -m "${1:-$(dirname "$0")/../target/cuda-toolkit}")   # before the cd: PREFIX is relative to the caller
 cd "$(dirname "$0")/.."
-P=$(realpath -m "${1:-target/cuda-toolkit}")
 C="$P/cuda"
 
 if [ ! -x "$C/bin/nvcc" ] || [ ! -f "$C/lib/stubs/libcuda.so" ]; then

@@ -117,7 +117,9 @@ fn draw_pairs(
 ) -> Vec<Option<(SampleRef, SampleRef)>> {
     let mut out = Vec::with_capacity(units.len());
     for (i, &y) in units.iter().enumerate() {
-        let usable = |c: &&Candidate| c.row != Some(i);
+        // Never the anchor itself: not its own row, nor a stored copy of the same sample.
+        let anchor = pool.iter().find(|c| c.row == Some(i)).map(|c| c.sample);
+        let usable = |c: &&Candidate| c.row != Some(i) && Some(c.sample) != anchor;
         let pos: Vec<&Candidate> = pool.iter().filter(usable).filter(|c| c.unit == y).collect();
         let neg: Vec<&Candidate> = pool.iter().filter(usable).filter(|c| c.unit != y).collect();
         if pos.is_empty() || neg.is_empty() {
@@ -295,8 +297,9 @@ mod tests {
     #[test]
     fn pairs_have_the_anchor_label_and_another_and_never_the_anchor_itself() {
         let r = |i: u32| SampleRef { task: 0, index: i };
-        // Memory: two samples of unit 0, one of unit 1. Incoming rows: units 2, 2, 0.
-        let mut pool: Vec<Candidate> = [(0u32, 0u32), (1, 0), (2, 1)]
+        // Memory: two samples of unit 0, one of unit 1, and a stored copy of incoming row 0
+        // (index 10, unit 2). Incoming rows: units 2, 2, 0.
+        let mut pool: Vec<Candidate> = [(0u32, 0u32), (1, 0), (2, 1), (10, 2)]
             .iter()
             .map(|&(i, u)| Candidate {
                 sample: r(i),
@@ -316,7 +319,8 @@ mod tests {
         let mut from_memory = 0;
         for _ in 0..50 {
             let pairs = draw_pairs(&[2, 2, 0, 7], &pool, &mut rng);
-            // Row 0's only positive is row 1 and vice versa; unit 7 has no positive at all.
+            // Row 0's only positive is row 1 (its stored copy is itself) and row 1's is row 0
+            // (or that copy); unit 7 has no positive at all.
             assert_eq!(pairs[0].unwrap().0, r(11));
             assert_eq!(pairs[1].unwrap().0, r(10));
             assert!(pairs[3].is_none());

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use sequel_algos::run::prepare;
 use sequel_algos::Registry;
-use sequel_core::data::discovery::load_dataset;
 use sequel_core::data::Dataset;
 use sequel_core::experiment::{build_stream, preflight};
 use sequel_core::sweep::{expand, is_finished, parse_grid, parse_seeds, SweepPoint};
@@ -80,7 +79,7 @@ pub fn run(registry: &Registry, a: Args) -> Result<()> {
         let dataset = match datasets.get(&key) {
             Some(d) => d.clone(),
             None => {
-                let loaded = match load_dataset(&key.0, key.1.as_deref()) {
+                let loaded = match prepared.sources.load_dataset(&key.0, key.1.as_deref()) {
                     Ok(d) => Some(Arc::new(d)),
                     // Slurm points may see files this machine does not: check what can be.
                     Err(e) if a.launcher == Launcher::Slurm => {

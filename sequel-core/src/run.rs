@@ -231,16 +231,48 @@ pub fn writer_of(root: &Path, name: &str, seed: u64) -> Option<u32> {
 /// Write our identity into `lock`, unless a live process holds it. A lock left by a process
 /// that no longer runs (gone, a zombie, or its pid now another program's) is taken over.
 fn take_lock(lock: &Path, final_dir: &Path) -> Result<()> {
-    if let Ok(text) = fs::read_to_string(lock) {
-        if let Some(pid) = lock_holder_alive(&text).filter(|&p| p != std::process::id()) {
-            return Err(Error::Msg(format!(
-                "another run (pid {pid}) is writing {}; wait for it, or delete {} if that process is gone",
-                final_dir.display(),
-                lock.display()
-            )));
+    use std::io::Write as _;
+    // `create_new` makes taking the lock atomic: of two runs starting together, one gets
+    // `AlreadyExists`. A lock whose holder is gone (or is this process) is removed and taken again.
+    for _ in 0..2 {
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(lock)
+        {
+            Ok(mut f) => {
+                return f
+                    .write_all(lock_text().as_bytes())
+                    .map_err(|e| Error::io(lock, e))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let text = fs::read_to_string(lock).unwrap_or_default();
+                // An empty lock is one being written this instant: its holder is alive.
+                let holder = if text.trim().is_empty() {
+                    Some(0)
+                } else {
+                    lock_holder_alive(&text).filter(|&p| p != std::process::id())
+                };
+                if let Some(pid) = holder {
+                    let who = match pid {
+                        0 => "another run".to_string(),
+                        p => format!("another run (pid {p})"),
+                    };
+                    return Err(Error::Msg(format!(
+                        "{who} is writing {}; wait for it, or delete {} if that process is gone",
+                        final_dir.display(),
+                        lock.display()
+                    )));
+                }
+                fs::remove_file(lock).map_err(|e| Error::io(lock, e))?;
+            }
+            Err(e) => return Err(Error::io(lock, e)),
         }
     }
-    fs::write(lock, lock_text()).map_err(|e| Error::io(lock, e))
+    Err(Error::Msg(format!(
+        "could not take {}: another run keeps taking it",
+        lock.display()
+    )))
 }
 
 /// Facts about the run recorded in summary.json.

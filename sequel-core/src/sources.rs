@@ -203,6 +203,27 @@ impl Sources {
             origin,
             "model.kind",
         )?;
+        if let crate::config::ModelKind::Other(name) = &cfg.model.kind {
+            // The built-in backbones' keys mean nothing to a registered one: refuse a set one
+            // rather than drop it without a word.
+            let (m, d) = (&cfg.model, ModelConfig::default());
+            let set = [
+                ("hidden", m.hidden != d.hidden),
+                ("activation", m.activation != d.activation),
+                ("dropout", m.dropout != d.dropout),
+                ("channels", m.channels != d.channels),
+                ("width", m.width != d.width),
+            ];
+            if let Some((key, _)) = set.iter().find(|(_, s)| *s) {
+                return Err(Error::Config {
+                    file: origin.to_string(),
+                    path: format!("model.{key}"),
+                    message: format!(
+                        "the backbone `{name}` does not read it; its own keys go under model.options"
+                    ),
+                });
+            }
+        }
         if let Some(resolve) = &backbone.resolve {
             cfg.model.options = resolve(&cfg.model.options, origin)?;
         }

@@ -110,8 +110,27 @@ fn a_registered_dataset_and_backbone_are_configs_like_the_built_in_ones() {
     let err = String::from_utf8_lossy(&cli(&["validate", c]).stderr).to_string();
     assert!(err.contains("did you mean `two-layer`"), "{err}");
 
+    // A built-in backbone's key is not silently dropped for a registered one.
+    write("{ kind: two-layer, hidden: [500] }");
+    let err = String::from_utf8_lossy(&cli(&["validate", c]).stderr).to_string();
+    assert!(
+        err.contains("model.hidden") && err.contains("model.options"),
+        "{err}"
+    );
+
     write("{ kind: two-layer, options: { width: 16 } }");
     ok(&["validate", c]);
+    // Sweeps check every point against the same registry (the dataset included).
+    let sweep = tmp.path().join("sweep");
+    ok(&[
+        "sweep",
+        c,
+        "--seeds",
+        "0..1",
+        "--out",
+        sweep.to_str().unwrap(),
+    ]);
+    assert!(sweep.join("blobs/seed-0/accuracy_matrix.csv").exists());
     ok(&["run", c, "--quiet", "--out", out]);
     let run = tmp.path().join("blobs/seed-0");
     let resolved = std::fs::read_to_string(run.join("config.yaml")).unwrap();
