@@ -733,22 +733,29 @@ pub fn task(registry: &Registry, manifest: &Path, index: usize) -> Result<()> {
         env("SLURM_ARRAY_TASK_ID"),
         std::env::var("SLURM_CPUS_PER_TASK").unwrap_or_else(|_| env("SLURM_JOB_CPUS_PER_NODE"))
     );
-    if m.options.gres.is_some() || std::env::var_os("CUDA_VISIBLE_DEVICES").is_some() {
-        // Recorded so that a GPU sweep's logs show what Slurm assigned; training does not use it.
-        eprintln!(
-            "sequel sweep-task: gres {} assigned CUDA_VISIBLE_DEVICES={} SLURM_JOB_GPUS={}; \
-             sequel has no GPU backend yet, so this point trains on the CPU",
-            m.options.gres.as_deref().unwrap_or("-"),
-            env("CUDA_VISIBLE_DEVICES"),
-            env("SLURM_JOB_GPUS")
-        );
-    }
     if is_finished(&m.out, &p.name, p.seed) {
         eprintln!("sequel sweep-task: already finished, nothing to do");
         return Ok(());
     }
     let (text, origin) = crate::read_config(&p.config)?;
     let prepared = prepare(&text, &origin, &p.all_overrides(), registry)?;
+    if m.options.gres.is_some() || std::env::var_os("CUDA_VISIBLE_DEVICES").is_some() {
+        // Slurm numbers the GPUs it assigned from 0 in CUDA_VISIBLE_DEVICES, so `cuda` (cuda:0)
+        // is the first assigned GPU, never another job's.
+        let device = prepared.config.device;
+        let on = if device.is_cpu() {
+            "the CPU (set `device: cuda` to train on the assigned GPU)".to_string()
+        } else {
+            format!("{device}, counted among the GPUs assigned")
+        };
+        eprintln!(
+            "sequel sweep-task: gres {} assigned CUDA_VISIBLE_DEVICES={} SLURM_JOB_GPUS={}; \
+             this point trains on {on}",
+            m.options.gres.as_deref().unwrap_or("-"),
+            env("CUDA_VISIBLE_DEVICES"),
+            env("SLURM_JOB_GPUS")
+        );
+    }
     // As in a local sweep: MLP steps do not gain from a second thread; other models use the
     // CPUs Slurm gave the task.
     let threads = if prepared.config.model.kind == sequel_core::config::ModelKind::Mlp {
