@@ -211,6 +211,32 @@ impl QuadraticPenalty {
         Ok(Some(g))
     }
 
+    /// The task loss's own gradient, `∇L_task = ∇(L_task + λR) − λ∇R`, per trainable parameter,
+    /// detached (zeros where the backward left none): what path-integral importances (SI, RWalk)
+    /// accumulate, since the trainer's gradient also holds the penalty's.
+    pub fn task_gradient(
+        &self,
+        grads: &candle_core::backprop::GradStore,
+        params: &ParamSet,
+        lambda: f64,
+    ) -> Result<Vec<Tensor>> {
+        let penalty_grad = self.gradient(params)?;
+        params
+            .trainable()
+            .enumerate()
+            .map(|(i, p)| {
+                let g = match grads.get(p.var.as_tensor()) {
+                    Some(g) => g.detach(),
+                    None => p.var.as_tensor().zeros_like()?,
+                };
+                Ok(match &penalty_grad {
+                    Some(pg) => (g - (&pg[i] * lambda)?)?,
+                    None => g,
+                })
+            })
+            .collect()
+    }
+
     /// The merged importance `A`.
     pub fn weight(&self) -> &[Tensor] {
         &self.weight

@@ -225,18 +225,7 @@ impl Algorithm for Rwalk {
             return Ok(());
         }
         let params = ctx.model.params();
-        let penalty_grad = self.penalty.gradient(params)?;
-        let mut g_task = Vec::new();
-        for (i, p) in params.trainable().enumerate() {
-            let g = match grads.get(p.var.as_tensor()) {
-                Some(g) => g.detach(),
-                None => p.var.as_tensor().zeros_like()?,
-            };
-            g_task.push(match &penalty_grad {
-                Some(pg) => (g - (&pg[i] * self.lambda)?)?,
-                None => g,
-            });
-        }
+        let g_task = self.penalty.task_gradient(grads, params, self.lambda)?;
         self.pending = Some((PerParam::values(params)?, g_task));
         Ok(())
     }

@@ -160,7 +160,8 @@ fn slurm_sweep_gives_the_local_results_and_compare_reads_it() {
     }
     let log = std::fs::read_to_string(slurm.join(format!(".slurm/logs/{job}_0.log"))).unwrap();
     assert!(
-        log.contains("CUDA_VISIBLE_DEVICES=0") && log.contains("trains on the CPU (set `device: cuda`"),
+        log.contains("CUDA_VISIBLE_DEVICES=0")
+            && log.contains("trains on the CPU (set `device: cuda`"),
         "{log}"
     );
     // compare and report read the sweep folder as a local one.
