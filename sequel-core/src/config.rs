@@ -320,6 +320,25 @@ pub struct OptimizerConfig {
     /// Learning-rate schedule within each task. Default constant.
     #[serde(default = "default_schedule")]
     pub schedule: Schedule,
+    /// Wrap the optimizer in Lookahead (Zhang et al., 2019). Default: absent (off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookahead: Option<LookaheadConfig>,
+}
+
+/// Lookahead's slow weights: every `k` inner steps φ ← φ + α(θ − φ), θ ← φ.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LookaheadConfig {
+    /// Inner (fast) steps between two syncs. Default 5 (the paper's code).
+    pub k: usize,
+    /// Slow-weights step size α ∈ (0, 1]. Default 0.5 (the paper's code).
+    pub alpha: f32,
+}
+
+impl Default for LookaheadConfig {
+    fn default() -> Self {
+        Self { k: 5, alpha: 0.5 }
+    }
 }
 
 fn default_opt() -> OptimizerKind {
@@ -350,6 +369,7 @@ impl Default for OptimizerConfig {
             eps: default_eps(),
             reset_each_task: true,
             schedule: default_schedule(),
+            lookahead: None,
         }
     }
 }
@@ -757,6 +777,17 @@ impl ExperimentConfig {
                 ));
             }
         }
+        if let Some(la) = &o.lookahead {
+            if la.k == 0 {
+                return Err(err("optimizer.lookahead.k", "must be at least 1".into()));
+            }
+            if !(la.alpha > 0.0 && la.alpha <= 1.0) {
+                return Err(err(
+                    "optimizer.lookahead.alpha",
+                    format!("must be in (0, 1], found {}", la.alpha),
+                ));
+            }
+        }
         let t = &self.training;
         if t.epochs == 0 {
             return Err(err("training.epochs", "must be at least 1".into()));
@@ -928,6 +959,23 @@ mod tests {
             "optimizer.betas",
         );
         bad(&["optimizer.eps=0"], "optimizer.eps");
+        bad(&["optimizer.lookahead={k: 0}"], "optimizer.lookahead.k");
+        let e = err_of(MIN, &["optimizer.lookahead={k: 5, beta: 0.5}"]);
+        assert!(
+            e.contains("optimizer.lookahead") && e.contains("beta"),
+            "{e}"
+        );
+        let c = parse_config(MIN, "x", &["optimizer.lookahead={}".into()]).unwrap();
+        assert_eq!(
+            c.optimizer.lookahead,
+            Some(LookaheadConfig { k: 5, alpha: 0.5 })
+        );
+        for alpha in ["0", "-0.5", "1.5", ".nan"] {
+            bad(
+                &[&format!("optimizer.lookahead={{alpha: {alpha}}}")],
+                "optimizer.lookahead.alpha",
+            );
+        }
         bad(
             &["optimizer.schedule={kind: step, milestones: [1], gamma: -0.1}"],
             "optimizer.schedule.gamma",
