@@ -14,7 +14,7 @@ fn run(out: &Path, name: &str, optimizer: &str, algorithm: &str) -> PathBuf {
          benchmark: {{ dataset: fmnist-mini, kind: split, tasks: 3, classes_per_task: 2, scenario: class-il, train_subset: 60 }}\n\
          model: {{ kind: mlp, hidden: [16] }}\n\
          optimizer: {optimizer}\n\
-         training: {{ epochs: 2, batch_size: 10 }}\n\
+         training: {{ epochs: 2, batch_size: 10, log_every: 1 }}\n\
          algorithm: {algorithm}\n\
          output: {{ dir: {} }}\n",
         out.display()
@@ -70,6 +70,34 @@ fn alpha_one_equals_the_inner_optimizer_and_alpha_half_does_not() {
                 p != h,
                 "{inner}: alpha = 0.5 left task {t}'s weights unchanged"
             );
+        }
+    }
+}
+
+/// `evaluate_with: slow` evaluates and saves φ of the last sync but trains exactly as `fast`:
+/// the train logs match; with k dividing a task's 12 steps (φ = θ at the end) every output
+/// matches, and with k = 5 the evaluated weights differ.
+#[test]
+fn evaluating_the_slow_weights_leaves_training_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opt = |k: usize, with: &str| {
+        format!(
+            "{{ kind: sgd, lr: 0.05, momentum: 0.9, \
+             lookahead: {{ k: {k}, alpha: 0.5, evaluate_with: {with} }} }}"
+        )
+    };
+    let log = |d: &Path| std::fs::read_to_string(d.join("train_log.csv")).unwrap();
+    for k in [3, 5] {
+        let fast = run(tmp.path(), &format!("fast{k}"), &opt(k, "fast"), "naive");
+        let slow = run(tmp.path(), &format!("slow{k}"), &opt(k, "slow"), "naive");
+        assert_eq!(log(&fast), log(&slow), "k = {k}: training changed");
+        let (f, s) = (outputs(&fast), outputs(&slow));
+        if k == 3 {
+            assert!(f == s, "k = 3 ends every task on a sync");
+        } else {
+            for t in 1..=3 {
+                assert!(f[t] != s[t], "k = 5: task {t} evaluated the fast weights");
+            }
         }
     }
 }

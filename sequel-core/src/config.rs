@@ -333,11 +333,25 @@ pub struct LookaheadConfig {
     pub k: usize,
     /// Slow-weights step size α ∈ (0, 1]. Default 0.5 (the paper's code).
     pub alpha: f32,
+    /// The weights evaluated (and saved as `task-<t>.safetensors`) after each task: the fast
+    /// weights θ (default) or the slow weights φ of the last sync. Training is the same either way.
+    pub evaluate_with: EvaluateWith,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvaluateWith {
+    Fast,
+    Slow,
 }
 
 impl Default for LookaheadConfig {
     fn default() -> Self {
-        Self { k: 5, alpha: 0.5 }
+        Self {
+            k: 5,
+            alpha: 0.5,
+            evaluate_with: EvaluateWith::Fast,
+        }
     }
 }
 
@@ -787,6 +801,13 @@ impl ExperimentConfig {
                     format!("must be in (0, 1], found {}", la.alpha),
                 ));
             }
+            if la.evaluate_with == EvaluateWith::Slow && self.consolidation.is_some() {
+                return Err(err(
+                    "optimizer.lookahead.evaluate_with",
+                    "`slow` cannot be combined with a consolidation strategy (not implemented)"
+                        .into(),
+                ));
+            }
         }
         let t = &self.training;
         if t.epochs == 0 {
@@ -960,16 +981,20 @@ mod tests {
         );
         bad(&["optimizer.eps=0"], "optimizer.eps");
         bad(&["optimizer.lookahead={k: 0}"], "optimizer.lookahead.k");
+        bad(
+            &[
+                "optimizer.lookahead={evaluate_with: slow}",
+                "consolidation={name: average}",
+            ],
+            "optimizer.lookahead.evaluate_with",
+        );
         let e = err_of(MIN, &["optimizer.lookahead={k: 5, beta: 0.5}"]);
         assert!(
             e.contains("optimizer.lookahead") && e.contains("beta"),
             "{e}"
         );
         let c = parse_config(MIN, "x", &["optimizer.lookahead={}".into()]).unwrap();
-        assert_eq!(
-            c.optimizer.lookahead,
-            Some(LookaheadConfig { k: 5, alpha: 0.5 })
-        );
+        assert_eq!(c.optimizer.lookahead, Some(LookaheadConfig::default()));
         for alpha in ["0", "-0.5", "1.5", ".nan"] {
             bad(
                 &[&format!("optimizer.lookahead={{alpha: {alpha}}}")],

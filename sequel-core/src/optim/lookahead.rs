@@ -40,11 +40,6 @@ impl Lookahead {
             slow: Vec::new(),
         }
     }
-
-    /// The slow weights φ in trainable-parameter order (empty before the first step).
-    pub fn slow_weights(&self) -> &[Tensor] {
-        &self.slow
-    }
 }
 
 impl Optimizer for Lookahead {
@@ -79,6 +74,10 @@ impl Optimizer for Lookahead {
         self.inner.reset();
         self.slow.clear();
         self.steps = 0;
+    }
+
+    fn slow_weights(&self) -> Option<&[Tensor]> {
+        (!self.slow.is_empty()).then_some(self.slow.as_slice())
     }
 
     fn save_state(&self) -> Result<StateDict> {
@@ -157,7 +156,7 @@ mod tests {
                     .zip(&theta)
                     .map(|(p, t)| p + alpha * (t - p))
                     .collect();
-                let slow = opt.slow_weights()[0].to_vec1::<f32>().unwrap();
+                let slow = opt.slow_weights().unwrap()[0].to_vec1::<f32>().unwrap();
                 for (a, b) in slow.iter().zip(&phi) {
                     assert!((a - b).abs() < 1e-6, "step {s}: φ = {slow:?}, hand {phi:?}");
                 }
@@ -215,9 +214,12 @@ mod tests {
             );
         }
         opt.reset();
-        assert!(opt.slow_weights().is_empty());
+        assert!(opt.slow_weights().is_none());
         let now = var.to_vec1::<f32>().unwrap();
         step(&mut opt, &var, &ps, &target);
-        assert_eq!(opt.slow_weights()[0].to_vec1::<f32>().unwrap(), now);
+        assert_eq!(
+            opt.slow_weights().unwrap()[0].to_vec1::<f32>().unwrap(),
+            now
+        );
     }
 }

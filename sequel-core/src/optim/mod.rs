@@ -33,6 +33,11 @@ pub trait Optimizer: Send {
     fn save_state(&self) -> Result<StateDict>;
     /// Restore what [`Optimizer::save_state`] returned; afterwards steps continue bit-identically.
     fn load_state(&mut self, state: &StateDict) -> Result<()>;
+    /// Slow weights kept beside the trained ones ([`Lookahead`]'s φ), one per trainable
+    /// parameter; `None` for an optimizer without them or before its first step.
+    fn slow_weights(&self) -> Option<&[Tensor]> {
+        None
+    }
 }
 
 /// `slots[i]` = `state["<key>.<i>"]` as a fresh in-place-updatable buffer, for `i < state["<key>.len"]`.
