@@ -167,6 +167,46 @@ fn optimizer_moments_dropout_and_consolidation_survive_a_resume() {
     assert_eq!(log(&full), log(&resumed));
 }
 
+/// Lookahead's slow weights and its step count live in the optimizer state: kept across tasks
+/// (`reset_each_task: false`) with k = 3 not dividing the 4 steps of a task, a sync falls
+/// mid-task after the resume, so a lost φ or count would change every later file. With
+/// `evaluate_with: slow` the fast weights are put back after evaluation, before the checkpoint.
+#[test]
+fn lookahead_slow_weights_survive_a_resume() {
+    for (optimizer, algorithm, evaluate) in [
+        ("kind: sgd, lr: 0.05, momentum: 0.9", "naive", "fast"),
+        (
+            "kind: adam, lr: 0.003",
+            "{ name: er, buffer_size: 30 }",
+            "slow",
+        ),
+    ] {
+        for reset in [false, true] {
+            let tmp = tempfile::tempdir().unwrap();
+            let text = config(tmp.path(), algorithm, "").replace(
+                "{ kind: sgd, lr: 0.05, momentum: 0.9, reset_each_task: false }",
+                &format!(
+                    "{{ {optimizer}, reset_each_task: {reset}, \
+                     lookahead: {{ k: 3, alpha: 0.5, evaluate_with: {evaluate} }} }}"
+                ),
+            );
+            assert!(text.contains("lookahead"));
+            let full = run(&text, "full", &RunOptions::default()).unwrap();
+            stopped_after(&text, "part", 2);
+            let resumed = resume(tmp.path(), "part", &text, None).unwrap();
+            for ((name, x), (_, y)) in results(&full).iter().zip(&results(&resumed)) {
+                if name != "config.yaml" {
+                    assert!(
+                        x == y,
+                        "{optimizer} reset {reset}: {name} differs after resume"
+                    );
+                }
+            }
+            assert_eq!(log(&full), log(&resumed), "{optimizer} reset {reset}");
+        }
+    }
+}
+
 #[test]
 fn a_changed_config_is_refused_naming_the_keys() {
     let tmp = tempfile::tempdir().unwrap();

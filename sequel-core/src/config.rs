@@ -320,6 +320,39 @@ pub struct OptimizerConfig {
     /// Learning-rate schedule within each task. Default constant.
     #[serde(default = "default_schedule")]
     pub schedule: Schedule,
+    /// Wrap the optimizer in Lookahead (Zhang et al., 2019). Default: absent (off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookahead: Option<LookaheadConfig>,
+}
+
+/// Lookahead's slow weights: every `k` inner steps φ ← φ + α(θ − φ), θ ← φ.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LookaheadConfig {
+    /// Inner (fast) steps between two syncs. Default 5 (the paper's code).
+    pub k: usize,
+    /// Slow-weights step size α ∈ (0, 1]. Default 0.5 (the paper's code).
+    pub alpha: f32,
+    /// The weights evaluated (and saved as `task-<t>.safetensors`) after each task: the fast
+    /// weights θ (default) or the slow weights φ of the last sync. Training is the same either way.
+    pub evaluate_with: EvaluateWith,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvaluateWith {
+    Fast,
+    Slow,
+}
+
+impl Default for LookaheadConfig {
+    fn default() -> Self {
+        Self {
+            k: 5,
+            alpha: 0.5,
+            evaluate_with: EvaluateWith::Fast,
+        }
+    }
 }
 
 fn default_opt() -> OptimizerKind {
@@ -350,6 +383,7 @@ impl Default for OptimizerConfig {
             eps: default_eps(),
             reset_each_task: true,
             schedule: default_schedule(),
+            lookahead: None,
         }
     }
 }
@@ -757,6 +791,24 @@ impl ExperimentConfig {
                 ));
             }
         }
+        if let Some(la) = &o.lookahead {
+            if la.k == 0 {
+                return Err(err("optimizer.lookahead.k", "must be at least 1".into()));
+            }
+            if !(la.alpha > 0.0 && la.alpha <= 1.0) {
+                return Err(err(
+                    "optimizer.lookahead.alpha",
+                    format!("must be in (0, 1], found {}", la.alpha),
+                ));
+            }
+            if la.evaluate_with == EvaluateWith::Slow && self.consolidation.is_some() {
+                return Err(err(
+                    "optimizer.lookahead.evaluate_with",
+                    "`slow` cannot be combined with a consolidation strategy (not implemented)"
+                        .into(),
+                ));
+            }
+        }
         let t = &self.training;
         if t.epochs == 0 {
             return Err(err("training.epochs", "must be at least 1".into()));
@@ -928,6 +980,27 @@ mod tests {
             "optimizer.betas",
         );
         bad(&["optimizer.eps=0"], "optimizer.eps");
+        bad(&["optimizer.lookahead={k: 0}"], "optimizer.lookahead.k");
+        bad(
+            &[
+                "optimizer.lookahead={evaluate_with: slow}",
+                "consolidation={name: average}",
+            ],
+            "optimizer.lookahead.evaluate_with",
+        );
+        let e = err_of(MIN, &["optimizer.lookahead={k: 5, beta: 0.5}"]);
+        assert!(
+            e.contains("optimizer.lookahead") && e.contains("beta"),
+            "{e}"
+        );
+        let c = parse_config(MIN, "x", &["optimizer.lookahead={}".into()]).unwrap();
+        assert_eq!(c.optimizer.lookahead, Some(LookaheadConfig::default()));
+        for alpha in ["0", "-0.5", "1.5", ".nan"] {
+            bad(
+                &[&format!("optimizer.lookahead={{alpha: {alpha}}}")],
+                "optimizer.lookahead.alpha",
+            );
+        }
         bad(
             &["optimizer.schedule={kind: step, milestones: [1], gamma: -0.1}"],
             "optimizer.schedule.gamma",

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor, D};
 
 use crate::algorithm::{Algorithm, EvalCtx, StepCtx, TaskCtx};
 use crate::checkpoint::{self, Checkpoint, Meta, FORMAT_VERSION};
-use crate::config::ExperimentConfig;
+use crate::config::{EvaluateWith, ExperimentConfig};
 use crate::consolidation::{
     apply, Anchor, Consolidation, ConsolidationCtx, ContinueFrom, Evaluate, TaskVector,
 };
@@ -182,6 +182,7 @@ impl Trainer {
             None => None,
         };
         let train_s = start.elapsed().as_secs_f64();
+        let fast = self.swap_in_slow_weights()?;
         let e0 = Instant::now();
         // The model holds θ̂_t here. With a consolidator, the trained weights fill the raw
         // matrix and the evaluated ones the main matrix (evaluated once if they are the same).
@@ -213,6 +214,9 @@ impl Trainer {
             "task finished"
         );
         self.save_weights(t)?;
+        if let Some(fast) = fast {
+            self.model.params().restore(&fast)?;
+        }
         if let (Some(c), Some(cons)) = (consolidated, &self.consolidation) {
             let from = match cons.wiring.continue_from {
                 ContinueFrom::Consolidated => &c.consolidated,
@@ -228,6 +232,28 @@ impl Trainer {
         }
         results.times.push(times);
         Ok(())
+    }
+
+    /// With `optimizer.lookahead.evaluate_with: slow`, put the slow weights φ into the trainable
+    /// parameters for evaluation and return the fast weights to restore afterwards, so training
+    /// continues from θ. (Validation refuses `slow` with a consolidation strategy.)
+    fn swap_in_slow_weights(&self) -> Result<Option<Snapshot>> {
+        let slow = self
+            .cfg
+            .optimizer
+            .lookahead
+            .as_ref()
+            .map(|l| l.evaluate_with)
+            == Some(EvaluateWith::Slow);
+        let Some(phi) = self.optimizer.slow_weights().filter(|_| slow) else {
+            return Ok(None);
+        };
+        let params = self.model.params();
+        let fast = params.snapshot()?;
+        for (p, phi) in params.trainable().zip(phi) {
+            p.var.set(phi)?;
+        }
+        Ok(Some(fast))
     }
 
     /// Evaluate the untrained model and set up what a fresh run needs.

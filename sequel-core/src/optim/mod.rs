@@ -5,6 +5,7 @@
 
 pub mod adam;
 pub mod kernels;
+pub mod lookahead;
 pub mod schedule;
 pub mod sgd;
 
@@ -16,6 +17,7 @@ use crate::model::ParamSet;
 use crate::state::StateDict;
 
 pub use adam::Adam;
+pub use lookahead::Lookahead;
 pub use schedule::LrSchedule;
 pub use sgd::Sgd;
 
@@ -31,6 +33,11 @@ pub trait Optimizer: Send {
     fn save_state(&self) -> Result<StateDict>;
     /// Restore what [`Optimizer::save_state`] returned; afterwards steps continue bit-identically.
     fn load_state(&mut self, state: &StateDict) -> Result<()>;
+    /// Slow weights kept beside the trained ones ([`Lookahead`]'s φ), one per trainable
+    /// parameter; `None` for an optimizer without them or before its first step.
+    fn slow_weights(&self) -> Option<&[Tensor]> {
+        None
+    }
 }
 
 /// `slots[i]` = `state["<key>.<i>"]` as a fresh in-place-updatable buffer, for `i < state["<key>.len"]`.
@@ -63,7 +70,16 @@ pub(crate) fn save_slots(out: &mut StateDict, key: &str, slots: &[Option<&Tensor
     Ok(())
 }
 
+/// The configured optimizer, wrapped in [`Lookahead`] when `optimizer.lookahead` is set.
 pub fn build_optimizer(cfg: &OptimizerConfig) -> Box<dyn Optimizer> {
+    let inner = build_inner(cfg);
+    match &cfg.lookahead {
+        Some(la) => Box::new(Lookahead::new(inner, la.k, la.alpha)),
+        None => inner,
+    }
+}
+
+fn build_inner(cfg: &OptimizerConfig) -> Box<dyn Optimizer> {
     match cfg.kind {
         OptimizerKind::Sgd => Box::new(Sgd::new(
             cfg.lr,
