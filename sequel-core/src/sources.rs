@@ -152,7 +152,9 @@ impl Sources {
         });
     }
 
-    /// Register the backbone `C` describes (name, summary and keys come from `C`).
+    /// Register the backbone `C` describes (name, summary and keys come from `C`). Give it a name
+    /// of its own: `mlp`, `cnn` and `resnet18` keep their built-in keys, so a backbone registered
+    /// under one of them could not be given options.
     pub fn add_backbone<C: BackboneConfig>(&mut self) {
         self.backbones.retain(|e| e.name != C::NAME);
         self.backbones.push(Entry {
