@@ -48,8 +48,7 @@ impl DeviceSpec {
         match *self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             #[cfg(feature = "cuda")]
-            DeviceSpec::Cuda(n) => Device::new_cuda(n)
-                .map_err(|e| Error::msg(format!("device: cannot open cuda:{n}: {e}"))),
+            DeviceSpec::Cuda(n) => Device::new_cuda(n).map_err(|e| cannot_open(n, &e)),
             #[cfg(not(feature = "cuda"))]
             DeviceSpec::Cuda(_) => Err(Error::msg(format!(
                 "device: `{self}` needs a build with CUDA: scripts/build-cuda.sh (or \
@@ -57,6 +56,14 @@ impl DeviceSpec {
             ))),
         }
     }
+}
+
+/// One line for a device the driver refused: candle appends a backtrace on the following lines.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn cannot_open(n: usize, e: &dyn fmt::Display) -> Error {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    Error::msg(format!("device: cannot open cuda:{n}: {first}"))
 }
 
 impl fmt::Display for DeviceSpec {
@@ -99,6 +106,18 @@ mod tests {
                 .unwrap_err()
                 .contains("cpu, cuda or cuda:N"));
         }
+    }
+
+    #[test]
+    fn a_refused_device_is_one_line() {
+        let e = cannot_open(
+            1,
+            &"DriverError(CUDA_ERROR_STUB_LIBRARY)\n 0: bt at error.rs:260",
+        );
+        assert_eq!(
+            e.to_string(),
+            "device: cannot open cuda:1: DriverError(CUDA_ERROR_STUB_LIBRARY)"
+        );
     }
 
     #[cfg(not(feature = "cuda"))]
