@@ -46,23 +46,7 @@ where
     Box::new(move |params: Value, origin: &str| {
         let cfg: C = from_value(params, origin, section)?;
         let resolved = serde_yaml::to_value(&cfg).map_err(|e| Error::msg(e.to_string()))?;
-        Ok((in_file(make(cfg), origin)?, resolved))
-    })
-}
-
-/// Constructors report out-of-range parameters without knowing the file: add it.
-fn in_file<T>(r: Result<T>, origin: &str) -> Result<T> {
-    r.map_err(|e| match e {
-        Error::Config {
-            file,
-            path,
-            message,
-        } if file.is_empty() => Error::Config {
-            file: origin.to_string(),
-            path,
-            message,
-        },
-        e => e,
+        Ok((make(cfg).map_err(|e| e.in_file(origin))?, resolved))
     })
 }
 
@@ -254,7 +238,7 @@ impl Registry {
             build: Box::new(|params: Value, origin: &str| {
                 let mut cfg = parse_algorithm::<C>(params, origin)?;
                 let resolved = resolved(&mut cfg)?;
-                Ok((in_file(cfg.build(), origin)?, resolved))
+                Ok((cfg.build().map_err(|e| e.in_file(origin))?, resolved))
             }),
             defaults: with_name(C::NAME, defaults),
         });

@@ -76,6 +76,29 @@ pub enum Error {
 }
 
 impl Error {
+    /// Prefix an error that a config change fixes with the config file `origin` (constructors and
+    /// stream checks report the key without knowing the file); other errors pass unchanged.
+    pub fn in_file(self, origin: &str) -> Self {
+        match self {
+            Error::Config {
+                file,
+                path,
+                message,
+            } if file.is_empty() => Error::Config {
+                file: origin.to_string(),
+                path,
+                message,
+            },
+            Error::UnknownName { .. } | Error::Benchmark(_) => {
+                Error::Msg(format!("{origin}: {self}"))
+            }
+            Error::Msg(m) if m.starts_with("model.") || m.starts_with("algorithm.") => {
+                Error::Msg(format!("{origin}: {m}"))
+            }
+            e => e,
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

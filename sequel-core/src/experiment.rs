@@ -42,24 +42,9 @@ impl Prepared {
     }
 }
 
-/// Prefix an error that a config change fixes with the config file `origin`.
+/// [`Error::in_file`] as a closure for `map_err`.
 fn in_file(origin: &str) -> impl Fn(Error) -> Error + '_ {
-    move |e: Error| match e {
-        Error::Config {
-            file,
-            path,
-            message,
-        } if file.is_empty() => Error::Config {
-            file: origin.to_string(),
-            path,
-            message,
-        },
-        Error::UnknownName { .. } | Error::Benchmark(_) => Error::Msg(format!("{origin}: {e}")),
-        Error::Msg(m) if m.starts_with("model.") || m.starts_with("algorithm.") => {
-            Error::Msg(format!("{origin}: {m}"))
-        }
-        e => e,
-    }
+    move |e: Error| e.in_file(origin)
 }
 
 /// Build the task stream `cfg` describes over an already-loaded `dataset`.
