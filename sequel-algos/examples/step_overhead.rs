@@ -107,11 +107,11 @@ fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|");
     for m in [
         "{name: ewc}",
-        "{name: ewc, fisher: true}",
-        "{name: ewc, fisher_mode: minibatch}",
-        "{name: ewc, fisher: true, fisher_mode: minibatch}",
+        "{name: ewc, fisher: {kind: true}}",
+        "{name: ewc, fisher: {mode: minibatch}}",
+        "{name: ewc, fisher: {kind: true, mode: minibatch}}",
         "{name: mas}",
-        "{name: mas, importance_mode: minibatch}",
+        "{name: mas, importance: {mode: minibatch}}",
     ] {
         let (n, s) = time_importance(m)?;
         println!("| `{m}` | {n} | {s:.3} | {:.0} |", n as f64 / s);

@@ -10,8 +10,8 @@
 //! pairs are kept in the exactly merged form of [`QuadraticPenalty`] (same value, same gradient,
 //! `O(|θ|)` memory and per-step cost however many tasks have passed).
 //!
-//! **Fisher** (diagonal, at `θ*_k`, on task `k`'s training samples; `fisher`, `fisher_mode`): see
-//! [`crate::fisher`]. With `lambda: 0` nothing is computed and training is bit-identical to `naive`.
+//! **Fisher** (diagonal, at `θ*_k`, on task `k`'s training samples; `fisher: {kind, mode, ...}`):
+//! see [`crate::fisher`]. With `lambda: 0` nothing is computed and training is bit-identical to `naive`.
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -21,9 +21,8 @@ use sequel_core::model::Model;
 use sequel_core::{Algorithm, AlgorithmConfig, Result, StateIo, StepCtx, TaskCtx};
 
 use crate::check;
-use crate::fisher::{check_fisher, task_fisher};
+use crate::fisher::task_fisher;
 pub use crate::fisher::{fisher_diagonal, FisherKind, FisherSpec};
-use crate::importance::Granularity;
 use crate::penalty::{PerParam, QuadraticPenalty};
 
 /// YAML keys of `algorithm: { name: ewc, ... }`.
@@ -33,26 +32,15 @@ pub struct EwcConfig {
     /// Penalty strength λ in `(λ/2)·Σ F(θ − θ*)²`. Default 1.0 (SequeL's `ewc_lambda`;
     /// continual-learning-baselines' permuted MNIST).
     pub lambda: f64,
-    /// `empirical` (default, as Avalanche, Mammoth and SequeL) or `true`.
-    pub fisher: FisherKind,
-    /// `per-sample` (default) or `minibatch`.
-    pub fisher_mode: Granularity,
-    /// Minibatch size of `fisher_mode: minibatch`. Default 10 (the default `training.batch_size`).
-    pub fisher_batch_size: usize,
-    /// Estimate the Fisher on at most this many of the task's training samples (a seeded random
-    /// subset). Default: all of them.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fisher_samples: Option<usize>,
+    /// How each task's Fisher is estimated.
+    pub fisher: FisherSpec,
 }
 
 impl Default for EwcConfig {
     fn default() -> Self {
         Self {
             lambda: 1.0,
-            fisher: FisherKind::Empirical,
-            fisher_mode: Granularity::PerSample,
-            fisher_batch_size: 10,
-            fisher_samples: None,
+            fisher: FisherSpec::default(),
         }
     }
 }
@@ -63,17 +51,6 @@ impl AlgorithmConfig for EwcConfig {
         "Elastic Weight Consolidation, one Fisher + anchor per past task (Kirkpatrick et al. 2017)";
     fn build(self) -> Result<Box<dyn Algorithm>> {
         Ok(Box::new(Ewc::new(self)?))
-    }
-}
-
-impl EwcConfig {
-    pub(crate) fn fisher_spec(&self) -> FisherSpec {
-        FisherSpec {
-            kind: self.fisher,
-            mode: self.fisher_mode,
-            batch_size: self.fisher_batch_size,
-            samples: self.fisher_samples,
-        }
     }
 }
 
@@ -89,11 +66,10 @@ pub struct Ewc {
 impl Ewc {
     pub fn new(cfg: EwcConfig) -> Result<Self> {
         check::non_negative("lambda", cfg.lambda)?;
-        let fisher = cfg.fisher_spec();
-        check_fisher(&fisher)?;
+        cfg.fisher.check()?;
         Ok(Self {
             lambda: cfg.lambda,
-            fisher,
+            fisher: cfg.fisher,
             penalty: QuadraticPenalty::default(),
             last_fisher: None,
         })

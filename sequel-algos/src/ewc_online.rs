@@ -11,8 +11,8 @@
 //!
 //! The old Fisher is decayed *before* the new one is added and the anchor moves every task; γ = 0
 //! would replace F̃ by Fₜ (what SequeL's EWC effectively does), γ = 1 sums the Fishers. The Fisher
-//! `Fₜ` is estimated exactly as in [`crate::ewc`] (same keys: `fisher`, `fisher_mode`,
-//! `fisher_batch_size`, `fisher_samples`). With `lambda: 0` nothing is computed and training is
+//! `Fₜ` is estimated exactly as in [`crate::ewc`] (the same `fisher: {kind, mode, batch_size,
+//! samples}`). With `lambda: 0` nothing is computed and training is
 //! bit-identical to `naive`.
 
 use candle_core::Tensor;
@@ -24,8 +24,7 @@ use sequel_core::{Algorithm, AlgorithmConfig, Result, StateIo, StepCtx, TaskCtx}
 
 use crate::check;
 use crate::ewc::scalar;
-use crate::fisher::{check_fisher, task_fisher, FisherKind, FisherSpec};
-use crate::importance::Granularity;
+use crate::fisher::{task_fisher, FisherSpec};
 use crate::penalty::{PerParam, QuadraticPenalty};
 
 /// YAML keys of `algorithm: { name: ewc-online, ... }`.
@@ -36,15 +35,8 @@ pub struct OnlineEwcConfig {
     pub lambda: f64,
     /// Decay γ of the running Fisher, in [0, 1]. Default 1.0 (Mammoth's best on every benchmark).
     pub gamma: f64,
-    /// `empirical` (default) or `true`; see `ewc`.
-    pub fisher: FisherKind,
-    /// `per-sample` (default) or `minibatch`.
-    pub fisher_mode: Granularity,
-    /// Minibatch size of `fisher_mode: minibatch`. Default 10.
-    pub fisher_batch_size: usize,
-    /// Estimate each Fisher on at most this many training samples. Default: all.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fisher_samples: Option<usize>,
+    /// How each task's Fisher `Fₜ` is estimated; see `ewc`.
+    pub fisher: FisherSpec,
 }
 
 impl Default for OnlineEwcConfig {
@@ -52,10 +44,7 @@ impl Default for OnlineEwcConfig {
         Self {
             lambda: 1.0,
             gamma: 1.0,
-            fisher: FisherKind::Empirical,
-            fisher_mode: Granularity::PerSample,
-            fisher_batch_size: 10,
-            fisher_samples: None,
+            fisher: FisherSpec::default(),
         }
     }
 }
@@ -82,17 +71,11 @@ impl OnlineEwc {
     pub fn new(cfg: OnlineEwcConfig) -> Result<Self> {
         check::non_negative("lambda", cfg.lambda)?;
         check::unit_interval("gamma", cfg.gamma)?;
-        let fisher = FisherSpec {
-            kind: cfg.fisher,
-            mode: cfg.fisher_mode,
-            batch_size: cfg.fisher_batch_size,
-            samples: cfg.fisher_samples,
-        };
-        check_fisher(&fisher)?;
+        cfg.fisher.check()?;
         Ok(Self {
             lambda: cfg.lambda,
             gamma: cfg.gamma,
-            fisher,
+            fisher: cfg.fisher,
             running: None,
             penalty: QuadraticPenalty::default(),
         })

@@ -2,14 +2,16 @@
 //! al. 2018), estimated at the end of a task on its training samples, from fresh gradients of the
 //! task loss alone — never a penalty:
 //!
-//! - `fisher: empirical` — `F = (1/N) Σₙ (∇θ log p_θ(yₙ|xₙ))²` with the dataset label `yₙ`.
-//! - `fisher: true` — `F = (1/N) Σₙ Σ_c p_θ(c|xₙ) (∇θ log p_θ(c|xₙ))²`, the exact expectation over the
+//! - `kind: empirical` — `F = (1/N) Σₙ (∇θ log p_θ(yₙ|xₙ))²` with the dataset label `yₙ`.
+//! - `kind: true` — `F = (1/N) Σₙ Σ_c p_θ(c|xₙ) (∇θ log p_θ(c|xₙ))²`, the exact expectation over the
 //!   units the softmax runs over (one forward and one backward per unit with `p > 0` per sample).
-//! - `fisher_mode: per-sample` (default) squares per-sample gradients (a batch-1 loop, see
-//!   [`crate::importance`]); `fisher_mode: minibatch` squares the gradient of the minibatch-mean loss
-//!   over minibatches of `fisher_batch_size` (Avalanche's estimator; its scale depends on the batch
-//!   size, so λ is not comparable across the two). With `fisher: true` in minibatch mode each
+//! - `mode: per-sample` (default) squares per-sample gradients (a batch-1 loop, see
+//!   [`crate::importance`]); `mode: minibatch` squares the gradient of the minibatch-mean loss
+//!   over minibatches of `batch_size` (Avalanche's estimator; its scale depends on the batch
+//!   size, so λ is not comparable across the two). With `kind: true` in minibatch mode each
 //!   sample's label is drawn from `p_θ(·|x)` with the algorithm's seeded stream.
+//!
+//! In YAML these are the nested keys of `fisher:`, e.g. `fisher: { kind: true, mode: minibatch }`.
 //!
 //! Probabilities are those of the training loss: softmax over all units, or in multi-head task-IL
 //! over the task's units. Forward passes run in evaluation mode (no dropout, batch-norm running
@@ -28,7 +30,7 @@ use crate::check;
 use crate::importance::{mean_gradient_statistic, subset, training_log_probs, Granularity, Reduce};
 use crate::penalty::PerParam;
 
-/// Which Fisher information is estimated. In YAML `fisher: true` is read as a boolean; it is
+/// Which Fisher information is estimated. In YAML `kind: true` is read as a boolean; it is
 /// accepted as the `true` variant (and written back as the string `'true'`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -58,25 +60,46 @@ impl<'de> Deserialize<'de> for FisherKind {
     }
 }
 
-/// Settings of the Fisher estimate, shared by `ewc` and `ewc-online`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// `fisher: { kind, mode, batch_size, samples }` of `ewc` and `ewc-online`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct FisherSpec {
+    /// `empirical` (default, as Avalanche, Mammoth and SequeL) or `true`.
     pub kind: FisherKind,
+    /// `per-sample` (default) or `minibatch`.
     pub mode: Granularity,
+    /// Minibatch size of `mode: minibatch`. Default 10 (the default `training.batch_size`).
     pub batch_size: usize,
+    /// Estimate on at most this many of the task's training samples (a seeded random subset).
+    /// Default: all of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub samples: Option<usize>,
 }
 
-pub(crate) fn check_fisher(spec: &FisherSpec) -> Result<()> {
-    check::at_least_one("fisher_batch_size", spec.batch_size)?;
-    if let Some(n) = spec.samples {
-        check::at_least_one("fisher_samples", n)?;
+impl Default for FisherSpec {
+    fn default() -> Self {
+        Self {
+            kind: FisherKind::Empirical,
+            mode: Granularity::PerSample,
+            batch_size: 10,
+            samples: None,
+        }
     }
-    Ok(())
+}
+
+impl FisherSpec {
+    /// Errors name `algorithm.fisher.<key>`.
+    pub(crate) fn check(&self) -> Result<()> {
+        check::at_least_one("fisher.batch_size", self.batch_size)?;
+        if let Some(n) = self.samples {
+            check::at_least_one("fisher.samples", n)?;
+        }
+        Ok(())
+    }
 }
 
 /// The diagonal Fisher of `model` on `samples` (module docs). `rng` is used only by the sampled
-/// labels of `fisher: true` in minibatch mode.
+/// labels of `kind: true` in minibatch mode.
 pub fn fisher_diagonal(
     ctx: &mut TaskCtx,
     samples: &[SampleRef],

@@ -32,6 +32,41 @@ pub enum Granularity {
     Minibatch,
 }
 
+/// `importance: { mode, batch_size, samples }` of `mas`: how a gradient-based importance is
+/// estimated at the end of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImportanceSpec {
+    /// `per-sample` (default) or `minibatch`.
+    pub mode: Granularity,
+    /// Minibatch size of `mode: minibatch`. Default 10.
+    pub batch_size: usize,
+    /// Estimate on at most this many training samples (a seeded random subset). Default: all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples: Option<usize>,
+}
+
+impl Default for ImportanceSpec {
+    fn default() -> Self {
+        Self {
+            mode: Granularity::PerSample,
+            batch_size: 10,
+            samples: None,
+        }
+    }
+}
+
+impl ImportanceSpec {
+    /// Errors name `algorithm.importance.<key>`.
+    pub fn check(&self) -> Result<()> {
+        crate::check::at_least_one("importance.batch_size", self.batch_size)?;
+        if let Some(n) = self.samples {
+            crate::check::at_least_one("importance.samples", n)?;
+        }
+        Ok(())
+    }
+}
+
 /// What is applied to each gradient before averaging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reduce {

@@ -13,9 +13,9 @@
 //! **½ convention:** none — `λ·Σ Ω(θ − θ*)²`, the paper's eq. 3.
 //!
 //! `f` is the logits the training loss sees (all units; in multi-head task-IL the task's own head).
-//! `importance_mode: per-sample` (default) takes |·| per sample, as the definition (a batch-1 loop,
-//! see [`crate::importance`]); `minibatch` takes |·| of the gradient of the minibatch mean of
-//! `‖f(x)‖²` (a cheaper approximation whose scale depends on `importance_batch_size`). Forward
+//! `importance: {mode: per-sample}` (default) takes |·| per sample, as the definition (a batch-1
+//! loop, see [`crate::importance`]); `minibatch` takes |·| of the gradient of the minibatch mean of
+//! `‖f(x)‖²` (a cheaper approximation whose scale depends on `importance.batch_size`). Forward
 //! passes run in evaluation mode. With `lambda: 0` nothing is computed and training is
 //! bit-identical to `naive`.
 
@@ -29,7 +29,9 @@ use sequel_core::{Algorithm, AlgorithmConfig, Result, StateIo, StepCtx, TaskCtx}
 
 use crate::check;
 use crate::ewc::scalar;
-use crate::importance::{mean_gradient_statistic, subset, training_logits, Granularity, Reduce};
+use crate::importance::{
+    mean_gradient_statistic, subset, training_logits, Granularity, ImportanceSpec, Reduce,
+};
 use crate::penalty::{PerParam, QuadraticPenalty};
 
 /// YAML keys of `algorithm: { name: mas, ... }`.
@@ -42,13 +44,8 @@ pub struct MasConfig {
     /// Weight α of the previous importance in `Ω ← αΩ + (1 − α)Ω^new`, in [0, 1]. Default 0.5
     /// (Avalanche).
     pub alpha: f64,
-    /// `per-sample` (default) or `minibatch`.
-    pub importance_mode: Granularity,
-    /// Minibatch size of `importance_mode: minibatch`. Default 10.
-    pub importance_batch_size: usize,
-    /// Estimate Ω on at most this many training samples (a seeded random subset). Default: all.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub importance_samples: Option<usize>,
+    /// How `Ω^new` is estimated.
+    pub importance: ImportanceSpec,
 }
 
 impl Default for MasConfig {
@@ -56,9 +53,7 @@ impl Default for MasConfig {
         Self {
             lambda: 1.0,
             alpha: 0.5,
-            importance_mode: Granularity::PerSample,
-            importance_batch_size: 10,
-            importance_samples: None,
+            importance: ImportanceSpec::default(),
         }
     }
 }
@@ -82,10 +77,7 @@ impl Mas {
     pub fn new(cfg: MasConfig) -> Result<Self> {
         check::non_negative("lambda", cfg.lambda)?;
         check::unit_interval("alpha", cfg.alpha)?;
-        check::at_least_one("importance_batch_size", cfg.importance_batch_size)?;
-        if let Some(n) = cfg.importance_samples {
-            check::at_least_one("importance_samples", n)?;
-        }
+        cfg.importance.check()?;
         Ok(Self {
             cfg,
             importance: None,
@@ -151,15 +143,15 @@ impl Algorithm for Mas {
         }
         let samples = subset(
             task_samples(ctx.stream, ctx.task),
-            self.cfg.importance_samples,
+            self.cfg.importance.samples,
             ctx.rng,
         );
         let start = std::time::Instant::now();
         let new = mas_importance(
             ctx,
             &samples,
-            self.cfg.importance_mode,
-            self.cfg.importance_batch_size,
+            self.cfg.importance.mode,
+            self.cfg.importance.batch_size,
         )?;
         tracing::info!(
             task = ctx.task + 1,

@@ -74,6 +74,24 @@ fn config_md_documents_every_registered_algorithm_key_and_default() {
                 s.contains(&format!("`{key}`")),
                 "docs/config.md, section of `{name}`: key `{key}` is not documented"
             );
+            // A nested block (EWC's `fisher`, MAS's `importance`) documents each of its keys as
+            // `key.sub`, with the sub-key's own default.
+            if let Some(Value::Mapping(nested)) = defaults.get(key) {
+                for (sub, code_default) in nested {
+                    let sub = format!("{key}.{}", sub.as_str().unwrap());
+                    assert!(
+                        s.contains(&format!("`{sub}`")),
+                        "docs/config.md, section of `{name}`: key `{sub}` is not documented"
+                    );
+                    if let Some(doc_default) = documented_default(s, &sub) {
+                        assert!(
+                            same(&doc_default, code_default),
+                            "docs/config.md, `{name}.{sub}`: documented default {doc_default:?}, code {code_default:?}"
+                        );
+                        checked_defaults += 1;
+                    }
+                }
+            }
             let (Some(doc_default), Some(code_default)) =
                 (documented_default(s, key), defaults.get(key))
             else {

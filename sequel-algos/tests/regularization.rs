@@ -257,12 +257,12 @@ fn every_method_survives_five_tasks_in_every_scenario() {
     ];
     let methods = [
         "{name: ewc}",
-        "{name: ewc, fisher: true}",
-        "{name: ewc, fisher: true, fisher_mode: minibatch, fisher_batch_size: 8}",
-        "{name: ewc-online, gamma: 0.9, fisher_samples: 20}",
+        "{name: ewc, fisher: {kind: true}}",
+        "{name: ewc, fisher: {kind: true, mode: minibatch, batch_size: 8}}",
+        "{name: ewc-online, gamma: 0.9, fisher: {samples: 20}}",
         "{name: si}",
         "{name: mas}",
-        "{name: mas, importance_mode: minibatch}",
+        "{name: mas, importance: {mode: minibatch}}",
         "{name: lwf}",
     ];
     for (scen, over) in scenarios {
@@ -319,8 +319,24 @@ fn out_of_range_parameters_name_the_file_and_key() {
             "{name: lwf, temperature: 0}",
             "test.yaml: algorithm.temperature",
         ),
-        ("{name: ewc, fisher: exact}", "unknown variant `exact`"),
-        ("{name: ewc, fisher_mode: batch}", "fisher_mode"),
+        (
+            "{name: ewc, fisher: {kind: exact}}",
+            "unknown variant `exact`",
+        ),
+        (
+            "{name: ewc, fisher: {mode: batch}}",
+            "algorithm.fisher.mode",
+        ),
+        (
+            "{name: ewc-online, fisher: {batch_size: 0}}",
+            "test.yaml: algorithm.fisher.batch_size: must be at least 1",
+        ),
+        (
+            "{name: mas, importance: {samples: 0}}",
+            "test.yaml: algorithm.importance.samples: must be at least 1",
+        ),
+        // The flat keys of earlier versions are refused, not ignored.
+        ("{name: ewc, fisher_mode: minibatch}", "fisher_mode"),
     ] {
         let e = prepare(
             &text,
@@ -344,16 +360,18 @@ fn fisher_true_round_trips_through_the_resolved_config() {
         let p = prepare(
             &text,
             "test.yaml",
-            &[format!("algorithm={{name: ewc, fisher: {spelling}}}")],
+            &[format!(
+                "algorithm={{name: ewc, fisher: {{kind: {spelling}}}}}"
+            )],
             &Registry::builtin(),
         )
         .unwrap();
         assert!(
-            p.resolved_yaml.contains("fisher: 'true'"),
+            p.resolved_yaml.contains("kind: 'true'"),
             "{}",
             p.resolved_yaml
         );
-        assert!(p.resolved_yaml.contains("fisher_mode: per-sample"));
+        assert!(p.resolved_yaml.contains("mode: per-sample"));
         // The resolved config is itself a valid config.
         prepare(&p.resolved_yaml, "resolved.yaml", &[], &Registry::builtin()).unwrap();
     }
