@@ -164,12 +164,8 @@ impl Algorithm for Agem {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{
-        host_dot, host_gradient, host_loss_gradient, host_weights, mini_run, probe_run, probed,
-        SCENARIOS,
-    };
+    use crate::testing::host_dot;
     use candle_core::Device;
-    use sequel_core::data::GatherBuf;
 
     fn t(v: &[f64]) -> Tensor {
         Tensor::new(v, &Device::Cpu).unwrap()
@@ -195,128 +191,5 @@ mod tests {
         // Orthogonal and zero reference gradients: g·g_ref = 0, nothing to project (and no 0/0).
         assert!(project(&g, &t(&[-2.0, 1.0, 7.0])).unwrap().is_none());
         assert!(project(&g, &t(&[0.0, 0.0, 0.0])).unwrap().is_none());
-    }
-
-    /// Runs A-GEM's real hook inside the trainer and checks every step against a reference gradient
-    /// computed here, from a copy of the memory that draws the same samples.
-    struct Check {
-        agem: Agem,
-        projected: usize,
-        unchanged: usize,
-    }
-
-    impl Algorithm for Check {
-        fn memory(&mut self) -> Option<&mut Memory> {
-            self.agem.memory()
-        }
-        fn edit_gradients(&mut self, grads: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
-            let reference = match self.agem.memory.buffer() {
-                Some(b) if !b.is_empty() => {
-                    let mut copy = b.clone();
-                    let mut slots = Vec::new();
-                    copy.draw(self.agem.replay_batch_size, &mut slots);
-                    let batch =
-                        copy.gather(&slots, ctx.stream, &mut GatherBuf::default(), ctx.device)?;
-                    Some(host_loss_gradient(ctx.model, ctx.stream, &batch))
-                }
-                _ => None,
-            };
-            let before = host_gradient(ctx.model, grads);
-            self.agem.edit_gradients(grads, ctx)?;
-            let after = host_gradient(ctx.model, grads);
-            let Some(r) = reference else {
-                assert_eq!(before, after);
-                return Ok(());
-            };
-            let d = host_dot(&before, &r);
-            if d >= 0.0 {
-                assert_eq!(before, after, "task {} step {}", ctx.task, ctx.step);
-                self.unchanged += 1;
-            } else {
-                let c = d / host_dot(&r, &r);
-                let norm = host_dot(&before, &before).sqrt();
-                for (i, ((a, g), r)) in after.iter().zip(&before).zip(&r).enumerate() {
-                    let want = g - c * r;
-                    assert!((a - want).abs() < 1e-5 * norm, "weight {i}: {a} vs {want}");
-                }
-                let scale = norm * host_dot(&r, &r).sqrt();
-                assert!(host_dot(&after, &r) >= -1e-6 * scale.max(1.0));
-                self.projected += 1;
-            }
-            // Heads of tasks neither in the batch nor in the memory stay without a gradient.
-            for p in ctx.model.params().iter() {
-                if p.head.is_some_and(|h| h > ctx.task) {
-                    assert!(grads.get(p.var.as_tensor()).is_none(), "{}", p.name);
-                }
-            }
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn the_hook_projects_exactly_when_the_memory_gradient_conflicts() {
-        for overrides in [SCENARIOS[0], SCENARIOS[2]] {
-            let check = Check {
-                agem: Agem::new(AgemConfig {
-                    replay_batch_size: 30,
-                    ..AgemConfig::default()
-                })
-                .unwrap(),
-                projected: 0,
-                unchanged: 0,
-            };
-            let (tr, _) = probe_run(check, overrides);
-            let c = &probed::<Check>(&tr).algo;
-            // 4 tasks × 5 steps have a memory; both branches are exercised.
-            assert_eq!(c.projected + c.unchanged, 20, "{overrides:?}");
-            assert!(
-                c.projected > 0 && c.unchanged > 0,
-                "{overrides:?}: {}",
-                c.projected
-            );
-            assert_eq!(c.agem.projection_counts(), (20, c.projected));
-        }
-    }
-
-    #[test]
-    fn five_tasks_in_every_scenario_and_a_trajectory_unlike_naive() {
-        for overrides in SCENARIOS {
-            let (_, naive) = mini_run(Box::new(crate::naive::Naive), overrides);
-            let (t, outcome) = probe_run(Agem::new(AgemConfig::default()).unwrap(), overrides);
-            assert_eq!(outcome.matrix.rows.len(), 5);
-            assert_ne!(host_weights(t.model.as_ref()), naive, "{overrides:?}");
-            let a = &probed::<Agem>(&t).algo;
-            assert!(a.projection_counts().1 > 0, "{overrides:?}");
-            // Task quota at task end: 200 / 5 = 40 slots for each finished task.
-            let b = a.memory.buffer().unwrap();
-            assert_eq!(b.len(), 200);
-            for k in 0..5 {
-                assert_eq!(b.slots_of_task(k).len(), 40);
-            }
-        }
-    }
-
-    #[test]
-    fn registry_builds_agem_with_the_documented_defaults() {
-        let reg = crate::Registry::builtin();
-        let (a, resolved) = reg
-            .build_algorithm(&serde_yaml::from_str("{ name: agem }").unwrap(), "x.yaml")
-            .unwrap();
-        drop(a);
-        let want: serde_yaml::Value = serde_yaml::from_str(
-            "{ name: agem, buffer_size: 200, replay_batch_size: 256, buffer_policy: task_quota, insert: task_end }",
-        )
-        .unwrap();
-        assert_eq!(resolved, want);
-        for bad in [
-            "{ name: agem, replay_batch_size: 0 }",
-            "{ name: agem, ref_batch: 3 }",
-        ] {
-            let e = reg
-                .build_algorithm(&serde_yaml::from_str(bad).unwrap(), "x.yaml")
-                .err()
-                .unwrap();
-            assert!(e.to_string().contains("algorithm"), "{e}");
-        }
     }
 }

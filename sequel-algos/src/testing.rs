@@ -115,6 +115,12 @@ pub fn probed<A: Algorithm>(t: &Trainer) -> &Probe<A> {
         .expect("the trainer runs a Probe<A>")
 }
 
+/// The probe of a trainer built by [`probe_run`], mutably (for [`Algorithm::memory`]).
+pub fn probed_mut<A: Algorithm>(t: &mut Trainer) -> &mut Probe<A> {
+    t.algorithm_mut::<Probe<A>>()
+        .expect("the trainer runs a Probe<A>")
+}
+
 /// A trainer on fmnist-mini (split, 5 tasks, class-IL, 50 samples per task, MLP 784-32-10, one epoch
 /// of batch 10) with `overrides` applied.
 pub fn mini_trainer(algorithm: Box<dyn Algorithm>, overrides: &[&str]) -> Trainer {

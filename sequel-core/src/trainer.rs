@@ -107,6 +107,12 @@ impl Trainer {
         (self.algorithm.as_ref() as &dyn std::any::Any).downcast_ref::<A>()
     }
 
+    /// The running algorithm as its concrete type, mutably (e.g. to read its memory through
+    /// [`Algorithm::memory`] after a run).
+    pub fn algorithm_mut<A: Algorithm>(&mut self) -> Option<&mut A> {
+        (self.algorithm.as_mut() as &mut dyn std::any::Any).downcast_mut::<A>()
+    }
+
     /// Run the whole stream (or, after [`Trainer::restore`], the tasks left): for each task,
     /// train → consolidate and evaluate → checkpoint. A stop (asked for, a non-finite loss or
     /// weights) ends the loop with `failure` set and the finished tasks' results kept.

@@ -1,0 +1,155 @@
+//! Trainer-driven tests of `gem` (sequel-algos/src/gem.rs).
+
+use candle_core::backprop::GradStore;
+use sequel_algos::gem::*;
+use sequel_algos::qp;
+use sequel_algos::testing::{
+    host_dot, host_gradient, host_loss_gradient, host_weights, mini_run, probe_run, probed,
+    SCENARIOS,
+};
+use sequel_core::data::GatherBuf;
+use sequel_core::{Algorithm, Memory, Result, StepCtx};
+
+/// Runs GEM's real hook inside the trainer and checks every step against per-task gradients
+/// computed here from the memory's slots of each past task.
+struct Check {
+    gem: Gem,
+    /// The wrapped GEM's `memory_strength` γ.
+    memory_strength: f64,
+    projected: usize,
+    unchanged: usize,
+    constraints: Vec<usize>,
+}
+
+impl Algorithm for Check {
+    fn memory(&mut self) -> Option<&mut Memory> {
+        self.gem.memory()
+    }
+    fn edit_gradients(&mut self, grads: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
+        let mut rows = Vec::new();
+        if let Some(b) = self.gem.memory().and_then(|m| m.buffer()) {
+            for k in 0..ctx.task {
+                let slots = b.slots_of_task(k as u32);
+                let batch = b.gather(&slots, ctx.stream, &mut GatherBuf::default(), ctx.device)?;
+                rows.push(host_loss_gradient(ctx.model, ctx.stream, &batch));
+            }
+        }
+        let before = host_gradient(ctx.model, grads);
+        self.gem.edit_gradients(grads, ctx)?;
+        let after = host_gradient(ctx.model, grads);
+        if rows.is_empty() {
+            assert_eq!(before, after);
+            return Ok(());
+        }
+        self.constraints.push(rows.len());
+        let q: Vec<f64> = rows.iter().map(|r| host_dot(r, &before)).collect();
+        if q.iter().all(|&x| x >= 0.0) {
+            assert_eq!(before, after);
+            self.unchanged += 1;
+            return Ok(());
+        }
+        let k = rows.len();
+        let mut p = vec![0.0; k * k];
+        for i in 0..k {
+            for j in 0..k {
+                p[i * k + j] = host_dot(&rows[i], &rows[j]) + if i == j { EPSILON } else { 0.0 };
+            }
+        }
+        let gamma = self.memory_strength;
+        let v = qp::solve_lower_bounded(&p, &q, &vec![gamma; k])?.v;
+        let norm = host_dot(&after, &after).sqrt();
+        for (e, a) in after.iter().enumerate() {
+            let want = before[e] + (0..k).map(|r| v[r] * rows[r][e]).sum::<f64>();
+            assert!((a - want).abs() < 1e-5 * norm, "weight {e}: {a} vs {want}");
+        }
+        for (r, row) in rows.iter().enumerate() {
+            let c = host_dot(row, &after);
+            let tol = 1e-5 * norm * host_dot(row, row).sqrt();
+            assert!(c >= -EPSILON * v[r] - tol, "constraint {r}: {c}");
+        }
+        // Heads of future tasks (neither in the batch nor in the memory) get no gradient.
+        for p in ctx.model.params().iter() {
+            if p.head.is_some_and(|h| h > ctx.task) {
+                assert!(grads.get(p.var.as_tensor()).is_none(), "{}", p.name);
+            }
+        }
+        self.projected += 1;
+        Ok(())
+    }
+}
+
+#[test]
+fn the_hook_solves_the_dual_over_every_past_task() {
+    for overrides in [SCENARIOS[0], SCENARIOS[2]] {
+        let check = Check {
+            gem: Gem::new(GemConfig::default()).unwrap(),
+            memory_strength: GemConfig::default().memory_strength,
+            projected: 0,
+            unchanged: 0,
+            constraints: Vec::new(),
+        };
+        let (tr, _) = probe_run(check, overrides);
+        let c = &probed::<Check>(&tr).algo;
+        // One constraint per past task: 5 steps each of tasks 2..5.
+        let want: Vec<usize> = (1..5).flat_map(|k| [k; 5]).collect();
+        assert_eq!(c.constraints, want, "{overrides:?}");
+        assert!(c.projected > 0, "{overrides:?}");
+        assert_eq!(c.gem.projection_counts(), (20, c.projected));
+        assert_eq!(c.projected + c.unchanged, 20);
+    }
+}
+
+#[test]
+fn five_tasks_in_every_scenario_and_a_trajectory_unlike_naive() {
+    for overrides in SCENARIOS {
+        let (_, naive) = mini_run(Box::new(sequel_algos::naive::Naive), overrides);
+        let (t, outcome) = probe_run(Gem::new(GemConfig::default()).unwrap(), overrides);
+        assert_eq!(outcome.matrix.rows.len(), 5);
+        assert_ne!(host_weights(t.model.as_ref()), naive, "{overrides:?}");
+        assert!(
+            probed::<Gem>(&t).algo.projection_counts().1 > 0,
+            "{overrides:?}"
+        );
+    }
+}
+
+#[test]
+fn a_cap_below_the_quota_subsamples_and_one_at_the_quota_does_not() {
+    let run = |cap: Option<usize>| {
+        let gem = Gem::new(GemConfig {
+            replay_batch_size: cap,
+            ..GemConfig::default()
+        })
+        .unwrap();
+        mini_run(Box::new(gem), &["benchmark.tasks=3"]).1
+    };
+    // 3 tasks: ⌊200 / 3⌋ = 66 slots per task, but only 50 samples per task exist.
+    let all = run(None);
+    assert_eq!(run(Some(50)), all);
+    assert_ne!(run(Some(7)), all);
+}
+
+#[test]
+fn registry_builds_gem_with_the_documented_defaults() {
+    let reg = sequel_algos::Registry::builtin();
+    let (a, resolved) = reg
+        .build_algorithm(&serde_yaml::from_str("{ name: gem }").unwrap(), "x.yaml")
+        .unwrap();
+    drop(a);
+    let want: serde_yaml::Value = serde_yaml::from_str(
+        "{ name: gem, buffer_size: 200, memory_strength: 0.5, replay_batch_size: null, buffer_policy: task_quota, insert: task_end }",
+    )
+    .unwrap();
+    assert_eq!(resolved, want);
+    for bad in [
+        "{ name: gem, memory_strength: -1 }",
+        "{ name: gem, replay_batch_size: 0 }",
+        "{ name: gem, margin: 0.5 }",
+    ] {
+        let e = reg
+            .build_algorithm(&serde_yaml::from_str(bad).unwrap(), "x.yaml")
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("algorithm"), "{bad}: {e}");
+    }
+}
