@@ -2,8 +2,9 @@
 """Lines of each algorithm file, split into method code, config and tests (docs/architecture.md).
 
 Counts non-blank lines that are not comments. "config" is every top-level item about the YAML
-config (the `*Config` structs, their `Default` and `AlgorithmConfig` impls); "tests" is the
-`#[cfg(test)]` module; "method" is the rest (the update rule and its helpers).
+config (the `*Config` structs, their `Default` and `AlgorithmConfig` impls); "inline tests" is
+the `#[cfg(test)]` module; "method" is the rest (the update rule and its helpers). "trainer
+tests" counts sequel-algos/tests/algos/<algo>.rs, the trainer-driven tests of the file.
 
 Usage: scripts/algo_lines.py [FILE...]   (default: the algorithms of sequel-algos/src)
 """
@@ -51,11 +52,13 @@ def count(path):
 
 def main():
     files = sys.argv[1:] or [f"sequel-algos/src/{a}.rs" for a in ALGOS]
-    print("| file | method code | config | tests |")
-    print("|---|---|---|---|")
+    print("| file | method code | config | inline tests | trainer tests (`tests/algos/`) |")
+    print("|---|---|---|---|---|")
     for f in files:
         m, c, t = count(f)
-        print(f"| `{Path(f).name}` | {m} | {c} | {t} |")
+        ext = Path(f).parent.parent / "tests" / "algos" / Path(f).name
+        e = code(ext.read_text().splitlines()) if ext.exists() else 0
+        print(f"| `{Path(f).name}` | {m} | {c} | {t} | {e} |")
 
 
 if __name__ == "__main__":
