@@ -150,9 +150,15 @@ enum Command {
         /// Overrides applied to every point.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
-        /// Runs at a time; the cores are split between them.
-        #[arg(long, default_value_t = 1)]
-        jobs: usize,
+        /// Runs at a time; the cores are split between them. Default 1, or one per GPU of
+        /// --devices.
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// CUDA devices to place the points on, e.g. `--devices 0,1,2,3`: each job runs on one
+        /// of them (`--device cuda:N`), one job per device unless --jobs says more. Local
+        /// sweeps only: Slurm assigns its own GPUs (`--gres gpu:1` with `device: cuda`).
+        #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+        devices: Vec<usize>,
         /// Root of the run directories.
         #[arg(long, default_value = "runs")]
         out: PathBuf,
@@ -491,6 +497,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
             grid,
             set,
             jobs,
+            devices,
             out,
             dry_run,
             launcher,
@@ -508,6 +515,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
                     grid,
                     set,
                     jobs,
+                    devices,
                     out,
                     dry_run,
                     launcher,

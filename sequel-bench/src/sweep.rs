@@ -23,7 +23,11 @@ pub struct Args {
     pub seeds: String,
     pub grid: Vec<String>,
     pub set: Vec<String>,
-    pub jobs: usize,
+    /// Runs at a time (default: 1, or one per device of `devices`).
+    pub jobs: Option<usize>,
+    /// CUDA ordinals the local jobs are placed on; job `w` runs its points on
+    /// `devices[w % devices.len()]`. Empty: every point runs on its config's device.
+    pub devices: Vec<usize>,
     pub out: PathBuf,
     pub dry_run: bool,
     pub launcher: Launcher,
@@ -44,6 +48,14 @@ pub fn run(registry: &Registry, a: Args) -> Result<()> {
         if let Some(flag) = a.slurm.first_given() {
             bail!("{flag} is an sbatch option: add --launcher slurm, or drop {flag} to run here");
         }
+    } else if !a.devices.is_empty() {
+        bail!(
+            "--devices places local jobs; under Slurm set `device: cuda` and ask for a GPU per \
+             task with --gres gpu:1 (Slurm picks the device)"
+        );
+    }
+    if a.jobs == Some(0) {
+        bail!("--jobs must be at least 1");
     }
     let seeds = parse_seeds(&a.seeds)?;
     let grid = a
@@ -133,18 +145,25 @@ pub fn run(registry: &Registry, a: Args) -> Result<()> {
         );
         return Ok(());
     }
-    let jobs = a.jobs.max(1).min(todo.len().max(1));
+    let wanted = a.jobs.unwrap_or(a.devices.len().max(1));
+    let jobs = wanted.min(todo.len().max(1));
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     // The cores are split between jobs; MLPs run single-threaded anyway (docs/PERFORMANCE.md).
     let conv_threads = (cores / jobs).max(1);
     eprintln!(
-        "sweep: {} points, {} already done, {} to run, {} at a time",
+        "sweep: {} points, {} already done, {} to run, {} at a time{}",
         points.len(),
         done,
         todo.len(),
-        jobs
+        jobs,
+        if a.devices.is_empty() {
+            String::new()
+        } else {
+            let d: Vec<String> = a.devices.iter().map(|d| format!("cuda:{d}")).collect();
+            format!(" on {}", d.join(", "))
+        }
     );
     let exe = std::env::current_exe().context("cannot find the sequel executable")?;
     let logs = a.out.join(".sweep-logs");
@@ -156,8 +175,13 @@ pub fn run(registry: &Registry, a: Args) -> Result<()> {
         .is_terminal()
         .then(|| indicatif::ProgressBar::new(todo.len() as u64));
     std::thread::scope(|s| {
-        for _ in 0..jobs {
-            s.spawn(|| loop {
+        for worker in 0..jobs {
+            // Each job keeps one device for all its points, so no two jobs share a GPU
+            // while there are as many devices as jobs.
+            let device = (!a.devices.is_empty()).then(|| a.devices[worker % a.devices.len()]);
+            let (queue, failures, finished, bar, logs, exe, a, todo) =
+                (&queue, &failures, &finished, &bar, &logs, &exe, &a, &todo);
+            s.spawn(move || loop {
                 let Some((p, is_mlp)) = queue.lock().unwrap_or_else(|e| e.into_inner()).next()
                 else {
                     break;
@@ -179,8 +203,11 @@ pub fn run(registry: &Registry, a: Args) -> Result<()> {
                         std::process::id()
                     ));
                     let status = std::fs::File::create(&own).and_then(|f| {
-                        point_command(registry, &exe, p, &a.out, threads)
-                            .stdin(Stdio::null())
+                        let mut cmd = point_command(registry, exe, p, &a.out, threads);
+                        if let Some(d) = device {
+                            cmd.arg("--device").arg(format!("cuda:{d}"));
+                        }
+                        cmd.stdin(Stdio::null())
                             .stdout(f.try_clone()?)
                             .stderr(f)
                             .status()
