@@ -236,6 +236,37 @@ pub struct ModelConfig {
     /// backbones take none.
     #[serde(default, skip_serializing_if = "serde_yaml::Mapping::is_empty")]
     pub options: serde_yaml::Mapping,
+    /// Start from these weights instead of the seeded initialisation: a safetensors file of
+    /// sequel-rs (a run's `checkpoints/task-<t>.safetensors` or `checkpoints/state-<t>.safetensors`), or a
+    /// ResNet-18 with torchvision/timm/Mammoth tensor names (docs/config.md). Relative to the
+    /// working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<std::path::PathBuf>,
+    /// With `init_from`: `fresh` (default) keeps the seeded head for the stream's classes,
+    /// `load` takes the file's head too (same classes and shapes).
+    #[serde(default, skip_serializing_if = "InitHead::is_fresh")]
+    pub init_head: InitHead,
+    /// Tensor-name prefixes not to train (`[stem, layer1]`, `[fc1]`): frozen weights never move
+    /// and a frozen batch norm keeps its running statistics.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freeze: Vec<String>,
+}
+
+/// What `model.init_from` does with the file's classifier head.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InitHead {
+    /// The head stays as seeded for the stream's classes (a pre-trained head is for other ones).
+    #[default]
+    Fresh,
+    /// The head is loaded too; its tensors must be in the file with the model's shapes.
+    Load,
+}
+
+impl InitHead {
+    fn is_fresh(&self) -> bool {
+        *self == InitHead::Fresh
+    }
 }
 
 fn default_model_kind() -> ModelKind {
@@ -264,6 +295,9 @@ impl Default for ModelConfig {
             channels: default_channels(),
             width: default_width(),
             options: serde_yaml::Mapping::new(),
+            init_from: None,
+            init_head: InitHead::Fresh,
+            freeze: Vec::new(),
         }
     }
 }

@@ -68,6 +68,18 @@ pub fn preflight(
     algorithm: &mut dyn Algorithm,
 ) -> Result<()> {
     let in_file = in_file(origin);
+    // The file's tensors are checked against the backbone when it is built (`validate` and
+    // `run` build it before writing anything); a sweep's dry run at least finds the file.
+    if let Some(path) = cfg.model.init_from.as_ref().filter(|p| !p.is_file()) {
+        return Err(in_file(Error::Config {
+            file: String::new(),
+            path: "model.init_from".into(),
+            message: format!(
+                "`{}` is not a file (a relative path is taken from the working directory)",
+                path.display()
+            ),
+        }));
+    }
     algorithm.check_stream(stream).map_err(&in_file)?;
     if let Some(m) = algorithm.memory() {
         m.check(stream).map_err(&in_file)?;

@@ -246,7 +246,9 @@ impl Sources {
         (e.make)(data_dir)
     }
 
-    /// Build the backbone `cfg` describes, with its weights drawn from `seed`'s `Init` stream.
+    /// Build the backbone `cfg` describes, with its weights drawn from `seed`'s `Init` stream,
+    /// then loaded from `model.init_from` and frozen by `model.freeze` where the config says so
+    /// (any backbone, registered ones included).
     pub fn build_model(
         &self,
         cfg: &ModelConfig,
@@ -261,7 +263,9 @@ impl Sources {
             "model.kind",
         )?;
         let mut init = SeededRng::new(spec.seed, Stream::Init);
-        (e.make)(cfg, spec, &mut init, origin)
+        let model = (e.make)(cfg, spec, &mut init, origin)?;
+        crate::model::pretrained::apply(model.as_ref(), cfg).map_err(|e| e.in_file(origin))?;
+        Ok(model)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Small layers with seeded initialisation and named, depth-tagged parameters.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
@@ -172,6 +173,8 @@ pub struct BatchNorm2d {
     pub running_var: Var,
     momentum: f64,
     eps: f64,
+    /// `model.freeze` on this layer: normalise with the running statistics, never update them.
+    frozen: Arc<AtomicBool>,
 }
 
 impl BatchNorm2d {
@@ -186,20 +189,23 @@ impl BatchNorm2d {
         let beta = init::constant(c, 0.0, device)?;
         let running_mean = init::constant(c, 0.0, device)?;
         let running_var = init::constant(c, 1.0, device)?;
-        params.push(format!("{name}.weight"), depth, Role::Body, gamma.clone());
-        params.push(format!("{name}.bias"), depth, Role::Body, beta.clone());
-        params.push(
-            format!("{name}.running_mean"),
-            depth,
-            Role::NormStat,
-            running_mean.clone(),
-        );
-        params.push(
-            format!("{name}.running_var"),
-            depth,
-            Role::NormStat,
-            running_var.clone(),
-        );
+        // One flag for the layer: freezing any of its tensors by name freezes it all alike.
+        let frozen = Arc::new(AtomicBool::new(false));
+        let tensors = [
+            ("weight", Role::Body, &gamma),
+            ("bias", Role::Body, &beta),
+            ("running_mean", Role::NormStat, &running_mean),
+            ("running_var", Role::NormStat, &running_var),
+        ];
+        for (suffix, role, var) in tensors {
+            params.push_with_flag(
+                format!("{name}.{suffix}"),
+                depth,
+                role,
+                var.clone(),
+                frozen.clone(),
+            );
+        }
         Ok(Self {
             gamma,
             beta,
@@ -207,6 +213,7 @@ impl BatchNorm2d {
             running_var,
             momentum: 0.1,
             eps: 1e-5,
+            frozen,
         })
     }
 
@@ -216,6 +223,7 @@ impl BatchNorm2d {
 
     /// [`Self::forward`], followed by a ReLU if `relu` (fused into one kernel in CPU training).
     pub fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let train = train && !self.frozen.load(Ordering::Relaxed);
         let c = self.gamma.dim(0)?;
         let (mean, var) = if train {
             let n = x.elem_count() / c;

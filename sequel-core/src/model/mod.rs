@@ -9,6 +9,7 @@ pub mod kernels;
 pub mod layers;
 pub mod mlp;
 pub mod params;
+pub mod pretrained;
 pub mod resnet;
 
 use candle_core::{Device, Tensor};

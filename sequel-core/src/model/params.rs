@@ -6,6 +6,8 @@
 //! side = 1), and a role.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use candle_core::{backprop::GradStore, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -32,11 +34,21 @@ pub struct Param {
     /// For a multi-head model: the task whose head this tensor belongs to.
     pub head: Option<usize>,
     pub var: Var,
+    /// Set by `model.freeze`: the tensor is not trained. Shared with the layer that owns the
+    /// tensor where the layer must know (a frozen batch norm keeps its running statistics).
+    frozen: Arc<AtomicBool>,
 }
 
 impl Param {
+    /// Whether the optimizer, the regularisers and the merging strategies treat this tensor as a
+    /// weight: not a normalisation statistic, not frozen.
     pub fn trainable(&self) -> bool {
-        self.role != Role::NormStat
+        self.role != Role::NormStat && !self.is_frozen()
+    }
+
+    /// Frozen by `model.freeze` ([`ParamSet::freeze`]).
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Relaxed)
     }
 }
 
@@ -58,13 +70,66 @@ impl ParamSet {
     }
 
     pub fn push(&mut self, name: impl Into<String>, depth: usize, role: Role, var: Var) {
+        self.push_with_flag(name, depth, role, var, Arc::default());
+    }
+
+    /// [`Self::push`], with the frozen flag shared with the layer that owns `var` (which reads it
+    /// in its forward pass).
+    pub fn push_with_flag(
+        &mut self,
+        name: impl Into<String>,
+        depth: usize,
+        role: Role,
+        var: Var,
+        frozen: Arc<AtomicBool>,
+    ) {
         self.params.push(Param {
             name: name.into(),
             depth,
             role,
             head: None,
             var,
+            frozen,
         });
+    }
+
+    /// Freeze every tensor whose name is one of `prefixes` or lies under one (`layer1` freezes
+    /// `layer1.0.conv1.weight`, not `layer10.…`): it is no longer trained, and a frozen batch
+    /// norm normalises with its running statistics and never updates them. Returns how many
+    /// tensors were frozen.
+    ///
+    /// # Errors
+    /// A prefix that names no tensor (the message lists the model's top-level layer names).
+    pub fn freeze(&self, prefixes: &[String]) -> Result<usize> {
+        let under = |name: &str, prefix: &str| {
+            name == prefix
+                || name
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| rest.starts_with('.'))
+        };
+        for prefix in prefixes {
+            if !self.params.iter().any(|p| under(&p.name, prefix)) {
+                let mut layers: Vec<&str> = self
+                    .params
+                    .iter()
+                    .map(|p| p.name.split('.').next().unwrap_or(""))
+                    .collect();
+                layers.dedup();
+                return Err(Error::msg(format!(
+                    "`{prefix}` names no tensor of this backbone; its layers are {} (a prefix \
+                     such as `layer1` or `layer1.0` freezes everything under it)",
+                    layers.join(", ")
+                )));
+            }
+        }
+        let mut n = 0;
+        for p in &self.params {
+            if prefixes.iter().any(|prefix| under(&p.name, prefix)) {
+                p.frozen.store(true, Ordering::Relaxed);
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Mark the last `count` tensors pushed as belonging to task `head`'s output head.
