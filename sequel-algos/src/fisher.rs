@@ -27,7 +27,9 @@ use sequel_core::rng::SeededRng;
 use sequel_core::{Result, TaskCtx};
 
 use crate::check;
-use crate::importance::{mean_gradient_statistic, subset, training_log_probs, Granularity, Reduce};
+use crate::importance::{
+    mean_gradient_statistic, per_sample_statistic, subset, training_log_probs, Granularity, Reduce,
+};
 use crate::penalty::PerParam;
 
 /// Which Fisher information is estimated. In YAML `kind: true` is read as a boolean; it is
@@ -106,6 +108,40 @@ pub fn fisher_diagonal(
     spec: &FisherSpec,
 ) -> Result<PerParam> {
     let stream = ctx.stream;
+    if spec.mode == Granularity::PerSample {
+        // All samples at once where the backbone allows it (the MLP); the loop below otherwise.
+        let vectorised = per_sample_statistic(
+            ctx.model,
+            stream,
+            ctx.device,
+            samples,
+            Reduce::Square,
+            |logits, batch| {
+                let logp = training_log_probs(logits, batch, stream)?;
+                Ok(match spec.kind {
+                    FisherKind::Empirical => {
+                        let picked = logp.gather(&batch.y.unsqueeze(1)?, D::Minus1)?.squeeze(1)?;
+                        vec![(picked.ones_like()?, picked)]
+                    }
+                    // Σ_c p_c (∇ log p_c)²: one term per unit, weighted by p_c per sample.
+                    FisherKind::True => {
+                        let p = logp.exp()?.detach();
+                        (0..logp.dim(1)?)
+                            .map(|c| {
+                                Ok((
+                                    p.narrow(1, c, 1)?.squeeze(1)?,
+                                    logp.narrow(1, c, 1)?.squeeze(1)?,
+                                ))
+                            })
+                            .collect::<Result<Vec<_>>>()?
+                    }
+                })
+            },
+        )?;
+        if let Some(f) = vectorised {
+            return Ok(f);
+        }
+    }
     let rng: &mut SeededRng = ctx.rng;
     let batch_size = match spec.mode {
         Granularity::PerSample => 1,

@@ -1,9 +1,11 @@
 //! Gradient statistics over a task's data, shared by the importance estimators of EWC (squared
 //! gradients: the diagonal Fisher) and MAS (absolute gradients).
 //!
-//! candle has no vmap, so a per-sample statistic is a loop of batch-1 forward/backward passes:
-//! samples are gathered 256 at a time (one gather, one transform pass) and each row is then run on
-//! its own. The minibatch variant runs one backward per minibatch of the requested size and squares
+//! candle has no vmap. Where every trainable tensor belongs to a dense layer (the MLP), a per-sample
+//! statistic is computed for 256 samples at once from the layers' inputs and output gradients
+//! ([`per_sample_statistic`]); other backbones run a loop of batch-1 forward/backward passes
+//! ([`mean_gradient_statistic`]): samples are gathered 256 at a time and each row is then run on
+//! its own. Both give the same values up to summation order (tests). The minibatch variant runs one backward per minibatch of the requested size and squares
 //! (or takes |·| of) the minibatch gradient — a different, batch-size-dependent quantity, offered
 //! because some libraries use it.
 //!
@@ -11,7 +13,9 @@
 //! statistics used and left untouched. The statistic is therefore a function of the weights alone,
 //! and computing it draws nothing from the dropout stream — training afterwards is unaffected.
 
-use candle_core::{Device, Tensor, D};
+use std::collections::{HashMap, HashSet};
+
+use candle_core::{Device, Tensor, TensorId, D};
 use serde::{Deserialize, Serialize};
 
 use sequel_core::data::{Batch, GatherBuf, SampleRef, Split, TaskStream};
@@ -142,6 +146,88 @@ pub fn mean_gradient_statistic(
         }
     }
     Ok(acc)
+}
+
+/// The terms of a chunk of samples for [`per_sample_statistic`]: for each, the weights `wₙ` and
+/// the losses `ℓₙ` of the chunk's `N` samples (two `N`-vectors).
+pub type SampleTerms = Vec<(Tensor, Tensor)>;
+
+/// `(1/N) Σₙ Σⱼ wⱼₙ·φ(∇θ ℓⱼₙ)` over all `N` samples at once, without a batch-1 loop: the
+/// per-sample statistic of [`mean_gradient_statistic`] with `batch_size = 1`, equal to it up to
+/// summation order. For a dense layer `z = a·Wᵀ + b`, sample `n`'s gradients are `gₙaₙᵀ` and `gₙ`
+/// (`gₙ = ∂ℓₙ/∂zₙ`), and `φ(gₙaₙᵀ) = φ(gₙ)φ(aₙ)ᵀ` for `φ` = square or absolute value, so
+/// `Σₙ wₙφ(gₙaₙᵀ) = (w ⊙ φ(G))ᵀφ(A)`: one backward pass of `Σₙ ℓₙ` per term and chunk, and one
+/// matrix product per layer. `objective` maps evaluation-mode logits to the terms.
+///
+/// `None` when the backbone has trainable tensors outside dense layers
+/// ([`sequel_core::model::Model::dense_forward`]); callers then use the loop.
+pub fn per_sample_statistic(
+    model: &dyn Model,
+    stream: &TaskStream,
+    device: &Device,
+    samples: &[SampleRef],
+    reduce: Reduce,
+    mut objective: impl FnMut(&Tensor, &Batch) -> Result<SampleTerms>,
+) -> Result<Option<PerParam>> {
+    let params = model.params();
+    let index: HashMap<TensorId, usize> = params
+        .trainable()
+        .enumerate()
+        .map(|(i, p)| (p.var.as_tensor().id(), i))
+        .collect();
+    let phi = |t: &Tensor| -> Result<Tensor> {
+        Ok(match reduce {
+            Reduce::Square => t.sqr()?,
+            Reduce::Abs => t.abs()?,
+        })
+    };
+    let mut acc = PerParam::zeros(params)?;
+    let mut buf = GatherBuf::default();
+    let mut n = 0usize;
+    for refs in samples.chunks(GATHER_CHUNK) {
+        let batch = stream.gather(refs, Split::Train, &mut buf, device)?;
+        let Some(f) = model.dense_forward(&batch.x)? else {
+            return Ok(None);
+        };
+        let covered: HashSet<TensorId> = f
+            .layers
+            .iter()
+            .flat_map(|l| [l.weight.as_tensor().id(), l.bias.as_tensor().id()])
+            .collect();
+        if index.keys().any(|id| !covered.contains(id)) {
+            return Ok(None);
+        }
+        for (w, loss) in objective(&f.logits, &batch)? {
+            let w = w.detach();
+            if w.abs()?.sum_all()?.to_scalar::<f32>()? == 0.0 {
+                continue;
+            }
+            let grads = loss.sum_all()?.backward()?;
+            for l in &f.layers {
+                let (Some(&wi), Some(&bi)) = (
+                    index.get(&l.weight.as_tensor().id()),
+                    index.get(&l.bias.as_tensor().id()),
+                ) else {
+                    continue; // frozen
+                };
+                let Some(g) = grads.get(l.tap.as_tensor()) else {
+                    continue; // the loss does not reach this layer
+                };
+                let wg = phi(&g.detach())?.broadcast_mul(&w.unsqueeze(1)?)?;
+                let dw = wg.t()?.matmul(&phi(&l.input.detach())?)?;
+                acc.0[wi] = (&acc.0[wi] + dw)?;
+                acc.0[bi] = (&acc.0[bi] + wg.sum(0)?)?;
+            }
+        }
+        n += batch.len();
+    }
+    if n > 0 {
+        let inv = 1.0 / n as f64;
+        for a in acc.0.iter_mut() {
+            *a = (&*a * inv)?;
+        }
+    }
+    Ok(Some(acc))
 }
 
 /// Row `i` of a batch as a batch of one.

@@ -30,7 +30,8 @@ use sequel_core::{Algorithm, AlgorithmConfig, Result, StateIo, StepCtx, TaskCtx}
 use crate::check;
 use crate::ewc::scalar;
 use crate::importance::{
-    mean_gradient_statistic, subset, training_logits, Granularity, ImportanceSpec, Reduce,
+    mean_gradient_statistic, per_sample_statistic, subset, training_logits, Granularity,
+    ImportanceSpec, Reduce,
 };
 use crate::penalty::{PerParam, QuadraticPenalty};
 
@@ -104,6 +105,25 @@ pub fn mas_importance(
     batch_size: usize,
 ) -> Result<PerParam> {
     let stream = ctx.stream;
+    if mode == Granularity::PerSample {
+        // All samples at once where the backbone allows it (the MLP); the loop below otherwise.
+        let vectorised = per_sample_statistic(
+            ctx.model,
+            stream,
+            ctx.device,
+            samples,
+            Reduce::Abs,
+            |logits, batch| {
+                let norm = training_logits(logits, batch, stream)?
+                    .sqr()?
+                    .sum(D::Minus1)?;
+                Ok(vec![(norm.ones_like()?, norm)])
+            },
+        )?;
+        if let Some(v) = vectorised {
+            return Ok(v);
+        }
+    }
     let bs = match mode {
         Granularity::PerSample => 1,
         Granularity::Minibatch => batch_size,

@@ -90,6 +90,11 @@ impl Head {
         Ok(Self { heads })
     }
 
+    /// The linear layer of each head, in task order.
+    pub fn layers(&self) -> &[Linear] {
+        &self.heads
+    }
+
     /// Output units of each head.
     pub fn sizes(&self) -> Vec<usize> {
         self.heads.iter().map(|h| h.weight.dims()[0]).collect()

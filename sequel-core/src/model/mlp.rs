@@ -4,7 +4,7 @@ use candle_core::{Device, Tensor};
 
 use super::layers::{activate, Dropout, Head, Linear};
 use super::params::{ParamSet, Role};
-use super::{Model, ModelOutput};
+use super::{DenseForward, DenseTap, Model, ModelOutput};
 use crate::config::ActivationKind;
 use crate::error::Result;
 use crate::rng::{SeededRng, Stream};
@@ -75,6 +75,38 @@ impl Model for Mlp {
 
     fn params(&self) -> &ParamSet {
         &self.params
+    }
+
+    fn dense_forward(&self, x: &Tensor) -> Result<Option<DenseForward>> {
+        // Evaluation mode: dropout is the identity, so this is `forward(x, false)` with taps.
+        let n = x.dim(0)?;
+        let mut layers = Vec::with_capacity(self.hidden.len() + 1);
+        let mut tapped = |layer: &Linear, a: &Tensor| -> Result<Tensor> {
+            let tap = candle_core::Var::zeros((n, layer.weight.dim(0)?), a.dtype(), a.device())?;
+            let z = (layer.forward(a)? + tap.as_tensor())?;
+            layers.push(DenseTap {
+                input: a.clone(),
+                tap,
+                weight: layer.weight.clone(),
+                bias: layer.bias.clone(),
+            });
+            Ok(z)
+        };
+        let mut h = x.flatten_from(1)?;
+        for layer in &self.hidden {
+            h = activate(&tapped(layer, &h)?, self.activation)?;
+        }
+        let outs = self
+            .head
+            .layers()
+            .iter()
+            .map(|l| tapped(l, &h))
+            .collect::<Result<Vec<_>>>()?;
+        let logits = match outs.as_slice() {
+            [one] => one.clone(),
+            _ => Tensor::cat(&outs, 1)?,
+        };
+        Ok(Some(DenseForward { logits, layers }))
     }
 
     fn fork(&self) -> Result<Box<dyn Model>> {

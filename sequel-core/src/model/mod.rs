@@ -12,7 +12,7 @@ pub mod params;
 pub mod pretrained;
 pub mod resnet;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 
 pub use params::{Param, ParamSet, Role, Snapshot};
 
@@ -27,11 +27,41 @@ pub struct ModelOutput {
     pub logits: Tensor,
 }
 
+/// One dense layer `z = a·Wᵀ + b` of a [`Model::dense_forward`] pass.
+#[derive(Debug, Clone)]
+pub struct DenseTap {
+    /// The layer's input `a`, `N × in`.
+    pub input: Tensor,
+    /// A zero `N × out` variable added to the layer's output `z`. candle keeps the gradients of
+    /// variables only, so the gradient of a loss with respect to this variable is the one with
+    /// respect to `z`: row `n` is sample `n`'s `∂ℓₙ/∂zₙ` when the loss is a sum over samples.
+    pub tap: Var,
+    /// The layer's tensors, as in [`Model::params`].
+    pub weight: Var,
+    pub bias: Var,
+}
+
+/// The result of [`Model::dense_forward`].
+#[derive(Debug, Clone)]
+pub struct DenseForward {
+    pub logits: Tensor,
+    /// Every dense layer, input side first.
+    pub layers: Vec<DenseTap>,
+}
+
 pub trait Model: Send + Sync {
     /// Forward pass; `train` enables dropout and batch-statistics normalisation.
     fn forward(&self, x: &Tensor, train: bool) -> Result<ModelOutput>;
     /// Every tensor of the model, in a fixed order.
     fn params(&self) -> &ParamSet;
+    /// An evaluation-mode forward pass that exposes each dense layer's input and output gradient
+    /// ([`DenseTap`]), for per-sample gradient statistics without a batch-1 loop: for a dense
+    /// layer, sample `n`'s weight gradient is the outer product `gₙ aₙᵀ`, so `Σₙ wₙ φ(gₙ aₙᵀ)`
+    /// is `(w ⊙ φ(G))ᵀ φ(A)` for `φ` = square or absolute value. `None` (the default) for a
+    /// backbone with other layers; callers then fall back to one backward pass per sample.
+    fn dense_forward(&self, _x: &Tensor) -> Result<Option<DenseForward>> {
+        Ok(None)
+    }
     /// A deep, detached copy: same architecture and values, fresh `Var`s, so training either
     /// model never changes the other. Teachers of distillation methods (LwF) are forks of the
     /// model at a task boundary. The default returns an error, so a user backbone that does not
