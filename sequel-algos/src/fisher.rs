@@ -5,8 +5,8 @@
 //! - `kind: empirical` — `F = (1/N) Σₙ (∇θ log p_θ(yₙ|xₙ))²` with the dataset label `yₙ`.
 //! - `kind: true` — `F = (1/N) Σₙ Σ_c p_θ(c|xₙ) (∇θ log p_θ(c|xₙ))²`, the exact expectation over the
 //!   units the softmax runs over (one forward and one backward per unit with `p > 0` per sample).
-//! - `mode: per-sample` (default) squares per-sample gradients (a batch-1 loop, see
-//!   [`crate::importance`]); `mode: minibatch` squares the gradient of the minibatch-mean loss
+//! - `mode: per-sample` (default) squares per-sample gradients (all samples at once on dense
+//!   backbones, a batch-1 loop on others: see [`crate::importance`]); `mode: minibatch` squares the gradient of the minibatch-mean loss
 //!   over minibatches of `batch_size` (Avalanche's estimator; its scale depends on the batch
 //!   size, so λ is not comparable across the two). With `kind: true` in minibatch mode each
 //!   sample's label is drawn from `p_θ(·|x)` with the algorithm's seeded stream.

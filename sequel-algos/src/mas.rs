@@ -13,8 +13,8 @@
 //! **½ convention:** none — `λ·Σ Ω(θ − θ*)²`, the paper's eq. 3.
 //!
 //! `f` is the logits the training loss sees (all units; in multi-head task-IL the task's own head).
-//! `importance: {mode: per-sample}` (default) takes |·| per sample, as the definition (a batch-1
-//! loop, see [`crate::importance`]); `minibatch` takes |·| of the gradient of the minibatch mean of
+//! `importance: {mode: per-sample}` (default) takes |·| per sample, as the definition (all samples
+//! at once on dense backbones, a batch-1 loop on others: see [`crate::importance`]); `minibatch` takes |·| of the gradient of the minibatch mean of
 //! `‖f(x)‖²` (a cheaper approximation whose scale depends on `importance.batch_size`). Forward
 //! passes run in evaluation mode. With `lambda: 0` nothing is computed and training is
 //! bit-identical to `naive`.
