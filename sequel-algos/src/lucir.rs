@@ -61,9 +61,7 @@ use sequel_core::data::{Batch, GatherBuf, SampleRef, Split, TaskStream};
 use sequel_core::model::{Model, ModelOutput, ParamSet, Role};
 use sequel_core::optim::Sgd;
 use sequel_core::step::{finite_loss, optimize_with};
-use sequel_core::{
-    Algorithm, AlgorithmConfig, Error, EvalCtx, Result, StateIo, StepCtx, TaskCtx,
-};
+use sequel_core::{Algorithm, AlgorithmConfig, Error, EvalCtx, Result, StateIo, StepCtx, TaskCtx};
 
 use crate::check;
 use crate::exemplars::{class_means, features_of, nme_scores, update_exemplars};
@@ -310,7 +308,13 @@ impl Lucir {
             return Ok(());
         }
         let first = task_samples(ctx.stream, ctx.task);
-        let (f, _) = features_of(ctx.model, ctx.stream, &first[..1], ctx.device, &mut self.gather)?;
+        let (f, _) = features_of(
+            ctx.model,
+            ctx.stream,
+            &first[..1],
+            ctx.device,
+            &mut self.gather,
+        )?;
         let (u, d) = (ctx.stream.num_units, f[0].len());
         let bound = 1.0 / (d as f32).sqrt();
         let w: Vec<f32> = (0..u * d)
@@ -329,7 +333,13 @@ impl Lucir {
         let units = ctx.stream.tasks[ctx.task].units.clone();
         let Some(cls) = &self.cls else { return Ok(()) };
         let samples = task_samples(ctx.stream, ctx.task);
-        let (feats, ys) = features_of(ctx.model, ctx.stream, &samples, ctx.device, &mut self.gather)?;
+        let (feats, ys) = features_of(
+            ctx.model,
+            ctx.stream,
+            &samples,
+            ctx.device,
+            &mut self.gather,
+        )?;
         let mut w = cls.weight.as_tensor().to_vec2::<f32>()?;
         let norm = |r: &[f32]| r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
         let old = w[..units.start].iter().map(|r| norm(r)).sum::<f64>() / units.start as f64;
@@ -432,7 +442,11 @@ impl Algorithm for Lucir {
 
     fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
         let mut samples = task_samples(ctx.stream, ctx.task);
-        samples.extend(self.exemplars.iter().flat_map(|g| g.samples.iter().copied()));
+        samples.extend(
+            self.exemplars
+                .iter()
+                .flat_map(|g| g.samples.iter().copied()),
+        );
         Ok(samples)
     }
 
@@ -472,7 +486,12 @@ impl Algorithm for Lucir {
 
     fn before_eval(&mut self, ctx: &EvalCtx) -> Result<()> {
         self.means = if self.cfg.nme && !self.exemplars.is_empty() {
-            Some(class_means(&self.exemplars, ctx.model, ctx.stream, ctx.device)?)
+            Some(class_means(
+                &self.exemplars,
+                ctx.model,
+                ctx.stream,
+                ctx.device,
+            )?)
         } else {
             None
         };
@@ -491,7 +510,11 @@ impl Algorithm for Lucir {
         let mask: Vec<f32> = (0..u)
             .map(|j| if j < self.seen { 0.0 } else { -1e30 })
             .collect();
-        Ok(Some(z.broadcast_add(&Tensor::from_vec(mask, (1, u), z.device())?)?))
+        Ok(Some(z.broadcast_add(&Tensor::from_vec(
+            mask,
+            (1, u),
+            z.device(),
+        )?)?))
     }
 
     fn own_params(&self) -> Option<&ParamSet> {
@@ -534,7 +557,11 @@ mod tests {
         for (a, b) in z[0].iter().zip(want) {
             assert!((a - b).abs() < 1e-5, "{z:?}");
         }
-        let big = cls.logits(&(f * 1000.0).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        let big = cls
+            .logits(&(f * 1000.0).unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         for (a, b) in big[0].iter().zip(&z[0]) {
             assert!((a - b).abs() < 1e-5);
         }
@@ -553,10 +580,14 @@ mod tests {
         )
         .unwrap();
         // Row 1 is a new-class sample: ignored. Row 2 (y = 1): gt 0.5 vs 0.3, 0.0.
-        let l = margin_ranking(&cos, &[0, 2, 1], 2..5, 2, 0.5).unwrap().unwrap();
+        let l = margin_ranking(&cos, &[0, 2, 1], 2..5, 2, 0.5)
+            .unwrap()
+            .unwrap();
         let want = ((0.5 - 0.9 + 0.8) + (0.5 - 0.9 + 0.7) + (0.5 - 0.5 + 0.3) + 0.0) / 4.0;
         assert!((l.to_scalar::<f32>().unwrap() - want).abs() < 1e-6);
-        assert!(margin_ranking(&cos, &[2, 3, 4], 2..5, 2, 0.5).unwrap().is_none());
+        assert!(margin_ranking(&cos, &[2, 3, 4], 2..5, 2, 0.5)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
