@@ -308,14 +308,13 @@ impl Lucir {
             return Ok(());
         }
         let first = task_samples(ctx.stream, ctx.task);
-        let (f, _) = features_of(
-            ctx.model,
-            ctx.stream,
-            &first[..1],
-            ctx.device,
-            &mut self.gather,
-        )?;
-        let (u, d) = (ctx.stream.num_units, f[0].len());
+        let one = first.get(..1).unwrap_or_default();
+        let (f, _) = features_of(ctx.model, ctx.stream, one, ctx.device, &mut self.gather)?;
+        let d = f
+            .first()
+            .map(Vec::len)
+            .ok_or_else(|| Error::msg("LUCIR: the first task has no training sample"))?;
+        let u = ctx.stream.num_units;
         let bound = 1.0 / (d as f32).sqrt();
         let w: Vec<f32> = (0..u * d)
             .map(|_| (2.0 * ctx.rng.uniform_f32() - 1.0) * bound)
