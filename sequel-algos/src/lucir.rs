@@ -34,13 +34,13 @@
 //! **Exemplars**: `buffer_size` samples split evenly over the classes seen, chosen by iCaRL's
 //! herding after each task ([`crate::exemplars::update_exemplars`]).
 //!
-//! **Class-balanced finetuning** (CBF, the paper's Sec. 3.4 "rebalancing" variant of its
-//! ImageNet runs): after each task `t ≥ 1` and the exemplar update, the classifier — every seen
-//! class's weight and `σ` — is fine-tuned on the exemplars alone (class-balanced) for
-//! `cbf_epochs` epochs of SGD (momentum 0.9) at `cbf_lr`, batches of `cbf_batch_size`, on
-//! `L_ce + λ_mr · L_mr`, with the backbone frozen in evaluation mode (its features are
-//! detached, so `L_dis^G` would be constant and is left out). This is the authors' "both old
-//! and novel embeddings" option; the backbone is never changed by it.
+//! **Class-balanced finetuning** (CBF, as in the authors'
+//! `cbf_class_incremental_cosine_imagenet.py`): after each task `t ≥ 1` and the exemplar update,
+//! the classifier — every seen class's weight and `σ` — is fine-tuned on the exemplars alone
+//! (class-balanced) for `cbf_epochs` epochs of SGD (momentum 0.9) at `cbf_lr`, batches of
+//! `cbf_batch_size`, on `L_ce + λ_mr · L_mr`, with the backbone frozen in evaluation mode (its
+//! features are detached, so `L_dis^G` would be constant and is left out). This is the authors'
+//! "both old and novel embeddings" option; the backbone is never changed by it.
 //!
 //! **Evaluation**: the cosine classifier over the classes seen so far (`σ·⟨w̄_c, f̄⟩`, unseen
 //! units never win); with `nme: true`, the nearest mean of exemplars ([`crate::exemplars`]).
