@@ -292,8 +292,9 @@ pub trait Algorithm: std::any::Any + Send {
     /// and in gradient-norm clipping ([`crate::step::optimize_with`]). The algorithm persists
     /// their values in [`Algorithm::state`] (the checkpoint saves only the model's parameters)
     /// and must keep their number and shapes fixed once training has started, as the optimizer's
-    /// state is matched to parameters by position. Default: none — every step is then exactly
-    /// the model-only step.
+    /// state is matched to parameters by position. With `optimizer.lookahead.evaluate_with:
+    /// slow` only the model's parameters are evaluated at their slow weights. Default: none —
+    /// every step is then exactly the model-only step.
     fn own_params(&self) -> Option<&ParamSet> {
         None
     }
