@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ALGOS = ["naive", "joint", "ewc", "ewc_online", "si", "rwalk", "mas", "lwf", "lwf_mc", "er",
-         "agem", "gem", "der", "xder", "er_ace", "er_aml", "mir", "cls_er", "bic", "icarl", "gdumb"]
+         "agem", "gem", "der", "xder", "er_ace", "er_aml", "mir", "cls_er", "bic", "lucir", "icarl", "gdumb"]
 
 
 def items(lines):

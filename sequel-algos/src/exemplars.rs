@@ -155,6 +155,43 @@ fn normalised(mut v: Vec<f32>) -> Vec<f32> {
     v
 }
 
+/// The exemplar update after task `task` (iCaRL's Algorithms 4 and 5): a budget of
+/// `memory_size` samples split evenly over every group seen (`m = ⌊memory_size / #groups⌋`),
+/// each older group cut to the first `m` of its exemplars (herding order), and `m` exemplars
+/// herded for each of the task's units on the model's normalised features.
+pub fn update_exemplars(
+    exemplars: &mut Vec<ExemplarSet>,
+    memory_size: usize,
+    model: &dyn Model,
+    stream: &TaskStream,
+    task: usize,
+    device: &Device,
+    buf: &mut GatherBuf,
+) -> Result<()> {
+    let samples = sequel_core::algorithm::task_samples(stream, task);
+    let (feats, units) = features_of(model, stream, &samples, device, buf)?;
+    let mut by_unit: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+    for (i, &u) in units.iter().enumerate() {
+        by_unit.entry(u).or_default().push(i);
+    }
+    let m = memory_size / (exemplars.len() + by_unit.len()).max(1);
+    for g in exemplars.iter_mut() {
+        g.samples.truncate(m);
+    }
+    for (unit, idx) in by_unit {
+        let class: Vec<Vec<f32>> = idx.iter().map(|&i| feats[i].clone()).collect();
+        exemplars.push(ExemplarSet {
+            task: task as u32,
+            unit,
+            samples: herding(&class, m)
+                .into_iter()
+                .map(|p| samples[idx[p]])
+                .collect(),
+        });
+    }
+    Ok(())
+}
+
 /// Herding (the paper's Algorithm 4, without repetition): indices of up to `m` of `features` in
 /// the order picked, each minimising the distance between the mean feature and the running mean
 /// of the picks. Ties go to the lower index.

@@ -20,6 +20,7 @@ pub mod gem;
 pub mod icarl;
 pub mod importance;
 pub mod joint;
+pub mod lucir;
 pub mod lwf;
 pub mod lwf_mc;
 pub mod mas;

@@ -183,6 +183,7 @@ impl Registry {
         r.add::<crate::xder::XderConfig>();
         r.add::<crate::cls_er::ClsErConfig>();
         r.add::<crate::bic::BicConfig>();
+        r.add::<crate::lucir::LucirConfig>();
         r.add::<crate::icarl::IcarlConfig>();
         r.add::<crate::gdumb::GdumbConfig>();
         use crate::consolidation as c;

@@ -98,6 +98,9 @@ impl<A: Algorithm> Algorithm for Probe<A> {
     fn memory(&mut self) -> Option<&mut Memory> {
         self.algo.memory()
     }
+    fn own_params(&self) -> Option<&sequel_core::model::ParamSet> {
+        self.algo.own_params()
+    }
 }
 
 /// Run `algo` wrapped in a [`Probe`] on [`mini_trainer`] with `overrides`; returns the trainer

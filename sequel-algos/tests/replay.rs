@@ -29,6 +29,10 @@ fn methods() -> Vec<String> {
                 // The evaluated stable model averages ~1/(1 − α_S) steps: 10-step tasks need a
                 // short average.
                 "cls-er" => ", alpha_p: 0.5, alpha_s: 0.5",
+                // LUCIR's scale σ starts at 1 and 10-step tasks leave it near 2 (≈ 20 after the
+                // full protocol's 1200 steps), so the margin ranking on unscaled cosines outweighs
+                // the cross-entropy and holds the new classes down.
+                "lucir" => ", lambda_mr: 0.0",
                 _ => "",
             };
             format!("{{ name: {name}, buffer_size: 40{extra} }}")

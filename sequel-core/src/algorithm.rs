@@ -21,7 +21,7 @@ use crate::data::{Batch, SampleRef, TaskStream};
 use crate::error::{Error, Result};
 use crate::loss;
 use crate::memory::Memory;
-use crate::model::{Model, ModelOutput};
+use crate::model::{Model, ModelOutput, ParamSet};
 use crate::rng::SeededRng;
 use crate::state::StateIo;
 
@@ -284,6 +284,19 @@ pub trait Algorithm: std::any::Any + Send {
     /// listed. Default: no state.
     fn state(&mut self, _io: &mut StateIo) -> Result<()> {
         Ok(())
+    }
+
+    /// Trainable tensors the algorithm owns besides the model's (a classifier of its own: LUCIR's
+    /// cosine-normalised classifier and its scale σ). The trainer's optimizer updates them with
+    /// the model's, in the same step: they follow the model's parameters in the optimizer's state
+    /// and in gradient-norm clipping ([`crate::step::optimize_with`]). The algorithm persists
+    /// their values in [`Algorithm::state`] (the checkpoint saves only the model's parameters)
+    /// and must keep their number and shapes fixed once training has started, as the optimizer's
+    /// state is matched to parameters by position. With `optimizer.lookahead.evaluate_with:
+    /// slow` only the model's parameters are evaluated at their slow weights. Default: none —
+    /// every step is then exactly the model-only step.
+    fn own_params(&self) -> Option<&ParamSet> {
+        None
     }
 
     /// The replay memory, for a rehearsal method: the trainer creates it before the first task,

@@ -39,6 +39,24 @@ pub fn optimize(
     optimizer: &mut dyn Optimizer,
     edit: impl FnOnce(&mut GradStore) -> Result<()>,
 ) -> Result<()> {
+    optimize_with(loss, model, None, stream, forwarded, clip, optimizer, edit)
+}
+
+/// [`optimize`] over the model's parameters followed by `own`, the parameters an algorithm owns
+/// ([`crate::Algorithm::own_params`]): they share the clipping norm and the optimizer's step
+/// (and so its learning rate and schedule). With `own` `None` or empty this is exactly
+/// [`optimize`]. A parameter the loss does not reach gets no update.
+#[allow(clippy::too_many_arguments)]
+pub fn optimize_with(
+    loss: &Tensor,
+    model: &dyn Model,
+    own: Option<&ParamSet>,
+    stream: &TaskStream,
+    forwarded: &[bool],
+    clip: Option<f64>,
+    optimizer: &mut dyn Optimizer,
+    edit: impl FnOnce(&mut GradStore) -> Result<()>,
+) -> Result<()> {
     let mut grads = loss.backward()?;
     if stream.mask_in_training() {
         for p in model.params().iter() {
@@ -49,11 +67,19 @@ pub fn optimize(
             }
         }
     }
+    let joined;
+    let params = match own.filter(|o| !o.is_empty()) {
+        Some(o) => {
+            joined = model.params().joined(o);
+            &joined
+        }
+        None => model.params(),
+    };
     if let Some(max) = clip {
-        clip_grad_norm(model.params(), &mut grads, max)?;
+        clip_grad_norm(params, &mut grads, max)?;
     }
     edit(&mut grads)?;
-    optimizer.step(model.params(), &grads)
+    optimizer.step(params, &grads)
 }
 
 /// One plain step on `batch`: training-mode forward, masked cross-entropy, [`finite_loss`],

@@ -20,7 +20,7 @@ use crate::optim::{build_optimizer, LrSchedule, Optimizer};
 use crate::outcome::{LogRow, Results, RunOutcome, TaskTimes};
 use crate::rng::{SeededRng, Stream};
 use crate::state::{put_prefixed, take_prefixed, StateDict, StateIo};
-use crate::step::{finite_loss, optimize};
+use crate::step::{finite_loss, optimize_with};
 
 /// Receives progress events; every method has a no-op default.
 pub trait Progress {
@@ -605,10 +605,12 @@ impl Trainer {
         })?;
         let value = finite_loss(&loss, (t + 1, epoch + 1, step + 1))?;
         let forwarded = ctx.forwarded_tasks().to_vec();
+        let own = self.algorithm.own_params().cloned();
         let algorithm = &mut self.algorithm;
-        optimize(
+        optimize_with(
             &loss,
             self.model.as_ref(),
+            own.as_ref(),
             &self.stream,
             &forwarded,
             self.cfg.training.clip_grad_norm,

@@ -18,5 +18,6 @@ mod ewc_online;
 mod gdumb;
 mod gem;
 mod importance;
+mod lucir;
 mod lwf_mc;
 mod mas;

@@ -144,6 +144,14 @@ impl ParamSet {
         self.params.iter()
     }
 
+    /// `self`'s parameters followed by `other`'s (the same `Var`s, not copies): the set an
+    /// optimizer steps when an algorithm owns parameters of its own.
+    pub fn joined(&self, other: &ParamSet) -> ParamSet {
+        let mut params = self.params.clone();
+        params.extend(other.params.iter().cloned());
+        ParamSet { params }
+    }
+
     /// Parameters that receive gradients.
     pub fn trainable(&self) -> impl Iterator<Item = &Param> {
         self.params.iter().filter(|p| p.trainable())
