@@ -133,6 +133,12 @@ enum Command {
         /// Output units with `--input` (otherwise the config's stream decides).
         #[arg(long, default_value_t = 10, requires = "input")]
         outputs: usize,
+        /// Time an algorithm's full training step instead of the plain model step: a name or a
+        /// YAML mapping (`derpp`, `'{name: er, replay_batch_size: 32}'`; default: the config's
+        /// algorithm). Runs the trainer's step on task 2 after task 1 has been trained, on the
+        /// config's stream (or a synthetic stand-in of its shape when the data is not installed).
+        #[arg(long, value_name = "SPEC", num_args = 0..=1, default_missing_value = "", conflicts_with = "input")]
+        algorithm: Option<String>,
     },
     /// Run configs × grid × seeds, each point in its own run directory; finished points are
     /// skipped, so an interrupted sweep continues where it stopped. With --launcher slurm the
@@ -390,9 +396,16 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
             device,
             input,
             outputs,
+            algorithm,
         } => {
             if let Some(d) = device {
                 set.push(format!("device={d}"));
+            }
+            if let Some(spec) = algorithm {
+                if !spec.is_empty() {
+                    set.push(format!("algorithm={spec}"));
+                }
+                return bench_algorithm(registry, &config, &set, threads, &batch, warmup, steps);
             }
             let (text, origin) = read_config(&config)?;
             let p = prepare(&text, &origin, &set, registry)?;
@@ -603,6 +616,83 @@ fn yaml_name<T: serde::Serialize>(v: &T) -> String {
 
 /// A dataset of a few blank images per class with `name`'s shape and classes, for timing on
 /// synthetic batches when its files are not installed.
+/// `sequel bench --algorithm`: the trainer's full step of the config's algorithm, per batch size.
+fn bench_algorithm(
+    registry: &Registry,
+    config: &PathBuf,
+    set: &[String],
+    threads: Option<usize>,
+    batches: &[usize],
+    warmup: usize,
+    steps: usize,
+) -> Result<()> {
+    let (text, origin) = read_config(config)?;
+    let first = prepare(&text, &origin, set, registry)?;
+    configure_threads(threads, &first.config.model.kind);
+    let c = &first.config;
+    let dataset = match first
+        .sources
+        .load_dataset(&c.benchmark.dataset, c.benchmark.data_dir.as_deref())
+    {
+        Ok(d) => d,
+        Err(e @ sequel_core::Error::DatasetNotFound { .. }) => {
+            let d = stand_in_dataset(&c.benchmark.dataset).ok_or(e)?;
+            say!(
+                "{} not installed: timing on a synthetic stand-in of its shape",
+                c.benchmark.dataset
+            );
+            d
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let dataset = std::sync::Arc::new(dataset);
+    say!(
+        "algorithm {} with model {}, optimizer {}, device {}, threads {}: the trainer's step on task 2",
+        c.algorithm
+            .get("name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("naive"),
+        yaml_name(&c.model.kind),
+        yaml_name(&c.optimizer.kind),
+        c.device,
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into())
+    );
+    say!("{:>6} {:>10} {:>12}", "batch", "steps/s", "samples/s");
+    for &b in batches {
+        let mut o = set.to_vec();
+        o.push(format!("training.batch_size={b}"));
+        let p = prepare(&text, &origin, &o, registry)?;
+        let c = &p.config;
+        let stream = sequel_core::experiment::build_stream(c, &origin, dataset.clone())?;
+        let device = c
+            .device
+            .open()
+            .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        let heads = stream.head_sizes();
+        let spec = sequel_core::BackboneSpec {
+            input: stream.input_shape(),
+            heads: &heads,
+            seed: c.seed,
+            device: &device,
+        };
+        let model = p.sources.build_model(&c.model, &spec, &origin)?;
+        let mut trainer = sequel_core::Trainer::new(
+            c.clone(),
+            stream,
+            model,
+            p.algorithm,
+            p.consolidator,
+            device,
+        );
+        let t = sequel_core::bench::time_algorithm_steps(&mut trainer, b, warmup, steps)
+            .map_err(|e| anyhow::anyhow!("{origin}: timing batch size {b}: {e}"))?;
+        let sps = t.steps_per_s();
+        let digits = if sps < 10.0 { 3 } else { 1 };
+        say!("{:>6} {:>10.*} {:>12.0}", b, digits, sps, t.samples_per_s());
+    }
+    Ok(())
+}
+
 fn stand_in_dataset(name: &str) -> Option<sequel_core::data::Dataset> {
     let (shape, classes) = match name {
         "fashion-mnist" | "mnist" | "fmnist-mini" => ([1, 28, 28], 10),

@@ -596,3 +596,47 @@ fn a_sweep_resumes_a_stopped_point_and_restarts_one_whose_config_changed() {
         "a fresh run writes every task"
     );
 }
+
+#[test]
+fn bench_times_an_algorithms_full_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = repo().join("configs/quickstart.yaml");
+    let cfg = cfg.to_str().unwrap();
+    let args = |algo: &str| {
+        [
+            "bench",
+            cfg,
+            "--algorithm",
+            algo,
+            "--batch",
+            "10",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+        ]
+        .map(String::from)
+    };
+    let o = sequel(
+        &args("{name: derpp, buffer_size: 50}")
+            .each_ref()
+            .map(|s| s.as_str()),
+        tmp.path(),
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        out.contains("algorithm derpp") && out.contains("task 2"),
+        "{out}"
+    );
+    let row = out.lines().last().unwrap();
+    let sps: f64 = row.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(row.trim_start().starts_with("10 ") && sps > 0.0, "{out}");
+
+    // GDumb trains no step on the stream: one line that says so.
+    let o = sequel(&args("gdumb").each_ref().map(|s| s.as_str()), tmp.path());
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("no step to time"), "{err}");
+}

@@ -83,3 +83,58 @@ pub fn time_train_steps(
         seconds: start.elapsed().as_secs_f64(),
     })
 }
+
+/// Time the trainer's full step ([`crate::Trainer::step`]: the algorithm's loss with its forward
+/// passes and memory draws, backward, gradient edits, optimizer step, `after_step`, memory
+/// insertion) on the second task, after the first has been trained with its task boundary, so
+/// penalties, teachers and memories are active. `steps` timed steps after `warmup` untimed ones,
+/// on the second task's batches of `batch_size` gathered beforehand (data loading excluded).
+///
+/// # Errors
+/// A stream of fewer than two tasks, a second task without one full batch, or a failing step.
+pub fn time_algorithm_steps(
+    trainer: &mut crate::Trainer,
+    batch_size: usize,
+    warmup: usize,
+    steps: usize,
+) -> Result<StepTiming> {
+    use crate::data::{GatherBuf, Split};
+    use crate::error::Error;
+    if trainer.stream.len() < 2 {
+        return Err(Error::msg(
+            "timing an algorithm's step needs a stream of at least two tasks",
+        ));
+    }
+    let device = trainer.device().clone();
+    let mut buf = GatherBuf::default();
+    let mut batches_of = |trainer: &mut crate::Trainer, task: usize| -> Result<Vec<_>> {
+        let refs = trainer.begin_task(task)?;
+        refs.chunks(batch_size)
+            .filter(|c| c.len() == batch_size)
+            .map(|c| trainer.stream.gather(c, Split::Train, &mut buf, &device))
+            .collect()
+    };
+    for (i, b) in batches_of(trainer, 0)?.iter().enumerate() {
+        trainer.step(0, 0, i, b)?;
+    }
+    trainer.end_task(0)?;
+    let batches = batches_of(trainer, 1)?;
+    if batches.is_empty() {
+        return Err(Error::msg(format!(
+            "task 2 has no full batch of {batch_size} samples to time (an algorithm that trains \
+             no stream steps, such as gdumb, has no step to time)"
+        )));
+    }
+    for i in 0..warmup {
+        trainer.step(1, 0, i, &batches[i % batches.len()])?;
+    }
+    let start = Instant::now();
+    for i in 0..steps {
+        trainer.step(1, 0, i, &batches[i % batches.len()])?;
+    }
+    Ok(StepTiming {
+        batch_size,
+        steps,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}

@@ -107,6 +107,11 @@ impl Trainer {
         (self.algorithm.as_ref() as &dyn std::any::Any).downcast_ref::<A>()
     }
 
+    /// The device the model's tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The running algorithm as its concrete type, mutably (e.g. to read its memory through
     /// [`Algorithm::memory`] after a run).
     pub fn algorithm_mut<A: Algorithm>(&mut self) -> Option<&mut A> {
