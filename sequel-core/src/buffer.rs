@@ -21,8 +21,8 @@
 //!   that task's samples (A-GEM's and GEM's episodic memory when `T` is known in advance).
 //! - `task_balanced` — the greedy sampler of `class_balanced` with tasks in place of classes: the
 //!   whole memory is used from the first task on and shrinks each seen task to `⌊M / t⌋` (± 1) as
-//!   task `t` arrives (GEM's memory when `T` is not known: "gradually reduce the value of m as we
-//!   observe new tasks", Lopez-Paz & Ranzato 2017, §3). With task-end insertion in a random order
+//!   task `t` arrives (GEM's memory when `T` is not known: m is reduced as new tasks are observed,
+//!   Lopez-Paz & Ranzato 2017, §3). With task-end insertion in a random order
 //!   each task keeps a uniform sample of itself.
 //!
 //! **Draws** are without replacement: a partial Fisher–Yates over a persistent permutation of the
