@@ -176,6 +176,14 @@ impl ReplayBuffer {
                  to at least {groups} or set buffer_policy: reservoir"
             )));
         }
+        if policy == BufferPolicy::TaskBalanced && capacity < groups {
+            // The oldest tasks would be evicted entirely: their samples silently never replayed.
+            return Err(err(format!(
+                "{capacity} is smaller than the number of tasks ({groups}): buffer_policy \
+                 task_balanced would evict the oldest tasks entirely; raise buffer_size to at \
+                 least {groups} or set buffer_policy: reservoir"
+            )));
+        }
         Ok(())
     }
 
@@ -740,19 +748,23 @@ mod tests {
 
     #[test]
     fn a_task_quota_smaller_than_one_slot_per_task_is_an_error_naming_the_key() {
-        let e = ReplayBuffer::new(
-            10,
-            BufferPolicy::TaskQuota,
+        for policy in [BufferPolicy::TaskQuota, BufferPolicy::TaskBalanced] {
+            let e = ReplayBuffer::new(10, policy, 20, 0, SeededRng::new(0, Stream::Buffer))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("algorithm.buffer_size") && e.contains("reservoir"),
+                "{e}"
+            );
+        }
+        assert!(ReplayBuffer::new(
+            20,
+            BufferPolicy::TaskBalanced,
             20,
             0,
-            SeededRng::new(0, Stream::Buffer),
+            SeededRng::new(0, Stream::Buffer)
         )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("algorithm.buffer_size") && e.contains("reservoir"),
-            "{e}"
-        );
+        .is_ok());
     }
 
     #[test]
