@@ -28,8 +28,14 @@
 //! keeps the dual strictly convex when past gradients are (nearly) linearly dependent, and relaxes
 //! each constraint by `ε·v_k`: `G g̃ = λ − εv` with KKT multipliers `λ ≥ 0`.
 //!
-//! **Memory.** Each task's samples are stored when it ends, `⌊buffer_size / T⌋` per task
-//! (`task_quota`, a uniform sample of the task; the authors' code keeps the task's *last* samples).
+//! **Memory.** Each task's samples are stored when it ends. The paper (§3) splits the budget M
+//! as m = M/T per task when the number of tasks T is known, and otherwise reduces m as new tasks
+//! are observed. `buffer_policy: task_quota` (the default) is the first, `⌊M/T⌋` per task, a uniform
+//! sample of the task (the authors' code keeps the task's *last* samples): until the last task
+//! part of M is unused — task 2 trains against M/T samples, and at the end only `(T − 1)/T` of M
+//! is used. `task_balanced` is the second: the whole of M from the first task on, `⌊M/t⌋ ± 1`
+//! samples of each of the t tasks seen (a uniform sample of each). Mammoth's GEM (`fill_buffer`)
+//! shrinks per class instead, which on split streams (equal classes per task) is nearly the same.
 //! `g_k` uses all of task k's stored samples, or `replay_batch_size` of them drawn at random if set.
 //! With `insert: step` the current task's own stored samples are not a constraint (as in the paper,
 //! constraints are for `k < t` only).

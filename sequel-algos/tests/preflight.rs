@@ -71,7 +71,7 @@ fn validate_rejects_exactly_what_training_would_reject() {
             // Below the number of tasks (5), below the number of classes (10), and at it.
             for size in [4, 9, 10] {
                 specs.push(format!("{{name: {name}, buffer_size: {size}}}"));
-                for policy in ["reservoir", "task_quota", "class_balanced"] {
+                for policy in ["reservoir", "task_quota", "class_balanced", "task_balanced"] {
                     specs.push(format!(
                         "{{name: {name}, buffer_size: {size}, buffer_policy: {policy}}}"
                     ));

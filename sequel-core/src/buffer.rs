@@ -18,7 +18,12 @@
 //!   a largest class (ties between largest classes drawn uniformly too); otherwise it is dropped.
 //!   Class counts stay within one of each other once every class has been offered enough samples.
 //! - `task_quota` — each of the stream's `T` tasks owns `⌊M / T⌋` slots, filled by a reservoir over
-//!   that task's samples (A-GEM's and GEM's episodic memory).
+//!   that task's samples (A-GEM's and GEM's episodic memory when `T` is known in advance).
+//! - `task_balanced` — the greedy sampler of `class_balanced` with tasks in place of classes: the
+//!   whole memory is used from the first task on and shrinks each seen task to `⌊M / t⌋` (± 1) as
+//!   task `t` arrives (GEM's memory when `T` is not known: m is reduced as new tasks are observed,
+//!   Lopez-Paz & Ranzato 2017, §3). With task-end insertion in a random order
+//!   each task keeps a uniform sample of itself.
 //!
 //! **Draws** are without replacement: a partial Fisher–Yates over a persistent permutation of the
 //! filled slots, so a draw costs O(batch) and allocates nothing beyond its output.
@@ -43,6 +48,7 @@ pub enum BufferPolicy {
     Reservoir,
     ClassBalanced,
     TaskQuota,
+    TaskBalanced,
 }
 
 impl BufferPolicy {
@@ -51,6 +57,7 @@ impl BufferPolicy {
             Self::Reservoir => 0,
             Self::ClassBalanced => 1,
             Self::TaskQuota => 2,
+            Self::TaskBalanced => 3,
         }
     }
 
@@ -59,6 +66,7 @@ impl BufferPolicy {
             0 => Self::Reservoir,
             1 => Self::ClassBalanced,
             2 => Self::TaskQuota,
+            3 => Self::TaskBalanced,
             _ => return Err(Error::msg(format!("unknown buffer policy code {c}"))),
         })
     }
@@ -83,7 +91,7 @@ pub enum InsertAt {
 pub struct MemoryConfig {
     /// Memory size M in samples.
     pub buffer_size: usize,
-    /// `reservoir`, `class_balanced` or `task_quota`.
+    /// `reservoir`, `class_balanced`, `task_quota` or `task_balanced`.
     pub buffer_policy: BufferPolicy,
     /// `step` (insert every step's incoming samples) or `task_end`.
     pub insert: InsertAt,
@@ -130,7 +138,8 @@ pub struct ReplayBuffer {
     logits: Vec<f32>,
     /// Samples offered so far (Algorithm R's `n`).
     seen: u64,
-    /// Per group (task for `task_quota`, unit for `class_balanced`): samples offered and slots.
+    /// Per group (task for `task_quota` and `task_balanced`, unit for `class_balanced`): samples
+    /// offered and slots.
     group_seen: Vec<u64>,
     group_slots: Vec<Vec<u32>>,
     /// Slots per task under `task_quota`.
@@ -142,7 +151,7 @@ pub struct ReplayBuffer {
 
 impl ReplayBuffer {
     /// Whether a buffer of `capacity` slots can work under `policy` with `groups` groups (tasks
-    /// for `task_quota`, output units for `class_balanced`): the check [`ReplayBuffer::new`]
+    /// for `task_quota` and `task_balanced`, output units for `class_balanced`): the check [`ReplayBuffer::new`]
     /// makes, callable before a run starts. The error is a [`Error::Config`] naming
     /// `algorithm.buffer_size`, without a file (the caller adds it).
     pub fn check(capacity: usize, policy: BufferPolicy, groups: usize) -> Result<()> {
@@ -167,11 +176,19 @@ impl ReplayBuffer {
                  to at least {groups} or set buffer_policy: reservoir"
             )));
         }
+        if policy == BufferPolicy::TaskBalanced && capacity < groups {
+            // The oldest tasks would be evicted entirely: their samples silently never replayed.
+            return Err(err(format!(
+                "{capacity} is smaller than the number of tasks ({groups}): buffer_policy \
+                 task_balanced would evict the oldest tasks entirely; raise buffer_size to at \
+                 least {groups} or set buffer_policy: reservoir"
+            )));
+        }
         Ok(())
     }
 
-    /// A buffer of `capacity` slots. `groups` is the number of tasks (`task_quota`) or output units
-    /// (`class_balanced`); `logit_dim` > 0 stores that many logits per slot.
+    /// A buffer of `capacity` slots. `groups` is the number of tasks (`task_quota`,
+    /// `task_balanced`) or output units (`class_balanced`); `logit_dim` > 0 stores that many logits per slot.
     pub fn new(
         capacity: usize,
         policy: BufferPolicy,
@@ -289,7 +306,8 @@ impl ReplayBuffer {
                 }
             }
             BufferPolicy::TaskQuota => self.offer_task_quota(sample.task as usize)?,
-            BufferPolicy::ClassBalanced => self.offer_class_balanced(unit as usize)?,
+            BufferPolicy::ClassBalanced => self.offer_balanced(unit as usize)?,
+            BufferPolicy::TaskBalanced => self.offer_balanced(sample.task as usize)?,
         };
         if let Some(s) = slot {
             self.write(s, sample, unit, logits)?;
@@ -333,7 +351,8 @@ impl ReplayBuffer {
         Ok((j < self.quota).then(|| self.group_slots[task][j] as usize))
     }
 
-    fn offer_class_balanced(&mut self, unit: usize) -> Result<Option<usize>> {
+    /// The greedy balanced sampler over groups (classes or tasks).
+    fn offer_balanced(&mut self, unit: usize) -> Result<Option<usize>> {
         self.group(unit)?;
         self.group_seen[unit] += 1;
         if self.capacity == 0 {
@@ -704,20 +723,48 @@ mod tests {
     }
 
     #[test]
+    fn task_balanced_uses_the_whole_memory_and_shrinks_old_tasks_evenly() {
+        let mut b = buffer(40, BufferPolicy::TaskBalanced, 4, 5);
+        for t in 0..3u32 {
+            // Task t arrives (in a random order, as task-end insertion offers it).
+            for i in 0..(100 + 50 * t) {
+                b.offer(SampleRef { task: t, index: i }, i % 2, None)
+                    .unwrap();
+            }
+            assert_eq!(b.len(), 40, "after task {t}");
+            let counts: Vec<usize> = (0..=t).map(|k| b.slots_of_task(k).len()).collect();
+            let (lo, hi) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+            assert!(hi - lo <= 1, "after task {t}: {counts:?}");
+            assert!(b.slots_of_task(3).is_empty());
+        }
+        // Within a group the greedy sampler keeps the first arrivals (a full memory drops a sample
+        // of the largest group), so a uniform sample of a task needs a random arrival order, which
+        // task-end insertion provides.
+        assert!(b
+            .slots_of_task(0)
+            .iter()
+            .all(|&s| b.sample(s as usize).index < 40));
+    }
+
+    #[test]
     fn a_task_quota_smaller_than_one_slot_per_task_is_an_error_naming_the_key() {
-        let e = ReplayBuffer::new(
-            10,
-            BufferPolicy::TaskQuota,
+        for policy in [BufferPolicy::TaskQuota, BufferPolicy::TaskBalanced] {
+            let e = ReplayBuffer::new(10, policy, 20, 0, SeededRng::new(0, Stream::Buffer))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("algorithm.buffer_size") && e.contains("reservoir"),
+                "{e}"
+            );
+        }
+        assert!(ReplayBuffer::new(
+            20,
+            BufferPolicy::TaskBalanced,
             20,
             0,
-            SeededRng::new(0, Stream::Buffer),
+            SeededRng::new(0, Stream::Buffer)
         )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("algorithm.buffer_size") && e.contains("reservoir"),
-            "{e}"
-        );
+        .is_ok());
     }
 
     #[test]
@@ -749,6 +796,7 @@ mod tests {
             BufferPolicy::Reservoir,
             BufferPolicy::ClassBalanced,
             BufferPolicy::TaskQuota,
+            BufferPolicy::TaskBalanced,
         ] {
             let mut a =
                 ReplayBuffer::new(16, policy, 3, 2, SeededRng::new(9, Stream::Buffer)).unwrap();

@@ -69,7 +69,7 @@ impl Memory {
     fn groups(&self, stream: &TaskStream) -> usize {
         match self.cfg.buffer_policy {
             BufferPolicy::Reservoir => 0,
-            BufferPolicy::TaskQuota => stream.len(),
+            BufferPolicy::TaskQuota | BufferPolicy::TaskBalanced => stream.len(),
             BufferPolicy::ClassBalanced => stream.num_units,
         }
     }
