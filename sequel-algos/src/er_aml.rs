@@ -182,10 +182,8 @@ impl Algorithm for ErAml {
         let replay = self
             .memory
             .draw(self.replay_batch_size, ctx.stream, ctx.device)?;
-        let mut gather = |refs: &[SampleRef]| {
-            ctx.stream
-                .gather(refs, Split::Train, &mut self.gather, ctx.device)
-        };
+        let mut gather =
+            |refs: &[SampleRef]| ctx.stream.gather_train(refs, &mut self.gather, ctx.device);
         let (pos, neg) = (gather(&pos)?, gather(&neg)?);
         let f = ctx.forward(&[batch, &replay.batch, &pos, &neg])?;
         let mut loss = None;

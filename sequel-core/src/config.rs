@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+use crate::data::augment::AugmentationConfig;
 use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
 
@@ -27,6 +28,10 @@ pub struct ExperimentConfig {
     pub optimizer: OptimizerConfig,
     #[serde(default)]
     pub training: TrainingConfig,
+    /// Training-time data augmentation (random crop, horizontal flip) and normalisation. Off by
+    /// default; left out of the resolved config while off.
+    #[serde(default, skip_serializing_if = "AugmentationConfig::is_off")]
+    pub augmentation: AugmentationConfig,
     /// `{ name: <algorithm>, <its parameters>... }`. Default `{ name: naive }`.
     #[serde(default = "default_algorithm")]
     pub algorithm: serde_yaml::Value,
@@ -722,6 +727,17 @@ impl ExperimentConfig {
                     ),
                 ));
             }
+        }
+        let a = &self.augmentation;
+        a.check(crate::data::discovery::input_shape(&b.dataset))
+            .map_err(|(path, message)| err(&path, message))?;
+        if a.normalize.is_some() && b.normalize {
+            return Err(err(
+                "augmentation.normalize",
+                "benchmark.normalize: true standardises with the dataset's own statistics \
+                 already; keep one of the two"
+                    .into(),
+            ));
         }
         let o = &self.optimizer;
         if !(o.lr.is_finite() && o.lr > 0.0) {
