@@ -984,6 +984,69 @@ mod tests {
     }
 
     #[test]
+    fn augmentation_is_off_by_default_and_its_values_are_checked_against_the_dataset() {
+        let c = parse_config(MIN, "x", &[]).unwrap();
+        assert!(c.augmentation.is_off());
+        assert!(!c.resolved_yaml().unwrap().contains("augmentation"));
+        let cifar =
+            "name: t\nbenchmark: { dataset: cifar10, kind: split, tasks: 5, scenario: class-il }\n";
+        let bad = |o: &[&str], key: &str| {
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            let e = parse_config(cifar, "exp.yaml", &o)
+                .unwrap()
+                .validate("exp.yaml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("exp.yaml") && e.contains(key), "{o:?}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        };
+        bad(
+            &["augmentation.random_crop.padding=33"],
+            "augmentation.random_crop.padding",
+        );
+        bad(
+            &["augmentation.horizontal_flip=-0.1"],
+            "augmentation.horizontal_flip",
+        );
+        bad(
+            &["augmentation.normalize={mean: [0.5, 0.5, 0.5], std: [0.2, 0, 0.2]}"],
+            "augmentation.normalize.std",
+        );
+        bad(
+            &["augmentation.normalize={mean: [0.5], std: [0.2]}"],
+            "augmentation.normalize.mean",
+        );
+        bad(
+            &["augmentation.normalize={mean: [0.5, 0.5], std: [0.2]}"],
+            "augmentation.normalize",
+        );
+        bad(
+            &[
+                "benchmark.normalize=true",
+                "augmentation.normalize={mean: [0.5, 0.5, 0.5], std: [0.2, 0.2, 0.2]}",
+            ],
+            "augmentation.normalize",
+        );
+        let e = parse_config(
+            cifar,
+            "exp.yaml",
+            &["augmentation.random_crop.pad=4".into()],
+        );
+        assert!(e.unwrap_err().to_string().contains("padding"));
+        let ok = parse_config(
+            cifar,
+            "x",
+            &[
+                "augmentation.random_crop.padding=4".into(),
+                "augmentation.horizontal_flip=0.5".into(),
+            ],
+        )
+        .unwrap();
+        ok.validate("x").unwrap();
+        assert!(ok.resolved_yaml().unwrap().contains("horizontal_flip: 0.5"));
+    }
+
+    #[test]
     fn optimizer_and_stream_specific_keys_are_checked() {
         let bad = |o: &[&str], key: &str| {
             let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();

@@ -931,4 +931,63 @@ mod tests {
             .to_string();
         assert!(e.contains("augmentation.normalize.mean"), "{e}");
     }
+
+    #[test]
+    fn cifar_protocol_on_synthetic_3x32x32_pads_with_each_channels_normalised_zero() {
+        // Every pixel 255: anything not (1 − mean)/std is the crop's padding, (0 − mean)/std.
+        let set = ImageSet {
+            images: vec![255; 2 * 3 * 32 * 32],
+            labels: vec![0, 1],
+            shape: [3, 32, 32],
+        };
+        let ds = Arc::new(Dataset {
+            name: "synthetic".into(),
+            train: set.clone(),
+            test: set,
+            num_classes: 2,
+            mean: vec![0.0; 3],
+            std: vec![1.0; 3],
+        });
+        let a = augmentation(
+            "{ random_crop: { padding: 4 }, horizontal_flip: 0.5, \
+             normalize: { mean: [0.4914, 0.4822, 0.4465], std: [0.2470, 0.2435, 0.2615] } }",
+        );
+        let (mean, std) = ([0.4914f32, 0.4822, 0.4465], [0.2470f32, 0.2435, 0.2615]);
+        let s = TaskStream::build(ds, &cfg(StreamKind::Split, Scenario::ClassIl, 1), 0)
+            .unwrap()
+            .with_augmentation(&a, 0)
+            .unwrap();
+        let refs = vec![SampleRef { task: 0, index: 0 }; 64];
+        let x = pixels(
+            &s.gather_train(&refs, &mut GatherBuf::default(), &Device::Cpu)
+                .unwrap(),
+        );
+        let mut padded = 0;
+        for (k, v) in x.iter().enumerate() {
+            let ch = (k / 1024) % 3;
+            let (one, zero) = (
+                (1.0 - mean[ch]) * (1.0 / std[ch]),
+                -mean[ch] * (1.0 / std[ch]),
+            );
+            assert!(*v == one || *v == zero, "{v}");
+            padded += usize::from(*v == zero);
+        }
+        // Mean padded fraction of a 32×32 crop with offsets uniform in −4..=4: 1 − (1 − 20/9/32)².
+        let frac = padded as f64 / x.len() as f64;
+        let expect = 1.0 - (1.0 - 20.0 / 9.0 / 32.0f64).powi(2);
+        assert!((frac - expect).abs() < 0.03, "{frac} vs {expect}");
+        let eval = pixels(
+            &s.gather(
+                &refs[..1],
+                Split::Test,
+                &mut GatherBuf::default(),
+                &Device::Cpu,
+            )
+            .unwrap(),
+        );
+        assert!(eval
+            .iter()
+            .enumerate()
+            .all(|(k, v)| *v == (1.0 - mean[k / 1024]) * (1.0 / std[k / 1024])));
+    }
 }
