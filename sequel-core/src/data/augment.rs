@@ -236,14 +236,28 @@ fn transform(
                 continue;
             }
             let src = &scratch[plane + (si * w) as usize..plane + ((si + 1) * w) as usize];
-            for (j, o) in out.iter_mut().enumerate() {
-                let j = j as isize;
-                let sj = if flip { w - 1 - j } else { j } + dx;
-                *o = if (0..w).contains(&sj) {
-                    src[sj as usize]
-                } else {
-                    f
-                };
+            // Output columns whose source column lies inside the image: j + dx ∈ [0, w) without a
+            // flip, w − 1 − j + dx ∈ [0, w) with one.
+            let (lo, hi) = if flip {
+                (dx.max(0), (w + dx).min(w))
+            } else {
+                ((-dx).max(0), (w - dx).min(w))
+            };
+            let lo = lo.min(w);
+            let (lo, hi) = (lo as usize, hi.max(lo) as usize);
+            out[..lo].fill(f);
+            out[hi..].fill(f);
+            if hi == lo {
+                continue;
+            }
+            if flip {
+                let (a, b) = ((w + dx) as usize - hi, (w + dx) as usize - lo);
+                for (o, &v) in out[lo..hi].iter_mut().zip(src[a..b].iter().rev()) {
+                    *o = v;
+                }
+            } else {
+                let a = (lo as isize + dx) as usize;
+                out[lo..hi].copy_from_slice(&src[a..a + (hi - lo)]);
             }
         }
     }
@@ -292,6 +306,42 @@ mod tests {
         let mut x = ramp(2, 3);
         transform(&mut x, [1, 2, 3], 0, 1, true, &[-9.0], &mut s);
         assert_eq!(x, vec![-9., 3., 2., -9., 6., 5.]);
+    }
+
+    #[test]
+    fn transform_matches_the_definition_for_every_offset() {
+        let (c, h, w) = (2, 5, 4);
+        let img: Vec<f32> = (0..c * h * w).map(|k| 1.0 + k as f32).collect();
+        let fill = [-1.0, -2.0];
+        let mut s = Vec::new();
+        for dy in -5..=5isize {
+            for dx in -5..=5isize {
+                for flip in [false, true] {
+                    let mut x = img.clone();
+                    transform(&mut x, [c, h, w], dy, dx, flip, &fill, &mut s);
+                    for ch in 0..c {
+                        for i in 0..h as isize {
+                            for j in 0..w as isize {
+                                let (si, sj) =
+                                    (i + dy, if flip { w as isize - 1 - j } else { j } + dx);
+                                let inside =
+                                    (0..h as isize).contains(&si) && (0..w as isize).contains(&sj);
+                                let want = if inside {
+                                    img[ch * h * w + (si * w as isize + sj) as usize]
+                                } else {
+                                    fill[ch]
+                                };
+                                let k = ch * h * w + (i * w as isize + j) as usize;
+                                assert_eq!(
+                                    x[k], want,
+                                    "dy {dy} dx {dx} flip {flip} at {ch},{i},{j}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
