@@ -162,5 +162,11 @@ fn a_resumed_augmented_run_equals_the_uninterrupted_one() {
         }
         let meta = std::fs::read_to_string(resumed.join("config.yaml")).unwrap();
         assert!(meta.contains("random_crop"), "{meta}");
+        let summary = std::fs::read_to_string(resumed.join("summary.json")).unwrap();
+        // JSON is YAML; the value keeps its short spelling.
+        let v: serde_yaml::Value = serde_yaml::from_str(&summary).unwrap();
+        let mean = &v["protocol"]["augmentation"]["normalize"]["mean"][0];
+        assert_eq!(mean.as_f64(), Some(0.29), "{summary}");
+        assert!(summary.contains("0.29"), "{summary}");
     }
 }

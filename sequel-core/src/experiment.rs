@@ -474,10 +474,11 @@ fn protocol_facts(cfg: &ExperimentConfig) -> serde_json::Value {
     });
     // Stated only when on, so that runs without it record what they always did.
     if !cfg.augmentation.is_off() {
-        if let (Some(m), Ok(a)) = (
-            facts.as_object_mut(),
-            serde_json::to_value(&cfg.augmentation),
-        ) {
+        // Through YAML, so that f32 values keep their short spelling (0.4914, not 0.49140000343).
+        let a = serde_yaml::to_string(&cfg.augmentation)
+            .ok()
+            .and_then(|y| serde_yaml::from_str::<serde_json::Value>(&y).ok());
+        if let (Some(m), Some(a)) = (facts.as_object_mut(), a) {
             m.insert("augmentation".into(), a);
         }
     }
