@@ -225,9 +225,8 @@ fn transform(
     scratch.clear();
     scratch.extend_from_slice(row);
     let (h, w) = (h as isize, w as isize);
-    for ch in 0..c {
+    for (ch, &f) in fill.iter().enumerate().take(c) {
         let plane = (ch as isize * h * w) as usize;
-        let f = fill[ch];
         for i in 0..h {
             let si = i + dy;
             let out = &mut row[plane + (i * w) as usize..plane + ((i + 1) * w) as usize];
