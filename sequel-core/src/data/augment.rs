@@ -149,6 +149,8 @@ pub struct Augmenter {
     rng: Mutex<SeededRng>,
 }
 
+/// A clone continues from the same position on a generator of its own (a cloned stream draws
+/// independently of the original; only the trainer's stream is checkpointed).
 impl Clone for Augmenter {
     fn clone(&self) -> Self {
         Self {
