@@ -38,7 +38,7 @@
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use sequel_core::data::{Batch, GatherBuf, SampleRef, Split};
+use sequel_core::data::{Batch, GatherBuf, SampleRef};
 use sequel_core::loss::task_loss;
 use sequel_core::rng::SeededRng;
 use sequel_core::{Algorithm, AlgorithmConfig, Memory, MemoryConfig, Result, StepCtx};
@@ -182,10 +182,8 @@ impl Algorithm for ErAml {
         let replay = self
             .memory
             .draw(self.replay_batch_size, ctx.stream, ctx.device)?;
-        let mut gather = |refs: &[SampleRef]| {
-            ctx.stream
-                .gather(refs, Split::Train, &mut self.gather, ctx.device)
-        };
+        let mut gather =
+            |refs: &[SampleRef]| ctx.stream.gather_train(refs, &mut self.gather, ctx.device);
         let (pos, neg) = (gather(&pos)?, gather(&neg)?);
         let f = ctx.forward(&[batch, &replay.batch, &pos, &neg])?;
         let mut loss = None;
@@ -362,7 +360,8 @@ mod tests {
             assert_eq!(parts[0], b.refs);
             let mut buf = GatherBuf::default();
             let g = |refs: &[SampleRef], buf: &mut GatherBuf| {
-                ctx.stream.gather(refs, Split::Train, buf, ctx.device)
+                ctx.stream
+                    .gather(refs, sequel_core::data::Split::Train, buf, ctx.device)
             };
             let (replay, pos, neg) = (
                 g(&parts[1], &mut buf)?,

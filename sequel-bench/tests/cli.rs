@@ -60,6 +60,7 @@ fn every_shipped_config_validates() {
         "configs/permuted-fmnist",
         "configs/rotated-fmnist",
         "configs/split-cifar10",
+        "configs/split-cifar100",
     ] {
         for e in std::fs::read_dir(repo().join(dir)).unwrap() {
             let p = e.unwrap().path();
@@ -109,6 +110,25 @@ fn bad_configs_fail_with_one_line_that_names_file_key_and_fix() {
         (
             "algorithm: { name: ewk }\n",
             &["algorithm.name", "unknown algorithm `ewk`", "valid:"],
+        ),
+        (
+            "augmentation: { random_crop: { padding: 29 } }\n",
+            &[
+                "augmentation.random_crop.padding",
+                "larger than the 28×28 image",
+            ],
+        ),
+        (
+            "augmentation: { horizontal_flip: 2 }\n",
+            &["augmentation.horizontal_flip", "[0, 1]"],
+        ),
+        (
+            "augmentation: { normalize: { mean: [0.5, 0.5, 0.5], std: [1, 1, 1] } }\n",
+            &["augmentation.normalize.mean", "1-channel"],
+        ),
+        (
+            "augmentation: { normalize: { mean: [0.5], std: [-1] } }\n",
+            &["augmentation.normalize.std", "> 0"],
         ),
     ];
     for (i, (extra, needles)) in cases.iter().enumerate() {

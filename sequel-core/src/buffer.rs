@@ -37,7 +37,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Batch, GatherBuf, SampleRef, Split, TaskStream};
+use crate::data::{Batch, GatherBuf, SampleRef, TaskStream};
 use crate::error::{Error, Result};
 use crate::rng::{RngState, SeededRng};
 
@@ -465,7 +465,7 @@ impl ReplayBuffer {
         device: &Device,
     ) -> Result<Batch> {
         let refs: Vec<SampleRef> = slots.iter().map(|&s| self.samples[s as usize]).collect();
-        stream.gather(&refs, Split::Train, buf, device)
+        stream.gather_train(&refs, buf, device)
     }
 
     /// The stored logits of `slots`, `n × logit_dim`.

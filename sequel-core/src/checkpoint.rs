@@ -7,7 +7,8 @@
 //!   exemplars), and the consolidator's inputs (`cons.*`: θ₀, θ̄ₜ, kept task vectors);
 //! - `state-<t>.json` — a first line with the CRC-32 of the rest, then JSON: the format version,
 //!   the hash of the resolved config, the CRC-32 of the safetensors file, every random stream's
-//!   position (data order, algorithm, consolidation, and the model's own streams such as dropout),
+//!   position (data order, algorithm, consolidation, data augmentation, and the model's own
+//!   streams such as dropout),
 //!   and the results so far (accuracy rows, times, sampled log).
 //!
 //! The JSON is written last and is the commit record: a crash while writing leaves the previous
@@ -42,6 +43,9 @@ pub struct Meta {
     pub algo_rng: RngState,
     pub consolidation_rng: RngState,
     pub model_rngs: Vec<RngState>,
+    /// The data augmentation's stream (`augmentation:` with a crop or flip).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augment_rng: Option<RngState>,
     /// Number of task vectors kept for the consolidator.
     pub task_vectors: usize,
     pub has_initial: bool,

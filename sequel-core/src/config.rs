@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+use crate::data::augment::AugmentationConfig;
 use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
 
@@ -27,6 +28,10 @@ pub struct ExperimentConfig {
     pub optimizer: OptimizerConfig,
     #[serde(default)]
     pub training: TrainingConfig,
+    /// Training-time data augmentation (random crop, horizontal flip) and normalisation. Off by
+    /// default; left out of the resolved config while off.
+    #[serde(default, skip_serializing_if = "AugmentationConfig::is_off")]
+    pub augmentation: AugmentationConfig,
     /// `{ name: <algorithm>, <its parameters>... }`. Default `{ name: naive }`.
     #[serde(default = "default_algorithm")]
     pub algorithm: serde_yaml::Value,
@@ -757,6 +762,17 @@ impl ExperimentConfig {
                 ));
             }
         }
+        let a = &self.augmentation;
+        a.check(crate::data::discovery::input_shape(&b.dataset))
+            .map_err(|(path, message)| err(&path, message))?;
+        if a.normalize.is_some() && b.normalize {
+            return Err(err(
+                "augmentation.normalize",
+                "benchmark.normalize: true standardises with the dataset's own statistics \
+                 already; keep one of the two"
+                    .into(),
+            ));
+        }
         let o = &self.optimizer;
         if !(o.lr.is_finite() && o.lr > 0.0) {
             return Err(err(
@@ -999,6 +1015,69 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("optimizer.lr"));
+    }
+
+    #[test]
+    fn augmentation_is_off_by_default_and_its_values_are_checked_against_the_dataset() {
+        let c = parse_config(MIN, "x", &[]).unwrap();
+        assert!(c.augmentation.is_off());
+        assert!(!c.resolved_yaml().unwrap().contains("augmentation"));
+        let cifar =
+            "name: t\nbenchmark: { dataset: cifar10, kind: split, tasks: 5, scenario: class-il }\n";
+        let bad = |o: &[&str], key: &str| {
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            let e = parse_config(cifar, "exp.yaml", &o)
+                .unwrap()
+                .validate("exp.yaml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("exp.yaml") && e.contains(key), "{o:?}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        };
+        bad(
+            &["augmentation.random_crop.padding=33"],
+            "augmentation.random_crop.padding",
+        );
+        bad(
+            &["augmentation.horizontal_flip=-0.1"],
+            "augmentation.horizontal_flip",
+        );
+        bad(
+            &["augmentation.normalize={mean: [0.5, 0.5, 0.5], std: [0.2, 0, 0.2]}"],
+            "augmentation.normalize.std",
+        );
+        bad(
+            &["augmentation.normalize={mean: [0.5], std: [0.2]}"],
+            "augmentation.normalize.mean",
+        );
+        bad(
+            &["augmentation.normalize={mean: [0.5, 0.5], std: [0.2]}"],
+            "augmentation.normalize",
+        );
+        bad(
+            &[
+                "benchmark.normalize=true",
+                "augmentation.normalize={mean: [0.5, 0.5, 0.5], std: [0.2, 0.2, 0.2]}",
+            ],
+            "augmentation.normalize",
+        );
+        let e = parse_config(
+            cifar,
+            "exp.yaml",
+            &["augmentation.random_crop.pad=4".into()],
+        );
+        assert!(e.unwrap_err().to_string().contains("padding"));
+        let ok = parse_config(
+            cifar,
+            "x",
+            &[
+                "augmentation.random_crop.padding=4".into(),
+                "augmentation.horizontal_flip=0.5".into(),
+            ],
+        )
+        .unwrap();
+        ok.validate("x").unwrap();
+        assert!(ok.resolved_yaml().unwrap().contains("horizontal_flip: 0.5"));
     }
 
     #[test]

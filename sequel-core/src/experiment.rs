@@ -53,7 +53,9 @@ pub fn build_stream(
     origin: &str,
     dataset: Arc<Dataset>,
 ) -> Result<TaskStream> {
-    TaskStream::build(dataset, &cfg.benchmark, cfg.seed).map_err(in_file(origin))
+    TaskStream::build(dataset, &cfg.benchmark, cfg.seed)
+        .and_then(|s| s.with_augmentation(&cfg.augmentation, cfg.seed))
+        .map_err(in_file(origin))
 }
 
 /// Every check of the config that needs the stream, short of training: the algorithm's
@@ -470,7 +472,7 @@ fn check_same_config(dir: &RunDir, resolved_yaml: &str) -> Result<()> {
 fn protocol_facts(cfg: &ExperimentConfig) -> serde_json::Value {
     let b = &cfg.benchmark;
     let kebab = |v: &dyn erased::Ser| v.yaml();
-    serde_json::json!({
+    let mut facts = serde_json::json!({
         "scenario": kebab(&b.scenario),
         "task_il_head": kebab(&b.task_il_head),
         "task_il_mask_in_training": b.scenario == crate::config::Scenario::TaskIl
@@ -481,7 +483,18 @@ fn protocol_facts(cfg: &ExperimentConfig) -> serde_json::Value {
         "average_accuracy": "mean over tasks (pooled also reported)",
         "eval_on": kebab(&b.eval_on),
         "normalize": b.normalize,
-    })
+    });
+    // Stated only when on, so that runs without it record what they always did.
+    if !cfg.augmentation.is_off() {
+        // Through YAML, so that f32 values keep their short spelling (0.4914, not 0.49140000343).
+        let a = serde_yaml::to_string(&cfg.augmentation)
+            .ok()
+            .and_then(|y| serde_yaml::from_str::<serde_json::Value>(&y).ok());
+        if let (Some(m), Some(a)) = (facts.as_object_mut(), a) {
+            m.insert("augmentation".into(), a);
+        }
+    }
+    facts
 }
 
 mod erased {

@@ -21,6 +21,7 @@ pub enum Stream {
     Subset = 7,
     Algorithm = 8,
     Consolidation = 9,
+    Augment = 10,
 }
 
 /// A deterministic random generator for one stream.

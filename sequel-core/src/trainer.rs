@@ -12,7 +12,7 @@ use crate::config::{EvaluateWith, ExperimentConfig};
 use crate::consolidation::{
     apply, Anchor, Consolidation, ConsolidationCtx, ContinueFrom, Evaluate, TaskVector,
 };
-use crate::data::{Batch, GatherBuf, SampleRef, Split, TaskStream};
+use crate::data::{Batch, GatherBuf, SampleRef, TaskStream};
 use crate::error::{Error, Result};
 use crate::metrics::{peak_rss_mb, AccuracyMatrix};
 use crate::model::{Model, ModelOutput, Snapshot};
@@ -345,6 +345,7 @@ impl Trainer {
             algo_rng: self.algo_rng.state(),
             consolidation_rng: self.consolidation_rng.state(),
             model_rngs: self.model.rng_states(),
+            augment_rng: self.stream.augment_state(),
             task_vectors: self.task_vectors.len(),
             has_initial: self.initial.is_some(),
             has_previous: self.previous.is_some(),
@@ -418,6 +419,16 @@ impl Trainer {
         self.algo_rng = SeededRng::from(meta.algo_rng);
         self.consolidation_rng = SeededRng::from(meta.consolidation_rng);
         self.model.set_rng_states(&meta.model_rngs)?;
+        match (meta.augment_rng, self.stream.augment_state()) {
+            (Some(s), Some(_)) => self.stream.set_augment_state(s),
+            (None, None) => {}
+            _ => {
+                return Err(Error::msg(
+                    "the checkpoint's data augmentation does not match the config's; resume with \
+                     the run's own config.yaml",
+                ))
+            }
+        }
         self.resumed = Some(meta.results);
         Ok(())
     }
@@ -537,9 +548,7 @@ impl Trainer {
                 }
                 let lr = self.schedule.lr(epoch, step, total);
                 self.optimizer.set_learning_rate(lr);
-                let batch = self
-                    .stream
-                    .gather(chunk, Split::Train, &mut buf, &self.device)?;
+                let batch = self.stream.gather_train(chunk, &mut buf, &self.device)?;
                 let (value, out) = self.step(t, epoch, step, &batch)?;
                 if log_every > 0 && step % log_every == 0 {
                     log.push(LogRow {

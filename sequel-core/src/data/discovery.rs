@@ -26,6 +26,15 @@ pub const DATASETS: &[&str] = &[
     "cifar100",
 ];
 
+/// `[C, H, W]` of a built-in dataset's images (known without loading it), `None` for other names.
+pub fn input_shape(name: &str) -> Option<[usize; 3]> {
+    match name {
+        "fmnist-mini" | "fashion-mnist" | "mnist" => Some([1, 28, 28]),
+        "cifar10" | "cifar100" => Some([3, 32, 32]),
+        _ => None,
+    }
+}
+
 /// Environment variable naming extra dataset roots (a path list, like `$PATH`).
 pub const DATA_ENV: &str = "SEQUEL_DATA";
 

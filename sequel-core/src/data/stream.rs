@@ -14,10 +14,11 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
+use super::augment::{check_against, AugmentationConfig, Augmenter};
 use super::Dataset;
 use crate::config::{BenchmarkConfig, ClassOrder, EvalSplit, Scenario, StreamKind, TaskIlHead};
 use crate::error::{Error, Result};
-use crate::rng::{SeededRng, Stream};
+use crate::rng::{RngState, SeededRng, Stream};
 
 /// Input transform of a task.
 #[derive(Debug, Clone)]
@@ -186,6 +187,8 @@ pub struct TaskStream {
     /// Per-channel (shift, scale): x_norm = (x/255 − shift)·scale.
     norm: Vec<(f32, f32)>,
     pub eval_on: EvalSplit,
+    /// Training-time random crop and flip (see [`TaskStream::gather_train`]).
+    augment: Option<Augmenter>,
 }
 
 /// Buffers reused across gathers so the hot path does not allocate.
@@ -194,6 +197,7 @@ pub struct GatherBuf {
     x: Vec<f32>,
     units: Vec<u32>,
     tasks: Vec<u32>,
+    scratch: Vec<f32>,
 }
 
 impl TaskStream {
@@ -418,7 +422,41 @@ impl TaskStream {
             unit_of_class,
             norm,
             eval_on: cfg.eval_on,
+            augment: None,
         })
+    }
+
+    /// Apply the `augmentation:` section: its normalisation (training and evaluation) replaces
+    /// `benchmark.normalize`'s, and its crop and flip, drawn from the experiment seed's
+    /// augmentation stream, apply to [`TaskStream::gather_train`].
+    ///
+    /// # Errors
+    /// A value that does not fit the input shape (a crop padding larger than the image, a mean
+    /// per channel missing), as [`Error::Config`] naming the key under `augmentation.`.
+    pub fn with_augmentation(mut self, cfg: &AugmentationConfig, seed: u64) -> Result<Self> {
+        check_against(cfg, self.input_shape())?;
+        if let Some(n) = &cfg.normalize {
+            self.norm = n
+                .mean
+                .iter()
+                .zip(&n.std)
+                .map(|(&m, &s)| (m, 1.0 / s))
+                .collect();
+        }
+        self.augment = Augmenter::new(cfg, seed);
+        Ok(self)
+    }
+
+    /// The augmentation stream's position, when the stream augments (for checkpoints).
+    pub fn augment_state(&self) -> Option<RngState> {
+        self.augment.as_ref().map(Augmenter::state)
+    }
+
+    /// Restore the augmentation stream's position from a checkpoint.
+    pub fn set_augment_state(&self, s: RngState) {
+        if let Some(a) = &self.augment {
+            a.set_state(s);
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -472,13 +510,39 @@ impl TaskStream {
         self.scenario == Scenario::TaskIl
     }
 
-    /// Gather samples into a batch on `device`, reusing `buf`'s storage.
+    /// Gather samples into a batch on `device`, reusing `buf`'s storage: the inputs as they are
+    /// evaluated (task transform and normalisation, never augmented).
     pub fn gather(
         &self,
         refs: &[SampleRef],
         split: Split,
         buf: &mut GatherBuf,
         device: &Device,
+    ) -> Result<Batch> {
+        self.gather_with(refs, split, buf, device, false)
+    }
+
+    /// Gather training samples as they are trained on: [`TaskStream::gather`] followed by the
+    /// configured random crop and flip of every sample (the same as `gather` when none is
+    /// configured; then no random draw is made). The trainer gathers incoming batches this way,
+    /// and a replay memory every batch it draws, so stored (non-augmented) samples are augmented
+    /// afresh at each draw.
+    pub fn gather_train(
+        &self,
+        refs: &[SampleRef],
+        buf: &mut GatherBuf,
+        device: &Device,
+    ) -> Result<Batch> {
+        self.gather_with(refs, Split::Train, buf, device, true)
+    }
+
+    fn gather_with(
+        &self,
+        refs: &[SampleRef],
+        split: Split,
+        buf: &mut GatherBuf,
+        device: &Device,
+        augment: bool,
     ) -> Result<Batch> {
         let set = match split {
             Split::Train => &self.dataset.train,
@@ -522,6 +586,11 @@ impl TaskStream {
             buf.units
                 .push(self.unit(r.task as usize, set.labels[r.index as usize]));
             buf.tasks.push(r.task);
+        }
+        if let (true, Some(a)) = (augment, &self.augment) {
+            // A zero pixel (the crop's padding) after normalisation.
+            let fill: Vec<f32> = self.norm.iter().map(|&(m, s)| -m * s).collect();
+            a.apply(&mut buf.x, [c, h, w], &fill, &mut buf.scratch);
         }
         let x = Tensor::from_slice(&buf.x, (refs.len(), c, h, w), device)?;
         let y = Tensor::from_slice(&buf.units, refs.len(), device)?;
@@ -761,5 +830,164 @@ mod tests {
         c.validation_fraction = 0.01;
         let e = TaskStream::build(toy(), &c, 0).unwrap_err().to_string();
         assert!(e.contains("benchmark.validation_fraction"), "{e}");
+    }
+
+    fn augmentation(yaml: &str) -> AugmentationConfig {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn pixels(b: &Batch) -> Vec<f32> {
+        b.x.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn normalisation_is_exact_at_training_and_evaluation() {
+        let a = augmentation("{ normalize: { mean: [0.25], std: [0.5] } }");
+        let s = TaskStream::build(toy(), &cfg(StreamKind::Split, Scenario::ClassIl, 5), 0)
+            .unwrap()
+            .with_augmentation(&a, 0)
+            .unwrap();
+        let refs = [SampleRef { task: 1, index: 2 }];
+        let raw: Vec<f32> = s
+            .dataset
+            .train
+            .sample(2)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        let want: Vec<f32> = raw.iter().map(|v| (v / 255.0 - 0.25) / 0.5).collect();
+        let mut buf = GatherBuf::default();
+        let train = pixels(&s.gather_train(&refs, &mut buf, &Device::Cpu).unwrap());
+        let eval = pixels(
+            &s.gather(&refs, Split::Train, &mut buf, &Device::Cpu)
+                .unwrap(),
+        );
+        for got in [train, eval] {
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                    "{got:?} vs {want:?}"
+                );
+            }
+        }
+        assert!(
+            s.augment_state().is_none(),
+            "no crop or flip: nothing to draw"
+        );
+    }
+
+    #[test]
+    fn training_gathers_are_augmented_and_evaluation_gathers_never() {
+        let a = augmentation("{ random_crop: { padding: 2 }, horizontal_flip: 0.5 }");
+        let s = TaskStream::build(toy(), &cfg(StreamKind::Split, Scenario::ClassIl, 5), 0)
+            .unwrap()
+            .with_augmentation(&a, 0)
+            .unwrap();
+        let refs: Vec<SampleRef> = (0..8).map(|i| SampleRef { task: 0, index: i }).collect();
+        let mut buf = GatherBuf::default();
+        let plain = pixels(
+            &s.gather(&refs, Split::Train, &mut buf, &Device::Cpu)
+                .unwrap(),
+        );
+        let before = s.augment_state();
+        for split in [Split::Train, Split::Test] {
+            let r: Vec<SampleRef> = refs
+                .iter()
+                .map(|r| SampleRef {
+                    index: r.index % 4,
+                    ..*r
+                })
+                .collect();
+            s.gather(&r, split, &mut buf, &Device::Cpu).unwrap();
+        }
+        assert_eq!(
+            s.augment_state(),
+            before,
+            "an evaluation gather drew augmentation"
+        );
+        let trained = pixels(&s.gather_train(&refs, &mut buf, &Device::Cpu).unwrap());
+        assert_ne!(trained, plain);
+        assert_ne!(s.augment_state(), before);
+        // Labels and bookkeeping are untouched.
+        let b = s.gather_train(&refs, &mut buf, &Device::Cpu).unwrap();
+        assert_eq!(b.refs, refs);
+    }
+
+    #[test]
+    fn augmentation_that_does_not_fit_the_images_is_refused_naming_the_key() {
+        let s =
+            || TaskStream::build(toy(), &cfg(StreamKind::Split, Scenario::ClassIl, 5), 0).unwrap();
+        let e = s()
+            .with_augmentation(&augmentation("{ random_crop: { padding: 5 } }"), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("augmentation.random_crop.padding"), "{e}");
+        let e = s()
+            .with_augmentation(
+                &augmentation("{ normalize: { mean: [0, 0, 0], std: [1, 1, 1] } }"),
+                0,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("augmentation.normalize.mean"), "{e}");
+    }
+
+    #[test]
+    fn cifar_protocol_on_synthetic_3x32x32_pads_with_each_channels_normalised_zero() {
+        // Every pixel 255: anything not (1 − mean)/std is the crop's padding, (0 − mean)/std.
+        let set = ImageSet {
+            images: vec![255; 2 * 3 * 32 * 32],
+            labels: vec![0, 1],
+            shape: [3, 32, 32],
+        };
+        let ds = Arc::new(Dataset {
+            name: "synthetic".into(),
+            train: set.clone(),
+            test: set,
+            num_classes: 2,
+            mean: vec![0.0; 3],
+            std: vec![1.0; 3],
+        });
+        let a = augmentation(
+            "{ random_crop: { padding: 4 }, horizontal_flip: 0.5, \
+             normalize: { mean: [0.4914, 0.4822, 0.4465], std: [0.2470, 0.2435, 0.2615] } }",
+        );
+        let (mean, std) = ([0.4914f32, 0.4822, 0.4465], [0.2470f32, 0.2435, 0.2615]);
+        let s = TaskStream::build(ds, &cfg(StreamKind::Split, Scenario::ClassIl, 1), 0)
+            .unwrap()
+            .with_augmentation(&a, 0)
+            .unwrap();
+        let refs = vec![SampleRef { task: 0, index: 0 }; 64];
+        let x = pixels(
+            &s.gather_train(&refs, &mut GatherBuf::default(), &Device::Cpu)
+                .unwrap(),
+        );
+        let mut padded = 0;
+        for (k, v) in x.iter().enumerate() {
+            let ch = (k / 1024) % 3;
+            let (one, zero) = (
+                (1.0 - mean[ch]) * (1.0 / std[ch]),
+                -mean[ch] * (1.0 / std[ch]),
+            );
+            assert!(*v == one || *v == zero, "{v}");
+            padded += usize::from(*v == zero);
+        }
+        // Mean padded fraction of a 32×32 crop with offsets uniform in −4..=4: 1 − (1 − 20/9/32)².
+        let frac = padded as f64 / x.len() as f64;
+        let expect = 1.0 - (1.0 - 20.0 / 9.0 / 32.0f64).powi(2);
+        assert!((frac - expect).abs() < 0.03, "{frac} vs {expect}");
+        let eval = pixels(
+            &s.gather(
+                &refs[..1],
+                Split::Test,
+                &mut GatherBuf::default(),
+                &Device::Cpu,
+            )
+            .unwrap(),
+        );
+        assert!(eval
+            .iter()
+            .enumerate()
+            .all(|(k, v)| *v == (1.0 - mean[k / 1024]) * (1.0 / std[k / 1024])));
     }
 }
