@@ -25,6 +25,17 @@ pub struct ExemplarSet {
     pub samples: Vec<SampleRef>,
 }
 
+/// What an exemplar method trains on in task `task`: the task's samples, then every exemplar.
+pub fn task_and_exemplars(
+    stream: &TaskStream,
+    task: usize,
+    exemplars: &[ExemplarSet],
+) -> Vec<SampleRef> {
+    let mut samples = sequel_core::algorithm::task_samples(stream, task);
+    samples.extend(exemplars.iter().flat_map(|g| g.samples.iter().copied()));
+    samples
+}
+
 /// A group as `<key>.task`, `<key>.unit` and its samples' tasks and indices (`<key>.sample_task`,
 /// `<key>.sample_index`), in herding order.
 impl Persist for ExemplarSet {

@@ -440,13 +440,11 @@ impl Algorithm for Lucir {
     }
 
     fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
-        let mut samples = task_samples(ctx.stream, ctx.task);
-        samples.extend(
-            self.exemplars
-                .iter()
-                .flat_map(|g| g.samples.iter().copied()),
-        );
-        Ok(samples)
+        Ok(crate::exemplars::task_and_exemplars(
+            ctx.stream,
+            ctx.task,
+            &self.exemplars,
+        ))
     }
 
     fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
