@@ -221,10 +221,23 @@ fn lock_holder_alive(text: &str) -> Option<u32> {
     running.then_some(pid)
 }
 
-/// The pid of the live process writing run `<root>/<name>/seed-<seed>`, if one is.
+/// The pid of the live process writing run `<root>/<name>/seed-<seed>`, if one is; `Some(0)` for
+/// a lock created this instant whose holder has not written its identity yet (as [`take_lock`]
+/// reads it), so that a second sweep waits for that run instead of counting it failed.
 pub fn writer_of(root: &Path, name: &str, seed: u64) -> Option<u32> {
     let lock = root.join(name).join(format!(".seed-{seed}.lock"));
-    let text = fs::read_to_string(lock).ok()?;
+    let text = fs::read_to_string(&lock).ok()?;
+    if text.trim().is_empty() {
+        // Bounded, so that a lock left empty by a crash between create and write is not waited
+        // for forever.
+        let age = fs::metadata(&lock)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        return age
+            .is_some_and(|a| a < std::time::Duration::from_secs(10))
+            .then_some(0);
+    }
     lock_holder_alive(&text).filter(|&p| p != std::process::id())
 }
 
@@ -501,6 +514,21 @@ mod tests {
             .to_string();
         assert!(e.contains("another run (pid 1)"), "{e}");
         fs::remove_file(tmp.path().join("r/.seed-0.lock")).unwrap();
+    }
+
+    #[test]
+    fn a_lock_being_written_counts_as_held_for_a_while() {
+        // Created by `create_new`, identity not yet written: a second sweep must wait for it
+        // (it failed such a point in CI once), but not forever if its writer died right there.
+        let tmp = tempfile::tempdir().unwrap();
+        fs::create_dir_all(tmp.path().join("r")).unwrap();
+        let lock = tmp.path().join("r/.seed-0.lock");
+        let f = fs::File::create(&lock).unwrap();
+        assert_eq!(writer_of(tmp.path(), "r", 0), Some(0));
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        f.set_modified(old).unwrap();
+        assert_eq!(writer_of(tmp.path(), "r", 0), None);
+        assert_eq!(writer_of(tmp.path(), "r", 1), None, "no lock, no writer");
     }
 
     #[test]
