@@ -345,7 +345,6 @@ impl Algorithm for Bic {
 
 #[cfg(test)]
 mod tests {
-
     use candle_core::Device;
 
     use super::*;

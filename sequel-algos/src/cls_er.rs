@@ -251,7 +251,6 @@ impl Algorithm for ClsEr {
 
 #[cfg(test)]
 mod tests {
-
     use super::*;
 
     #[test]
