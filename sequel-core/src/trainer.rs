@@ -669,19 +669,12 @@ impl Trainer {
 
     /// Accuracy on task `j`'s evaluation split (after [`Algorithm::before_eval`]).
     fn evaluate(&self, j: usize) -> Result<f64> {
-        let (indices, split) = self.stream.eval_indices(j);
-        if indices.is_empty() {
+        let (refs, split) = self.stream.eval_refs(j);
+        if refs.is_empty() {
             return Ok(0.0);
         }
         let mut buf = GatherBuf::default();
         let mut correct = 0usize;
-        let refs: Vec<SampleRef> = indices
-            .iter()
-            .map(|&index| SampleRef {
-                task: j as u32,
-                index,
-            })
-            .collect();
         let ctx = EvalCtx {
             stream: &self.stream,
             model: self.model.as_ref(),
@@ -710,7 +703,7 @@ impl Trainer {
                 .filter(|(p, y)| p == y)
                 .count();
         }
-        Ok(correct as f64 / indices.len() as f64)
+        Ok(correct as f64 / refs.len() as f64)
     }
 }
 

@@ -72,14 +72,7 @@ fn evaluation_applies_the_latest_correction() {
         ..bias.clone()
     };
     let acc = |b: &Bias, j: usize| {
-        let (idx, split) = t.stream.eval_indices(j);
-        let refs: Vec<SampleRef> = idx
-            .iter()
-            .map(|&index| SampleRef {
-                task: j as u32,
-                index,
-            })
-            .collect();
+        let (refs, split) = t.stream.eval_refs(j);
         let x = t
             .stream
             .gather(&refs, split, &mut GatherBuf::default(), &Device::Cpu)

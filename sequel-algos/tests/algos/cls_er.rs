@@ -3,7 +3,7 @@
 use candle_core::D;
 use sequel_algos::cls_er::*;
 use sequel_algos::testing::{mini_trainer, probe_run, probed};
-use sequel_core::data::{GatherBuf, SampleRef};
+use sequel_core::data::GatherBuf;
 use sequel_core::model::Model;
 use sequel_core::trainer::Silent;
 use sequel_core::Algorithm;
@@ -21,14 +21,7 @@ fn cls_er(lambda: f64) -> ClsEr {
 fn predictions(model: &dyn Model, t: &sequel_core::Trainer) -> Vec<(Vec<u32>, f64)> {
     (0..t.stream.len())
         .map(|j| {
-            let (idx, split) = t.stream.eval_indices(j);
-            let refs: Vec<SampleRef> = idx
-                .iter()
-                .map(|&index| SampleRef {
-                    task: j as u32,
-                    index,
-                })
-                .collect();
+            let (refs, split) = t.stream.eval_refs(j);
             let b = t
                 .stream
                 .gather(

@@ -490,6 +490,19 @@ impl TaskStream {
         }
     }
 
+    /// [`Self::eval_indices`] as sample references of task `task`, ready to gather.
+    pub fn eval_refs(&self, task: usize) -> (Vec<SampleRef>, Split) {
+        let (indices, split) = self.eval_indices(task);
+        let refs = indices
+            .iter()
+            .map(|&index| SampleRef {
+                task: task as u32,
+                index,
+            })
+            .collect();
+        (refs, split)
+    }
+
     /// Output units of each head of the model: one per task when logits are restricted to the
     /// task's units in training (multi-head), else a single shared head.
     pub fn head_sizes(&self) -> Vec<usize> {
