@@ -241,6 +241,10 @@ pub struct ModelConfig {
     /// backbones take none.
     #[serde(default, skip_serializing_if = "serde_yaml::Mapping::is_empty")]
     pub options: serde_yaml::Mapping,
+    /// How the seeded weights are drawn: `pytorch` (default; `nn.Linear`/`nn.Conv2d`'s
+    /// U(±1/√fan_in) for weights and biases) or `xavier` (Glorot-uniform weights, zero biases).
+    #[serde(default, skip_serializing_if = "WeightInit::is_pytorch")]
+    pub init: WeightInit,
     /// Start from these weights instead of the seeded initialisation: a safetensors file of
     /// sequel-rs (a run's `checkpoints/task-<t>.safetensors` or `checkpoints/state-<t>.safetensors`), or a
     /// ResNet-18 with torchvision/timm/Mammoth tensor names (docs/config.md). Relative to the
@@ -255,6 +259,25 @@ pub struct ModelConfig {
     /// and a frozen batch norm keeps its running statistics.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub freeze: Vec<String>,
+}
+
+/// The distribution of `model.init`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightInit {
+    /// PyTorch's default for linear and convolutional layers: weights and biases
+    /// U(±1/√fan_in) (Kaiming-uniform with a = √5).
+    #[default]
+    Pytorch,
+    /// Glorot & Bengio (AISTATS 2010), eq. 16: weights U(±√(6/(fan_in + fan_out))), biases 0;
+    /// what Mammoth's MNIST MLP uses (`backbone/__init__.py::xavier`).
+    Xavier,
+}
+
+impl WeightInit {
+    fn is_pytorch(&self) -> bool {
+        *self == WeightInit::Pytorch
+    }
 }
 
 /// What `model.init_from` does with the file's classifier head.
@@ -300,6 +323,7 @@ impl Default for ModelConfig {
             channels: default_channels(),
             width: default_width(),
             options: serde_yaml::Mapping::new(),
+            init: WeightInit::Pytorch,
             init_from: None,
             init_head: InitHead::Fresh,
             freeze: Vec::new(),

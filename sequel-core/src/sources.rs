@@ -264,6 +264,7 @@ impl Sources {
         )?;
         let mut init = SeededRng::new(spec.seed, Stream::Init);
         let model = (e.make)(cfg, spec, &mut init, origin)?;
+        crate::model::redraw(model.params(), cfg.init, &mut init)?;
         crate::model::pretrained::apply(model.as_ref(), cfg).map_err(|e| e.in_file(origin))?;
         Ok(model)
     }
@@ -399,5 +400,71 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("model.options"), "{e}");
+    }
+
+    #[test]
+    fn xavier_draws_glorot_uniform_weights_zero_biases_and_keeps_batch_norm() {
+        let dev = Device::Cpu;
+        let build = |overrides: &[&str], input: [usize; 3], seed: u64| {
+            let c = cfg(overrides);
+            let spec = BackboneSpec {
+                input,
+                heads: &[10],
+                seed,
+                device: &dev,
+            };
+            Sources::builtin()
+                .build_model(&c.model, &spec, "t.yaml")
+                .unwrap()
+        };
+        let values = |m: &dyn Model| -> Vec<(String, Vec<usize>, Vec<f32>)> {
+            m.params()
+                .iter()
+                .map(|p| {
+                    let v = p.var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    (p.name.clone(), p.var.dims().to_vec(), v)
+                })
+                .collect()
+        };
+        let xavier = values(build(&["model.init=xavier"], [1, 28, 28], 0).as_ref());
+        let pytorch = values(build(&[], [1, 28, 28], 0).as_ref());
+        assert_eq!(
+            xavier,
+            values(build(&["model.init=xavier"], [1, 28, 28], 0).as_ref()),
+            "seeded"
+        );
+        for ((name, dims, v), (_, _, d)) in xavier.iter().zip(&pytorch) {
+            if dims.len() == 2 {
+                let bound = (6.0 / (dims[0] + dims[1]) as f64).sqrt();
+                assert!(v.iter().all(|&w| (w as f64).abs() <= bound), "{name}");
+                // U(±b) has variance b²/3; thousands of draws put the sample within 10 %.
+                let var = v.iter().map(|&w| (w as f64).powi(2)).sum::<f64>() / v.len() as f64;
+                assert!(
+                    (var / (bound * bound / 3.0) - 1.0).abs() < 0.1,
+                    "{name}: {var}"
+                );
+                assert_ne!(v, d, "{name} is redrawn");
+            } else {
+                assert!(v.iter().all(|&b| b == 0.0), "{name}");
+            }
+        }
+        // A ResNet: convolutions redrawn, batch norms as built (scale 1, shift 0, statistics).
+        let o = ["model.init=xavier", "model.kind=resnet18", "model.width=4"];
+        let (x, d) = (
+            values(build(&o, [3, 8, 8], 1).as_ref()),
+            values(build(&o[1..], [3, 8, 8], 1).as_ref()),
+        );
+        let mut convs = 0;
+        for ((name, dims, v), (_, _, dv)) in x.iter().zip(&d) {
+            if dims.len() == 4 {
+                let field = dims[2] * dims[3];
+                let bound = (6.0 / ((dims[0] + dims[1]) * field) as f64).sqrt();
+                assert!(v.iter().all(|&w| (w as f64).abs() <= bound), "{name}");
+                convs += 1;
+            } else if dims.len() == 1 && !name.starts_with("head") {
+                assert_eq!(v, dv, "{name}: batch norm untouched");
+            }
+        }
+        assert!(convs > 10, "{convs}");
     }
 }

@@ -24,3 +24,31 @@ pub fn uniform(
 pub fn constant(shape: impl Into<Shape>, value: f32, device: &Device) -> Result<Var> {
     Ok(Var::from_tensor(&Tensor::full(value, shape, device)?)?)
 }
+
+/// Redraw a built model's weights by `model.init` (nothing to do for the default, which the
+/// layers drew already). `xavier`: every weight tensor of rank ≥ 2 (linear `[out, in]`, conv
+/// `[out, in, k, k]`) from U(±√(6/(fan_in + fan_out))) with fan = channels × receptive field
+/// (Glorot & Bengio 2010, eq. 16), in parameter order from `rng`; the bias of the same layer set
+/// to 0. Batch-norm scales, shifts and statistics keep their values.
+pub fn redraw(
+    params: &crate::model::ParamSet,
+    init: crate::config::WeightInit,
+    rng: &mut SeededRng,
+) -> Result<()> {
+    if init == crate::config::WeightInit::Pytorch {
+        return Ok(());
+    }
+    for p in params.iter().filter(|p| p.var.rank() >= 2) {
+        let dims = p.var.dims();
+        let field: usize = dims[2..].iter().product();
+        let (fan_in, fan_out) = (dims[1] * field, dims[0] * field);
+        let bound = (6.0 / (fan_in + fan_out) as f32).sqrt();
+        p.var
+            .set(uniform(dims, bound, rng, p.var.device())?.as_tensor())?;
+        let bias = p.name.strip_suffix("weight").map(|l| format!("{l}bias"));
+        if let Some(b) = params.iter().find(|b| Some(&b.name) == bias.as_ref()) {
+            b.var.set(&b.var.zeros_like()?)?;
+        }
+    }
+    Ok(())
+}

@@ -14,6 +14,7 @@ pub mod resnet;
 
 use candle_core::{Device, Tensor, Var};
 
+pub use init::redraw;
 pub use params::{Param, ParamSet, Role, Snapshot};
 
 use crate::config::{ModelConfig, ModelKind};
