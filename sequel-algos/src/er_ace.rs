@@ -181,7 +181,7 @@ mod tests {
     use sequel_core::trainer::Silent;
 
     use super::*;
-    use crate::testing::mini_trainer;
+    use crate::testing::{mini_trainer, observe_run, observed, Observer};
 
     fn stream(over: &[&str]) -> TaskStream {
         mini_trainer(Box::new(crate::naive::Naive), over).stream
@@ -270,20 +270,16 @@ mod tests {
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
     }
 
-    /// ER-ACE plus a check, at every step, that the loss is the masked CE of the incoming batch plus
+    /// Checks, at every step, that ER-ACE's loss is the masked CE of the incoming batch plus
     /// the *unmasked* CE of the drawn buffer batch (recomputed by hand on the host).
     struct Check {
-        ace: ErAce,
         checked: usize,
         old_targets_replayed: usize,
     }
 
-    impl Algorithm for Check {
-        fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-            self.ace.before_task(ctx)
-        }
-        fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-            let loss = self.ace.loss(batch, ctx)?;
+    impl Observer<ErAce> for Check {
+        fn loss(&mut self, ace: &mut ErAce, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+            let loss = ace.loss(batch, ctx)?;
             let l = loss.to_scalar::<f32>()? as f64;
             let out = ctx.incoming_output().unwrap().clone();
             let parts = ctx.forwarded_parts().to_vec();
@@ -295,7 +291,7 @@ mod tests {
                 assert_eq!(parts.len(), 1, "no replay on the first task");
                 return Ok(loss);
             }
-            let incoming = asymmetric_ce(&out.logits, batch, &self.ace.seen.0, ctx.stream)?
+            let incoming = asymmetric_ce(&out.logits, batch, &ace.seen.0, ctx.stream)?
                 .to_scalar::<f32>()? as f64;
             assert_eq!(parts[1].len(), 10);
             let b = ctx.stream.gather(
@@ -317,7 +313,7 @@ mod tests {
             );
             self.checked += 1;
             // Replayed targets the incoming batch's mask removes.
-            let masked = ace_mask(&batch.units, &batch.tasks, &self.ace.seen.0, ctx.stream);
+            let masked = ace_mask(&batch.units, &batch.tasks, &ace.seen.0, ctx.stream);
             self.old_targets_replayed += b
                 .units
                 .iter()
@@ -325,24 +321,22 @@ mod tests {
                 .count();
             Ok(loss)
         }
-        fn memory(&mut self) -> Option<&mut Memory> {
-            self.ace.memory()
-        }
     }
 
     #[test]
     fn loss_is_masked_incoming_ce_plus_unmasked_replay_ce() {
         let check = Check {
-            ace: ErAce::new(ErAceConfig::default()).unwrap(),
             checked: 0,
             old_targets_replayed: 0,
         };
-        let (t, _) = crate::testing::probe_run(check, &["benchmark.tasks=3"]);
-        let c = &crate::testing::probed::<Check>(&t).algo;
+        let ace = ErAce::new(ErAceConfig::default()).unwrap();
+        let (t, _) = observe_run(ace, check, &["benchmark.tasks=3"]);
+        let p = observed::<ErAce, Check>(&t);
+        let c = &p.observer;
         assert_eq!(c.checked, 10);
         assert!(c.old_targets_replayed > 50, "{}", c.old_targets_replayed);
         // Three tasks of two classes: six units, all seen.
-        assert_eq!(c.ace.seen.0, &[true; 6]);
+        assert_eq!(p.algo.seen.0, &[true; 6]);
     }
 
     #[test]

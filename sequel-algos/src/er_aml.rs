@@ -221,7 +221,7 @@ impl Algorithm for ErAml {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{mini_run, probe_run, probed, SCENARIOS};
+    use crate::testing::{mini_run, observe_run, observed, probe_run, probed, Observer, SCENARIOS};
     use candle_core::Device;
     use sequel_core::buffer::InsertAt;
 
@@ -337,20 +337,18 @@ mod tests {
     /// ER-AML that recomputes each step's loss from what was forwarded: the metric loss of the
     /// incoming rows that had a positive and a negative in the pool plus the replay CE.
     struct Check {
-        alg: ErAml,
         /// Per step from task 2 on: (loss, recomputed, ER's joined CE, positives from memory).
         seen: Vec<(f32, f32, f32, usize)>,
     }
 
-    impl Algorithm for Check {
-        fn loss(&mut self, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-            let stored: Vec<(SampleRef, u32)> = self
-                .alg
+    impl Observer<ErAml> for Check {
+        fn loss(&mut self, alg: &mut ErAml, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+            let stored: Vec<(SampleRef, u32)> = alg
                 .memory
                 .buffer()
                 .map(|m| (0..m.len()).map(|s| (m.sample(s), m.unit(s))).collect())
                 .unwrap_or_default();
-            let l = self.alg.loss(b, ctx)?;
+            let l = alg.loss(b, ctx)?;
             if ctx.task == 0 {
                 assert_eq!(l.to_scalar::<f32>()?, ctx.ce(b)?.to_scalar::<f32>()?);
                 return Ok(l);
@@ -420,20 +418,15 @@ mod tests {
             ));
             Ok(l)
         }
-        fn memory(&mut self) -> Option<&mut Memory> {
-            self.alg.memory()
-        }
     }
 
     #[test]
     fn incoming_rows_get_the_metric_loss_and_replayed_rows_the_ce_in_every_scenario() {
         for over in SCENARIOS {
-            let check = Check {
-                alg: er_aml(30),
-                seen: Vec::new(),
-            };
-            let (t, _) = probe_run(check, &[over, &["benchmark.tasks=3"]].concat());
-            let c = &probed::<Check>(&t).algo;
+            let check = Check { seen: Vec::new() };
+            let over3 = [over, &["benchmark.tasks=3"]].concat();
+            let (t, _) = observe_run(er_aml(30), check, &over3);
+            let c = &observed::<ErAml, Check>(&t).observer;
             assert_eq!(c.seen.len(), 10, "{over:?}");
             for &(loss, want, er, _) in &c.seen {
                 assert!((loss - want).abs() < 1e-5, "{over:?}: {loss} vs {want}");

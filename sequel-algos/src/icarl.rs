@@ -341,7 +341,7 @@ impl Algorithm for Icarl {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{mini_trainer, probe_run, probed};
+    use crate::testing::{mini_trainer, observe_run, observed, Observer};
     use candle_core::Device;
     use sequel_core::data::Split;
     use sequel_core::state::StateDict;
@@ -422,43 +422,37 @@ mod tests {
     }
 
     /// Records what the trainer gave iCaRL.
+    #[derive(Default)]
     struct Record {
-        icarl: Icarl,
         train_sizes: Vec<usize>,
         after: Vec<Vec<ExemplarSet>>,
     }
 
-    impl Algorithm for Record {
-        fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-            self.icarl.before_task(ctx)
-        }
-        fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
-            let s = self.icarl.training_samples(ctx)?;
+    impl Observer<Icarl> for Record {
+        fn training_samples(
+            &mut self,
+            ic: &mut Icarl,
+            ctx: &mut TaskCtx,
+        ) -> Result<Vec<SampleRef>> {
+            let s = ic.training_samples(ctx)?;
             self.train_sizes.push(s.len());
             Ok(s)
         }
-        fn loss(&mut self, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-            self.icarl.loss(b, ctx)
-        }
-        fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-            self.icarl.after_task(ctx)?;
-            self.after.push(self.icarl.exemplars().to_vec());
+        fn after_task(&mut self, ic: &mut Icarl, ctx: &mut TaskCtx) -> Result<()> {
+            ic.after_task(ctx)?;
+            self.after.push(ic.exemplars().to_vec());
             Ok(())
-        }
-        fn before_eval(&mut self, ctx: &EvalCtx) -> Result<()> {
-            self.icarl.before_eval(ctx)
-        }
-        fn predict(&self, o: &ModelOutput, task: usize, ctx: &EvalCtx) -> Result<Option<Tensor>> {
-            self.icarl.predict(o, task, ctx)
         }
     }
 
-    fn record(k: usize) -> Record {
-        Record {
-            icarl: icarl(k),
-            train_sizes: Vec::new(),
-            after: Vec::new(),
-        }
+    /// iCaRL with `buffer_size` k on the mini stream, observed by a [`Record`].
+    fn recorded(k: usize, overrides: &[&str]) -> (Trainer, sequel_core::RunOutcome) {
+        observe_run(icarl(k), Record::default(), overrides)
+    }
+
+    fn record_of(t: &Trainer) -> (&Icarl, &Record) {
+        let p = observed::<Icarl, Record>(t);
+        (&p.algo, &p.observer)
     }
 
     fn eval_ctx(t: &Trainer) -> EvalCtx<'_> {
@@ -471,8 +465,8 @@ mod tests {
 
     #[test]
     fn exemplars_are_herded_shrunk_in_herding_order_and_trained_on() {
-        let (t, _) = probe_run(record(40), &["benchmark.tasks=3"]);
-        let r = &probed::<Record>(&t).algo;
+        let (t, _) = recorded(40, &["benchmark.tasks=3"]);
+        let (_, r) = record_of(&t);
         // m = 40/2, 40/4, 40/6 per class.
         let per = [20usize, 10, 6];
         for (task, sets) in r.after.iter().enumerate() {
@@ -518,10 +512,10 @@ mod tests {
     }
 
     fn run_scenario(overrides: &[&str]) {
-        let (t, out) = probe_run(record(100), overrides);
+        let (t, out) = recorded(100, overrides);
         assert_eq!(out.matrix.rows.len(), 5);
         assert!(out.matrix.rows.iter().flatten().all(|a| a.is_finite()));
-        let r = &probed::<Record>(&t).algo;
+        let (ic, r) = record_of(&t);
         let sets = r.after.last().unwrap();
         let total: usize = sets.iter().map(|g| g.samples.len()).sum();
         assert!(total <= 100 && total > 0, "{total}");
@@ -534,7 +528,7 @@ mod tests {
             .gather(&refs, Split::Train, &mut GatherBuf::default(), &Device::Cpu)
             .unwrap();
         let o = t.model.forward(&b.x, false).unwrap();
-        let s = r.icarl.predict(&o, 4, &ctx).unwrap().unwrap();
+        let s = ic.predict(&o, 4, &ctx).unwrap().unwrap();
         assert_eq!(s.dims(), &[refs.len(), 10]);
         let last = out.matrix.rows[4][4];
         assert!(
@@ -619,30 +613,27 @@ mod tests {
 
     #[test]
     fn domain_il_keeps_one_group_per_task_and_unit() {
-        let (t, _) = probe_run(
-            record(60),
-            &["benchmark.scenario=domain-il", "benchmark.tasks=3"],
-        );
-        let r = &probed::<Record>(&t).algo;
+        let (t, _) = recorded(60, &["benchmark.scenario=domain-il", "benchmark.tasks=3"]);
+        let (ic, r) = record_of(&t);
         let sets = r.after.last().unwrap();
         let keys: Vec<(u32, u32)> = sets.iter().map(|g| (g.task, g.unit)).collect();
         assert_eq!(keys, vec![(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]);
         assert!(sets.iter().all(|g| g.samples.len() <= 10));
         // No unit is "past only" in domain-IL, so nothing is distilled.
-        assert!(r.icarl.bce.plan.past.iter().all(|&p| !p));
+        assert!(ic.bce.plan.past.iter().all(|&p| !p));
     }
 
     #[test]
     fn permuted_class_il_runs() {
-        let (t, _) = probe_run(
-            record(60),
+        let (t, _) = recorded(
+            60,
             &[
                 "benchmark.kind=permuted",
                 "benchmark.tasks=3",
                 "benchmark.classes_per_task=null",
             ],
         );
-        let r = &probed::<Record>(&t).algo;
+        let (_, r) = record_of(&t);
         // 10 classes per task, each task its own block of units.
         assert_eq!(r.after.last().unwrap().len(), 30);
         assert_eq!(r.after.last().unwrap()[29].unit, 29);
@@ -656,15 +647,15 @@ mod tests {
         let x = Tensor::zeros((1, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
         let o = t.model.forward(&x, false).unwrap();
         assert!(fresh.predict(&o, 0, &eval_ctx(&t)).unwrap().is_none());
-        let (t, _) = probe_run(record(40), &["benchmark.tasks=2"]);
-        let r = &probed::<Record>(&t).algo;
+        let (t, _) = recorded(40, &["benchmark.tasks=2"]);
+        let (ic, _) = record_of(&t);
         let mut state = StateDict::new();
         let mut trained = icarl(40);
-        trained.exemplars = r.icarl.exemplars().to_vec();
+        trained.exemplars = ic.exemplars().to_vec();
         trained.state(&mut StateIo::save(&mut state)).unwrap();
         let mut back = icarl(40);
         back.state(&mut StateIo::load(&state)).unwrap();
-        assert_eq!(back.exemplars(), r.icarl.exemplars());
+        assert_eq!(back.exemplars(), ic.exemplars());
         assert!(!back.exemplars().is_empty());
     }
 
@@ -673,9 +664,9 @@ mod tests {
         // A consolidation strategy may change the weights after `after_task`: `before_eval` runs
         // before every evaluation pass, so the means `predict` uses are those of the weights
         // being evaluated.
-        let (t, _) = probe_run(record(40), &["benchmark.tasks=2"]);
+        let (t, _) = recorded(40, &["benchmark.tasks=2"]);
         let mut a = icarl(40);
-        a.exemplars = probed::<Record>(&t).algo.icarl.exemplars().to_vec();
+        a.exemplars = record_of(&t).0.exemplars().to_vec();
         let refs = &a.exemplars()[0].samples;
         let b = t
             .stream

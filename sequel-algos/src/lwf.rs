@@ -182,7 +182,7 @@ impl Algorithm for Lwf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{mini_trainer, probe_run, probed};
+    use crate::testing::{mini_trainer, observe_run, observed, Observer};
 
     #[test]
     fn distillation_equals_the_kl_formula_on_constructed_logits() {
@@ -228,18 +228,14 @@ mod tests {
     #[test]
     fn no_distillation_on_the_first_task_and_old_units_afterwards() {
         struct Check {
-            lwf: Lwf,
             seen: Vec<(usize, Option<f32>)>,
         }
-        impl Algorithm for Check {
-            fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-                self.lwf.before_task(ctx)
-            }
-            fn loss(&mut self, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-                let l = self.lwf.loss(b, ctx)?;
+        impl Observer<Lwf> for Check {
+            fn loss(&mut self, lwf: &mut Lwf, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+                let l = lwf.loss(b, ctx)?;
                 let o = ctx.incoming_output().unwrap().clone();
                 if ctx.step == 0 {
-                    let d = self.lwf.distillation(&o.logits, &b.x)?;
+                    let d = lwf.distillation(&o.logits, &b.x)?;
                     self.seen
                         .push((ctx.task, d.map(|d| d.to_scalar::<f32>()).transpose()?));
                 }
@@ -251,12 +247,11 @@ mod tests {
                 Ok(l)
             }
         }
-        let check = Check {
-            lwf: Lwf::new(LwfConfig::default()).unwrap(),
-            seen: Vec::new(),
-        };
-        let (t, _) = probe_run(check, &["benchmark.tasks=3"]);
-        let c = &probed::<Check>(&t).algo;
+        let check = Check { seen: Vec::new() };
+        let lwf = Lwf::new(LwfConfig::default()).unwrap();
+        let (t, _) = observe_run(lwf, check, &["benchmark.tasks=3"]);
+        let p = observed::<Lwf, Check>(&t);
+        let c = &p.observer;
         assert_eq!(c.seen[0], (0, None));
         // At the first step of a later task the student still equals the teacher.
         for &(task, d) in &c.seen[1..] {
@@ -264,7 +259,7 @@ mod tests {
             assert!(d.abs() < 1e-6, "task {task}: {d}");
         }
         // Task 3 of split class-IL distils over the units of tasks 1–2.
-        assert_eq!(c.lwf.heads, vec![vec![0, 1, 2, 3]]);
+        assert_eq!(p.algo.heads, vec![vec![0, 1, 2, 3]]);
     }
 
     #[test]

@@ -237,7 +237,7 @@ impl Algorithm for Mir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{mini_run, mini_trainer, probe_run, probed};
+    use crate::testing::{mini_run, mini_trainer, observe_run, observed, Observer};
     use candle_core::Device;
     use sequel_core::data::{GatherBuf, SampleRef, Split};
 
@@ -327,7 +327,6 @@ mod tests {
 
     /// MIR whose every retrieval is checked against a computation on a fork of the model.
     struct Check {
-        mir: Mir,
         steps: usize,
         /// Steps where the most interfered candidate is not the one of largest loss after the
         /// virtual step (so ranking by that loss would replay another set).
@@ -346,13 +345,12 @@ mod tests {
             .collect()
     }
 
-    impl Algorithm for Check {
-        fn loss(&mut self, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-            let r = self.mir.retrieve(b, ctx)?;
+    impl Observer<Mir> for Check {
+        fn loss(&mut self, mir: &mut Mir, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+            let r = mir.retrieve(b, ctx)?;
             if !r.candidates.is_empty() {
-                let alpha = self.mir.virtual_lr;
-                let cand = self
-                    .mir
+                let alpha = mir.virtual_lr;
+                let cand = mir
                     .memory
                     .batch_of(r.candidates.clone(), ctx.stream, ctx.device)?
                     .batch;
@@ -385,32 +383,28 @@ mod tests {
                 self.differs += usize::from(argmax(&after) != argmax(&inc));
                 self.steps += 1;
             }
-            let l = self.mir.replay_loss(b, &r, ctx)?;
+            let l = mir.replay_loss(b, &r, ctx)?;
             // The replayed part is exactly the chosen slots.
             if !r.chosen.is_empty() {
                 let stored: Vec<SampleRef> = r
                     .chosen
                     .iter()
-                    .map(|&s| self.mir.memory.buffer().unwrap().sample(s as usize))
+                    .map(|&s| mir.memory.buffer().unwrap().sample(s as usize))
                     .collect();
                 assert_eq!(ctx.forwarded_parts()[1], stored);
             }
             Ok(l)
-        }
-        fn memory(&mut self) -> Option<&mut Memory> {
-            self.mir.memory()
         }
     }
 
     #[test]
     fn replays_the_candidates_whose_loss_increases_most() {
         let check = Check {
-            mir: mir(25, 10, 0.1),
             steps: 0,
             differs: 0,
         };
-        let (t, _) = probe_run(check, &["benchmark.tasks=3"]);
-        let c = &probed::<Check>(&t).algo;
+        let (t, _) = observe_run(mir(25, 10, 0.1), check, &["benchmark.tasks=3"]);
+        let c = &observed::<Mir, Check>(&t).observer;
         assert_eq!(c.steps, 14);
         // The increase and the loss after the step rank differently in some steps: the test
         // would see a retrieval by loss.

@@ -285,7 +285,7 @@ impl Algorithm for Rwalk {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{mini_run, probe_run, probed};
+    use crate::testing::{mini_run, observe_run, observed, probe_run, probed, Observer};
 
     fn rwalk(lambda: f64, delta_t: usize) -> Rwalk {
         Rwalk::new(RwalkConfig {
@@ -310,7 +310,6 @@ mod tests {
     /// RWalk plus a host-side (f64) replay of its bookkeeping from each step's task gradient and
     /// weights: the windows, the Fisher's moving average and the task's score.
     struct Recorder {
-        rw: Rwalk,
         /// The current task's steps: (g, θ before, θ after), flattened.
         steps: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)>,
         fisher: Option<Vec<f64>>,
@@ -359,29 +358,29 @@ mod tests {
         }
     }
 
-    impl Algorithm for Recorder {
-        fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+    impl Observer<Rwalk> for Recorder {
+        fn before_task(&mut self, rw: &mut Rwalk, ctx: &mut TaskCtx) -> Result<()> {
             self.steps.clear();
-            self.rw.before_task(ctx)
+            rw.before_task(ctx)
         }
-        fn loss(&mut self, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-            self.rw.loss(b, ctx)
-        }
-        fn edit_gradients(&mut self, g: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
-            self.rw.edit_gradients(g, ctx)
-        }
-        fn after_step(&mut self, b: &Batch, o: &ModelOutput, ctx: &mut StepCtx) -> Result<()> {
-            let (before, g) = self.rw.pending.as_ref().unwrap();
+        fn after_step(
+            &mut self,
+            rw: &mut Rwalk,
+            b: &Batch,
+            o: &ModelOutput,
+            ctx: &mut StepCtx,
+        ) -> Result<()> {
+            let (before, g) = rw.pending.as_ref().unwrap();
             let after = PerParam::values(ctx.model.params())?;
             self.steps.push((flat(g), flat(&before.0), flat(&after.0)));
-            self.rw.after_step(b, o, ctx)
+            rw.after_step(b, o, ctx)
         }
-        fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-            let before = self.rw.score().map(|s| s.flat().unwrap());
-            let host = self.host_task_score(self.rw.delta_t, self.rw.alpha, self.rw.epsilon);
-            self.rw.after_task(ctx)?;
-            let after = self.rw.score().unwrap().flat()?;
-            let fisher = self.rw.fisher().unwrap().flat()?;
+        fn after_task(&mut self, rw: &mut Rwalk, ctx: &mut TaskCtx) -> Result<()> {
+            let before = rw.score().map(|s| s.flat().unwrap());
+            let host = self.host_task_score(rw.delta_t, rw.alpha, rw.epsilon);
+            rw.after_task(ctx)?;
+            let after = rw.score().unwrap().flat()?;
+            let fisher = rw.fisher().unwrap().flat()?;
             let host_f = self.fisher.clone().unwrap();
             self.history.push((before, host, after, fisher, host_f));
             Ok(())
@@ -392,13 +391,12 @@ mod tests {
     fn scores_and_fisher_follow_the_update_rule_are_non_negative_and_normalised() {
         // Δt = 3 with 5 steps per task: one full window and a partial one per task.
         let rec = Recorder {
-            rw: rwalk(1.0, 3),
             steps: Vec::new(),
             fisher: None,
             history: Vec::new(),
         };
-        let (t, _) = probe_run(rec, &["benchmark.tasks=3"]);
-        let rec = &probed::<Recorder>(&t).algo;
+        let (t, _) = observe_run(rwalk(1.0, 3), rec, &["benchmark.tasks=3"]);
+        let rec = &observed::<Rwalk, Recorder>(&t).observer;
         assert_eq!(rec.history.len(), 3);
         for (task, (before, host, after, fisher, host_f)) in rec.history.iter().enumerate() {
             // The running Fisher matches the host's moving average.

@@ -190,33 +190,20 @@ impl Algorithm for Si {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{mini_trainer, probe_run, probed};
+    use crate::testing::{mini_trainer, observe_run, observed, Observer};
 
     /// Runs SI and, at every task end, recomputes the expected increment ω/(Δ² + ξ) from SI's
     /// own ω and θ(start) and the model's weights, then records Ω before and after.
     struct Recorder {
-        si: Si,
         /// (Ω before, expected increment, Ω after) per task.
         history: Vec<(Option<PerParam>, PerParam, PerParam)>,
     }
 
-    impl Algorithm for Recorder {
-        fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-            self.si.before_task(ctx)
-        }
-        fn loss(&mut self, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-            self.si.loss(b, ctx)
-        }
-        fn edit_gradients(&mut self, g: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
-            self.si.edit_gradients(g, ctx)
-        }
-        fn after_step(&mut self, b: &Batch, o: &ModelOutput, ctx: &mut StepCtx) -> Result<()> {
-            self.si.after_step(b, o, ctx)
-        }
-        fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-            let before = self.si.importance().cloned();
-            let omega = self.si.path_integral().unwrap().clone();
-            let start = self.si.start.clone().unwrap();
+    impl Observer<Si> for Recorder {
+        fn after_task(&mut self, si: &mut Si, ctx: &mut TaskCtx) -> Result<()> {
+            let before = si.importance().cloned();
+            let omega = si.path_integral().unwrap().clone();
+            let start = si.start.clone().unwrap();
             let end = PerParam::values(ctx.model.params())?;
             let mut inc = Vec::new();
             for ((w, s), e) in omega.0.iter().zip(&start.0).zip(&end.0) {
@@ -229,8 +216,8 @@ mod tests {
                     .collect();
                 inc.push(Tensor::new(v, &candle_core::Device::Cpu)?.reshape(shape)?);
             }
-            self.si.after_task(ctx)?;
-            let after = self.si.importance().unwrap().clone();
+            si.after_task(ctx)?;
+            let after = si.importance().unwrap().clone();
             self.history.push((before, PerParam(inc), after));
             Ok(())
         }
@@ -287,14 +274,14 @@ mod tests {
     #[test]
     fn importances_are_non_zero_non_negative_in_sum_and_accumulate_across_tasks() {
         let recorder = Recorder {
-            si: Si::new(SiConfig::default()).unwrap(),
             history: Vec::new(),
         };
-        let (t, _) = probe_run(
+        let (t, _) = observe_run(
+            Si::new(SiConfig::default()).unwrap(),
             recorder,
             &["benchmark.tasks=3", "benchmark.train_subset=30"],
         );
-        let rec = &probed::<Recorder>(&t).algo;
+        let rec = &observed::<Si, Recorder>(&t).observer;
         assert_eq!(rec.history.len(), 3);
         for (task, (before, inc, after)) in rec.history.iter().enumerate() {
             let inc_sum = inc.sum().unwrap();
@@ -332,25 +319,26 @@ mod tests {
         // After task 1, at a step of task 2: the stored g must equal the gradient of the
         // cross-entropy alone, although the optimizer received CE + penalty.
         struct Check {
-            si: Si,
             batch: Option<Batch>,
             checked: usize,
         }
-        impl Algorithm for Check {
-            fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-                self.si.before_task(ctx)
-            }
-            fn loss(&mut self, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        impl Observer<Si> for Check {
+            fn loss(&mut self, si: &mut Si, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
                 self.batch = Some(b.clone());
-                self.si.loss(b, ctx)
+                si.loss(b, ctx)
             }
-            fn edit_gradients(&mut self, g: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
-                self.si.edit_gradients(g, ctx)?;
+            fn edit_gradients(
+                &mut self,
+                si: &mut Si,
+                g: &mut GradStore,
+                ctx: &mut StepCtx,
+            ) -> Result<()> {
+                si.edit_gradients(g, ctx)?;
                 if ctx.task == 1 && ctx.step == 2 {
-                    let penalty = self.si.penalty(ctx.model)?.unwrap();
+                    let penalty = si.penalty(ctx.model)?.unwrap();
                     assert!(penalty > 0.0);
                     // Recompute the CE gradient on the same batch (no dropout in this model).
-                    let (_, g_task) = self.si.pending.as_ref().unwrap();
+                    let (_, g_task) = si.pending.as_ref().unwrap();
                     let batch = self.batch.take().unwrap();
                     let out = ctx.model.forward(&batch.x, true)?;
                     let ce = ctx.task_loss(&out.logits, &batch)?.backward()?;
@@ -364,19 +352,13 @@ mod tests {
                 }
                 Ok(())
             }
-            fn after_step(&mut self, b: &Batch, o: &ModelOutput, ctx: &mut StepCtx) -> Result<()> {
-                self.si.after_step(b, o, ctx)
-            }
-            fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-                self.si.after_task(ctx)
-            }
         }
         let check = Check {
-            si: Si::new(SiConfig { c: 50.0, xi: 0.1 }).unwrap(),
             batch: None,
             checked: 0,
         };
-        let (t, _) = probe_run(check, &["benchmark.tasks=2"]);
-        assert_eq!(probed::<Check>(&t).algo.checked, 1);
+        let si = Si::new(SiConfig { c: 50.0, xi: 0.1 }).unwrap();
+        let (t, _) = observe_run(si, check, &["benchmark.tasks=2"]);
+        assert_eq!(observed::<Si, Check>(&t).observer.checked, 1);
     }
 }

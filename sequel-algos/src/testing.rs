@@ -23,10 +23,51 @@ pub struct StepRecord {
     pub logits: Tensor,
 }
 
-/// An algorithm plus the record of every step the trainer ran it for. After a run, get it back
-/// with [`Trainer::algorithm`]`::<Probe<A>>()`.
-pub struct Probe<A> {
+/// Test code around the hooks of a probed algorithm: each method gets the algorithm and the
+/// hook's arguments, calls the real hook itself (so it can compare state before and after, or
+/// recompute what the hook computed) and records what the test reads after the run in `self`.
+/// The defaults only call the hook; the probe forwards every other hook untouched, so an
+/// observer cannot forget one.
+pub trait Observer<A: Algorithm>: Send + 'static {
+    fn before_task(&mut self, algo: &mut A, ctx: &mut TaskCtx) -> Result<()> {
+        algo.before_task(ctx)
+    }
+    fn training_samples(&mut self, algo: &mut A, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
+        algo.training_samples(ctx)
+    }
+    fn loss(&mut self, algo: &mut A, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        algo.loss(batch, ctx)
+    }
+    fn edit_gradients(
+        &mut self,
+        algo: &mut A,
+        grads: &mut GradStore,
+        ctx: &mut StepCtx,
+    ) -> Result<()> {
+        algo.edit_gradients(grads, ctx)
+    }
+    fn after_step(
+        &mut self,
+        algo: &mut A,
+        batch: &Batch,
+        out: &ModelOutput,
+        ctx: &mut StepCtx,
+    ) -> Result<()> {
+        algo.after_step(batch, out, ctx)
+    }
+    fn after_task(&mut self, algo: &mut A, ctx: &mut TaskCtx) -> Result<()> {
+        algo.after_task(ctx)
+    }
+}
+
+/// Observes nothing: [`probe_run`]'s probe only records steps and weights.
+impl<A: Algorithm> Observer<A> for () {}
+
+/// An algorithm plus the record of every step the trainer ran it for, and the test's
+/// [`Observer`]. After a run, get it back with [`probed`] or [`observed`].
+pub struct Probe<A, O = ()> {
     pub algo: A,
+    pub observer: O,
     pub steps: Vec<StepRecord>,
     /// Per task, every parameter's values (flattened, in `ParamSet` order) before its
     /// `before_task` and after its `after_task`.
@@ -36,8 +77,15 @@ pub struct Probe<A> {
 
 impl<A> Probe<A> {
     pub fn new(algo: A) -> Self {
+        Self::observed_by(algo, ())
+    }
+}
+
+impl<A, O> Probe<A, O> {
+    pub fn observed_by(algo: A, observer: O) -> Self {
         Self {
             algo,
+            observer,
             steps: Vec::new(),
             weights_before: Vec::new(),
             weights_after: Vec::new(),
@@ -53,22 +101,22 @@ fn all_weights(model: &dyn Model) -> Result<Vec<Vec<f32>>> {
         .collect()
 }
 
-impl<A: Algorithm> Algorithm for Probe<A> {
+impl<A: Algorithm, O: Observer<A>> Algorithm for Probe<A, O> {
     fn check_stream(&mut self, stream: &TaskStream) -> Result<()> {
         self.algo.check_stream(stream)
     }
     fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
         self.weights_before.push(all_weights(ctx.model)?);
-        self.algo.before_task(ctx)
+        self.observer.before_task(&mut self.algo, ctx)
     }
     fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
-        self.algo.training_samples(ctx)
+        self.observer.training_samples(&mut self.algo, ctx)
     }
     fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-        self.algo.loss(batch, ctx)
+        self.observer.loss(&mut self.algo, batch, ctx)
     }
     fn edit_gradients(&mut self, grads: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
-        self.algo.edit_gradients(grads, ctx)
+        self.observer.edit_gradients(&mut self.algo, grads, ctx)
     }
     fn after_step(&mut self, batch: &Batch, out: &ModelOutput, ctx: &mut StepCtx) -> Result<()> {
         self.steps.push(StepRecord {
@@ -76,10 +124,10 @@ impl<A: Algorithm> Algorithm for Probe<A> {
             parts: ctx.forwarded_parts().to_vec(),
             logits: out.logits.clone(),
         });
-        self.algo.after_step(batch, out, ctx)
+        self.observer.after_step(&mut self.algo, batch, out, ctx)
     }
     fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        self.algo.after_task(ctx)?;
+        self.observer.after_task(&mut self.algo, ctx)?;
         self.weights_after.push(all_weights(ctx.model)?);
         Ok(())
     }
@@ -110,6 +158,25 @@ pub fn probe_run<A: Algorithm>(algo: A, overrides: &[&str]) -> (Trainer, sequel_
     let outcome = t.run(&mut sequel_core::trainer::Silent).expect("run");
     assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
     (t, outcome)
+}
+
+/// Run `algo` on [`mini_trainer`] with `overrides`, every hook going through `observer`;
+/// read the observer back with [`observed`].
+pub fn observe_run<A: Algorithm, O: Observer<A>>(
+    algo: A,
+    observer: O,
+    overrides: &[&str],
+) -> (Trainer, sequel_core::RunOutcome) {
+    let mut t = mini_trainer(Box::new(Probe::observed_by(algo, observer)), overrides);
+    let outcome = t.run(&mut sequel_core::trainer::Silent).expect("run");
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+    (t, outcome)
+}
+
+/// The probe of a trainer built by [`observe_run`].
+pub fn observed<A: Algorithm, O: Observer<A>>(t: &Trainer) -> &Probe<A, O> {
+    t.algorithm::<Probe<A, O>>()
+        .expect("the trainer runs a Probe<A, O>")
 }
 
 /// The probe of a trainer built by [`probe_run`].

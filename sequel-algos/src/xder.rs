@@ -341,12 +341,10 @@ impl Xder {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::backprop::GradStore;
     use sequel_core::data::{GatherBuf, SampleRef};
-    use sequel_core::model::ModelOutput;
 
     use super::*;
-    use crate::testing::mini_trainer;
+    use crate::testing::{observe_run, observed, Observer};
 
     #[test]
     fn transplant_keeps_the_true_logit_largest_by_gamma() {
@@ -376,10 +374,9 @@ mod tests {
 
     type Logits = Vec<Vec<f32>>;
 
-    /// X-DER with the stored logits recorded around each loss and each `after_task`, and the
+    /// X-DER's stored logits recorded around each loss and each `after_task`, and the
     /// final model's evaluation-mode logits of every stored sample at each task end.
     struct Rec {
-        x: Xder,
         /// (task, samples of the step's replay parts, logits before, logits after).
         steps: Steps,
         /// (task, samples, units, logits before, logits after, model logits).
@@ -391,28 +388,19 @@ mod tests {
         (0..b.len()).map(|i| b.logits(i).to_vec()).collect()
     }
 
-    impl Algorithm for Rec {
-        fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-            self.x.before_task(ctx)
-        }
-        fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-            let before = stored(&mut self.x.memory);
-            let l = self.x.loss(batch, ctx)?;
+    impl Observer<Xder> for Rec {
+        fn loss(&mut self, x: &mut Xder, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+            let before = stored(&mut x.memory);
+            let l = x.loss(batch, ctx)?;
             let drawn = ctx.forwarded_parts()[1..].concat();
             self.steps
-                .push((ctx.task, drawn, before, stored(&mut self.x.memory)));
+                .push((ctx.task, drawn, before, stored(&mut x.memory)));
             Ok(l)
         }
-        fn edit_gradients(&mut self, _: &mut GradStore, _: &mut StepCtx) -> Result<()> {
-            Ok(())
-        }
-        fn after_step(&mut self, _: &Batch, _: &ModelOutput, _: &mut StepCtx) -> Result<()> {
-            Ok(())
-        }
-        fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-            let before = stored(&mut self.x.memory);
-            self.x.after_task(ctx)?;
-            let b = self.x.memory.buffer().unwrap();
+        fn after_task(&mut self, x: &mut Xder, ctx: &mut TaskCtx) -> Result<()> {
+            let before = stored(&mut x.memory);
+            x.after_task(ctx)?;
+            let b = x.memory.buffer().unwrap();
             let slots: Vec<u32> = (0..b.len() as u32).collect();
             let batch = b
                 .gather(&slots, ctx.stream, &mut GatherBuf::default(), ctx.device)
@@ -420,13 +408,10 @@ mod tests {
             let model = ctx.model.forward(&batch.x, false)?.logits.to_vec2()?;
             let units = (0..b.len()).map(|i| b.unit(i)).collect();
             let samples = b.samples().to_vec();
-            let after = stored(&mut self.x.memory);
+            let after = stored(&mut x.memory);
             self.ends
                 .push((ctx.task, samples, units, before, after, model));
             Ok(())
-        }
-        fn memory(&mut self) -> Option<&mut Memory> {
-            self.x.memory()
         }
     }
 
@@ -435,14 +420,12 @@ mod tests {
 
     fn recorded() -> (Steps, Ends, sequel_core::data::TaskStream) {
         let rec = Rec {
-            x: Xder::new(XderConfig::default()).unwrap(),
             steps: Vec::new(),
             ends: Vec::new(),
         };
-        let mut t = mini_trainer(Box::new(rec), &["benchmark.train_subset=100"]);
-        let out = t.run(&mut sequel_core::trainer::Silent).unwrap();
-        assert!(out.failure.is_none());
-        let rec = t.algorithm::<Rec>().unwrap();
+        let x = Xder::new(XderConfig::default()).unwrap();
+        let (t, _) = observe_run(x, rec, &["benchmark.train_subset=100"]);
+        let rec = &observed::<Xder, Rec>(&t).observer;
         (rec.steps.clone(), rec.ends.clone(), t.stream.clone())
     }
 

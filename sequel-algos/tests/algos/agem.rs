@@ -3,29 +3,30 @@
 use candle_core::backprop::GradStore;
 use sequel_algos::agem::*;
 use sequel_algos::testing::{
-    host_dot, host_gradient, host_loss_gradient, host_weights, mini_run, probe_run, probed,
-    probed_mut, SCENARIOS,
+    host_dot, host_gradient, host_loss_gradient, host_weights, mini_run, observe_run, observed,
+    probe_run, probed_mut, Observer, SCENARIOS,
 };
 use sequel_core::data::GatherBuf;
-use sequel_core::{Algorithm, Memory, Result, StepCtx};
+use sequel_core::{Algorithm, Result, StepCtx};
 
-/// Runs A-GEM's real hook inside the trainer and checks every step against a reference gradient
+/// Checks every step of A-GEM's real hook inside the trainer against a reference gradient
 /// computed here, from a copy of the memory that draws the same samples.
 struct Check {
-    agem: Agem,
-    /// The wrapped A-GEM's `replay_batch_size`.
+    /// The observed A-GEM's `replay_batch_size`.
     replay_batch_size: usize,
     projected: usize,
     unchanged: usize,
 }
 
-impl Algorithm for Check {
-    fn memory(&mut self) -> Option<&mut Memory> {
-        self.agem.memory()
-    }
-    fn edit_gradients(&mut self, grads: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
+impl Observer<Agem> for Check {
+    fn edit_gradients(
+        &mut self,
+        agem: &mut Agem,
+        grads: &mut GradStore,
+        ctx: &mut StepCtx,
+    ) -> Result<()> {
         let k = self.replay_batch_size;
-        let reference = match self.agem.memory().and_then(|m| m.buffer()) {
+        let reference = match agem.memory().and_then(|m| m.buffer()) {
             Some(b) if !b.is_empty() => {
                 let mut copy = b.clone();
                 let mut slots = Vec::new();
@@ -37,7 +38,7 @@ impl Algorithm for Check {
             _ => None,
         };
         let before = host_gradient(ctx.model, grads);
-        self.agem.edit_gradients(grads, ctx)?;
+        agem.edit_gradients(grads, ctx)?;
         let after = host_gradient(ctx.model, grads);
         let Some(r) = reference else {
             assert_eq!(before, after);
@@ -71,18 +72,19 @@ impl Algorithm for Check {
 #[test]
 fn the_hook_projects_exactly_when_the_memory_gradient_conflicts() {
     for overrides in [SCENARIOS[0], SCENARIOS[2]] {
+        let agem = Agem::new(AgemConfig {
+            replay_batch_size: 30,
+            ..AgemConfig::default()
+        })
+        .unwrap();
         let check = Check {
-            agem: Agem::new(AgemConfig {
-                replay_batch_size: 30,
-                ..AgemConfig::default()
-            })
-            .unwrap(),
             replay_batch_size: 30,
             projected: 0,
             unchanged: 0,
         };
-        let (tr, _) = probe_run(check, overrides);
-        let c = &probed::<Check>(&tr).algo;
+        let (tr, _) = observe_run(agem, check, overrides);
+        let p = observed::<Agem, Check>(&tr);
+        let c = &p.observer;
         // 4 tasks × 5 steps have a memory; both branches are exercised.
         assert_eq!(c.projected + c.unchanged, 20, "{overrides:?}");
         assert!(
@@ -90,7 +92,7 @@ fn the_hook_projects_exactly_when_the_memory_gradient_conflicts() {
             "{overrides:?}: {}",
             c.projected
         );
-        assert_eq!(c.agem.projection_counts(), (20, c.projected));
+        assert_eq!(p.algo.projection_counts(), (20, c.projected));
     }
 }
 

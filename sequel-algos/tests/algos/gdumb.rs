@@ -2,11 +2,10 @@
 
 use candle_core::Device;
 use sequel_algos::gdumb::*;
-use sequel_algos::testing::{mini_trainer, probe_run, probed, probed_mut};
-use sequel_core::data::SampleRef;
+use sequel_algos::testing::{mini_trainer, observe_run, observed, probe_run, probed_mut, Observer};
 use sequel_core::data::{GatherBuf, Split};
 use sequel_core::trainer::Silent;
-use sequel_core::{Algorithm, Error, Memory, Result, TaskCtx};
+use sequel_core::{Algorithm, Error, Result, TaskCtx};
 
 fn gdumb(k: usize, epochs: usize) -> Gdumb {
     Gdumb::new(GdumbConfig {
@@ -17,9 +16,8 @@ fn gdumb(k: usize, epochs: usize) -> Gdumb {
     .unwrap()
 }
 
-/// GDumb plus what a test wants to see after each task.
+/// What a test wants to see of GDumb after each task.
 struct Watch {
-    g: Gdumb,
     counts: Vec<Vec<usize>>,
     weights: Vec<Vec<f32>>,
     /// Scramble the weights before each task after the first (the fit must not start there).
@@ -34,12 +32,9 @@ fn flat(model: &dyn sequel_core::model::Model) -> Vec<f32> {
         .collect()
 }
 
-impl Algorithm for Watch {
-    fn memory(&mut self) -> Option<&mut Memory> {
-        self.g.memory()
-    }
-    fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        self.g.before_task(ctx)?;
+impl Observer<Gdumb> for Watch {
+    fn before_task(&mut self, g: &mut Gdumb, ctx: &mut TaskCtx) -> Result<()> {
+        g.before_task(ctx)?;
         if self.scramble && ctx.task > 0 {
             for p in ctx.model.params().iter() {
                 p.var.set(&(p.var.as_tensor() * -3.0)?)?;
@@ -47,21 +42,17 @@ impl Algorithm for Watch {
         }
         Ok(())
     }
-    fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
-        self.g.training_samples(ctx)
-    }
-    fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        self.g.after_task(ctx)?;
-        let b = self.g.memory().unwrap().buffer().unwrap();
+    fn after_task(&mut self, g: &mut Gdumb, ctx: &mut TaskCtx) -> Result<()> {
+        g.after_task(ctx)?;
+        let b = g.memory().unwrap().buffer().unwrap();
         self.counts.push(b.unit_counts(ctx.stream.num_units));
         self.weights.push(flat(ctx.model));
         Ok(())
     }
 }
 
-fn watch(k: usize, epochs: usize, scramble: bool) -> Watch {
+fn watch(scramble: bool) -> Watch {
     Watch {
-        g: gdumb(k, epochs),
         counts: Vec::new(),
         weights: Vec::new(),
         scramble,
@@ -70,9 +61,9 @@ fn watch(k: usize, epochs: usize, scramble: bool) -> Watch {
 
 #[test]
 fn memory_stays_class_balanced_and_the_stream_gives_no_steps() {
-    let (t, out) = probe_run(watch(30, 1, false), &[]);
+    let (t, out) = observe_run(gdumb(30, 1), watch(false), &[]);
     assert!(out.times.iter().all(|x| x.steps == 0));
-    let w = &probed::<Watch>(&t).algo;
+    let w = &observed::<Gdumb, Watch>(&t).observer;
     for (task, counts) in w.counts.iter().enumerate() {
         let seen = &counts[..2 * (task + 1)];
         assert_eq!(seen.iter().sum::<usize>(), 30, "task {task}: {counts:?}");
@@ -89,8 +80,9 @@ fn each_fit_starts_from_the_initial_weights() {
     let runs: Vec<Vec<Vec<f32>>> = [false, true]
         .into_iter()
         .map(|scramble| {
-            let (t, _) = probe_run(watch(20, 2, scramble), &["benchmark.tasks=3"]);
-            probed::<Watch>(&t).algo.weights.clone()
+            let over = ["benchmark.tasks=3"];
+            let (t, _) = observe_run(gdumb(20, 2), watch(scramble), &over);
+            observed::<Gdumb, Watch>(&t).observer.weights.clone()
         })
         .collect();
     assert_eq!(runs[0], runs[1]);
@@ -101,10 +93,9 @@ fn each_fit_starts_from_the_initial_weights() {
 
 #[test]
 fn the_fit_learns_the_memory() {
-    let (mut t, _) = probe_run(watch(20, 32, false), &["benchmark.tasks=2"]);
-    let buffer = probed_mut::<Watch>(&mut t)
+    let (mut t, _) = probe_run(gdumb(20, 32), &["benchmark.tasks=2"]);
+    let buffer = probed_mut::<Gdumb>(&mut t)
         .algo
-        .g
         .memory()
         .unwrap()
         .buffer()
@@ -166,7 +157,7 @@ fn invalid_learning_rates_name_the_key() {
 }
 
 fn run_scenario(overrides: &[&str]) {
-    let mut t = mini_trainer(Box::new(watch(40, 4, false)), overrides);
+    let mut t = mini_trainer(Box::new(gdumb(40, 4)), overrides);
     let out = t.run(&mut Silent).unwrap();
     assert!(out.failure.is_none(), "{overrides:?}: {:?}", out.failure);
     assert_eq!(out.matrix.rows.len(), 5);

@@ -4,30 +4,31 @@ use candle_core::backprop::GradStore;
 use sequel_algos::gem::*;
 use sequel_algos::qp;
 use sequel_algos::testing::{
-    host_dot, host_gradient, host_loss_gradient, host_weights, mini_run, probe_run, probed,
-    SCENARIOS,
+    host_dot, host_gradient, host_loss_gradient, host_weights, mini_run, observe_run, observed,
+    probe_run, probed, Observer, SCENARIOS,
 };
 use sequel_core::data::GatherBuf;
-use sequel_core::{Algorithm, Memory, Result, StepCtx};
+use sequel_core::{Algorithm, Result, StepCtx};
 
-/// Runs GEM's real hook inside the trainer and checks every step against per-task gradients
-/// computed here from the memory's slots of each past task.
+/// Checks every step of GEM's real hook inside the trainer against per-task gradients computed
+/// here from the memory's slots of each past task.
 struct Check {
-    gem: Gem,
-    /// The wrapped GEM's `memory_strength` γ.
+    /// The observed GEM's `memory_strength` γ.
     memory_strength: f64,
     projected: usize,
     unchanged: usize,
     constraints: Vec<usize>,
 }
 
-impl Algorithm for Check {
-    fn memory(&mut self) -> Option<&mut Memory> {
-        self.gem.memory()
-    }
-    fn edit_gradients(&mut self, grads: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
+impl Observer<Gem> for Check {
+    fn edit_gradients(
+        &mut self,
+        gem: &mut Gem,
+        grads: &mut GradStore,
+        ctx: &mut StepCtx,
+    ) -> Result<()> {
         let mut rows = Vec::new();
-        if let Some(b) = self.gem.memory().and_then(|m| m.buffer()) {
+        if let Some(b) = gem.memory().and_then(|m| m.buffer()) {
             for k in 0..ctx.task {
                 let slots = b.slots_of_task(k as u32);
                 let batch = b.gather(&slots, ctx.stream, &mut GatherBuf::default(), ctx.device)?;
@@ -35,7 +36,7 @@ impl Algorithm for Check {
             }
         }
         let before = host_gradient(ctx.model, grads);
-        self.gem.edit_gradients(grads, ctx)?;
+        gem.edit_gradients(grads, ctx)?;
         let after = host_gradient(ctx.model, grads);
         if rows.is_empty() {
             assert_eq!(before, after);
@@ -82,19 +83,20 @@ impl Algorithm for Check {
 fn the_hook_solves_the_dual_over_every_past_task() {
     for overrides in [SCENARIOS[0], SCENARIOS[2]] {
         let check = Check {
-            gem: Gem::new(GemConfig::default()).unwrap(),
             memory_strength: GemConfig::default().memory_strength,
             projected: 0,
             unchanged: 0,
             constraints: Vec::new(),
         };
-        let (tr, _) = probe_run(check, overrides);
-        let c = &probed::<Check>(&tr).algo;
+        let gem = Gem::new(GemConfig::default()).unwrap();
+        let (tr, _) = observe_run(gem, check, overrides);
+        let p = observed::<Gem, Check>(&tr);
+        let c = &p.observer;
         // One constraint per past task: 5 steps each of tasks 2..5.
         let want: Vec<usize> = (1..5).flat_map(|k| [k; 5]).collect();
         assert_eq!(c.constraints, want, "{overrides:?}");
         assert!(c.projected > 0, "{overrides:?}");
-        assert_eq!(c.gem.projection_counts(), (20, c.projected));
+        assert_eq!(p.algo.projection_counts(), (20, c.projected));
         assert_eq!(c.projected + c.unchanged, 20);
     }
 }
@@ -159,24 +161,25 @@ fn registry_builds_gem_with_the_documented_defaults() {
 mod memory_split {
     use candle_core::backprop::GradStore;
     use sequel_algos::gem::{Gem, GemConfig};
-    use sequel_algos::testing::{probe_run, probed};
+    use sequel_algos::testing::{observe_run, observed, Observer};
     use sequel_core::buffer::{BufferPolicy, InsertAt, MemoryConfig};
-    use sequel_core::{Algorithm, Memory, Result, StepCtx};
+    use sequel_core::{Algorithm, Result, StepCtx};
 
-    /// GEM plus, for the first step of every task, the number of stored samples of each past task
+    /// For the first step of every task, the number of stored samples of each past task
     /// (the samples behind each constraint `g_k`).
     struct Watch {
-        gem: Gem,
         per_task: Vec<Vec<usize>>,
     }
 
-    impl Algorithm for Watch {
-        fn memory(&mut self) -> Option<&mut Memory> {
-            self.gem.memory()
-        }
-        fn edit_gradients(&mut self, grads: &mut GradStore, ctx: &mut StepCtx) -> Result<()> {
+    impl Observer<Gem> for Watch {
+        fn edit_gradients(
+            &mut self,
+            gem: &mut Gem,
+            grads: &mut GradStore,
+            ctx: &mut StepCtx,
+        ) -> Result<()> {
             if self.per_task.len() == ctx.task {
-                let counts = match self.gem.memory().and_then(|m| m.buffer()) {
+                let counts = match gem.memory().and_then(|m| m.buffer()) {
                     Some(b) => (0..ctx.task)
                         .map(|k| b.slots_of_task(k as u32).len())
                         .collect(),
@@ -184,7 +187,7 @@ mod memory_split {
                 };
                 self.per_task.push(counts);
             }
-            self.gem.edit_gradients(grads, ctx)
+            gem.edit_gradients(grads, ctx)
         }
     }
 
@@ -199,11 +202,10 @@ mod memory_split {
         })
         .unwrap();
         let watch = Watch {
-            gem,
             per_task: Vec::new(),
         };
-        let (t, _) = probe_run(watch, overrides);
-        probed::<Watch>(&t).algo.per_task.clone()
+        let (t, _) = observe_run(gem, watch, overrides);
+        observed::<Gem, Watch>(&t).observer.per_task.clone()
     }
 
     /// With `task_balanced` the constraints see the whole budget from task 2 on, split evenly over the

@@ -5,11 +5,11 @@
 use candle_core::{Device, Tensor, D};
 use sequel_algos::exemplars::features_of;
 use sequel_algos::lucir::{cosine, less_forget, Lucir, LucirConfig};
-use sequel_algos::testing::{mini_trainer, probe_run, probed};
+use sequel_algos::testing::{mini_trainer, observe_run, observed, probe_run, probed, Observer};
 use sequel_core::algorithm::task_samples;
-use sequel_core::data::{Batch, GatherBuf, SampleRef, Split};
-use sequel_core::model::{Model, ModelOutput, ParamSet};
-use sequel_core::{Algorithm, EvalCtx, Result, StateIo, StepCtx, TaskCtx};
+use sequel_core::data::{GatherBuf, SampleRef, Split};
+use sequel_core::model::{Model, ModelOutput};
+use sequel_core::{Algorithm, EvalCtx, Result, TaskCtx};
 
 fn lucir(f: impl FnOnce(&mut LucirConfig)) -> Lucir {
     let mut cfg = LucirConfig {
@@ -39,66 +39,35 @@ struct Snap {
     model: Vec<Vec<f32>>,
 }
 
-/// LUCIR plus snapshots per task: after `before_task` (imprinted), after training (before
+/// Snapshots of LUCIR per task: after `before_task` (imprinted), after training (before
 /// `after_task`) and after `after_task` (exemplars, class-balanced finetuning).
+#[derive(Default)]
 struct Watch {
-    l: Lucir,
     started: Vec<Snap>,
     trained: Vec<Snap>,
     finished: Vec<Snap>,
 }
 
-impl Watch {
-    fn new(l: Lucir) -> Self {
-        Self {
-            l,
-            started: Vec::new(),
-            trained: Vec::new(),
-            finished: Vec::new(),
-        }
-    }
-    fn snap(&self, model: &dyn Model) -> Snap {
-        let c = self.l.classifier().expect("classifier exists");
-        Snap {
-            weight: rows(c.weight.as_tensor()),
-            sigma: c.sigma.as_tensor().to_vec1::<f32>().unwrap()[0],
-            model: model_weights(model),
-        }
+fn snap(l: &Lucir, model: &dyn Model) -> Snap {
+    let c = l.classifier().expect("classifier exists");
+    Snap {
+        weight: rows(c.weight.as_tensor()),
+        sigma: c.sigma.as_tensor().to_vec1::<f32>().unwrap()[0],
+        model: model_weights(model),
     }
 }
 
-impl Algorithm for Watch {
-    fn check_stream(&mut self, s: &sequel_core::data::TaskStream) -> Result<()> {
-        self.l.check_stream(s)
-    }
-    fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        self.l.before_task(ctx)?;
-        self.started.push(self.snap(ctx.model));
+impl Observer<Lucir> for Watch {
+    fn before_task(&mut self, l: &mut Lucir, ctx: &mut TaskCtx) -> Result<()> {
+        l.before_task(ctx)?;
+        self.started.push(snap(l, ctx.model));
         Ok(())
     }
-    fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
-        self.l.training_samples(ctx)
-    }
-    fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-        self.l.loss(batch, ctx)
-    }
-    fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        self.trained.push(self.snap(ctx.model));
-        self.l.after_task(ctx)?;
-        self.finished.push(self.snap(ctx.model));
+    fn after_task(&mut self, l: &mut Lucir, ctx: &mut TaskCtx) -> Result<()> {
+        self.trained.push(snap(l, ctx.model));
+        l.after_task(ctx)?;
+        self.finished.push(snap(l, ctx.model));
         Ok(())
-    }
-    fn before_eval(&mut self, ctx: &EvalCtx) -> Result<()> {
-        self.l.before_eval(ctx)
-    }
-    fn predict(&self, out: &ModelOutput, task: usize, ctx: &EvalCtx) -> Result<Option<Tensor>> {
-        self.l.predict(out, task, ctx)
-    }
-    fn state(&mut self, io: &mut StateIo) -> Result<()> {
-        self.l.state(io)
-    }
-    fn own_params(&self) -> Option<&ParamSet> {
-        self.l.own_params()
     }
 }
 
@@ -106,8 +75,8 @@ fn watched(
     l: Lucir,
     overrides: &[&str],
 ) -> (sequel_core::Trainer, Vec<Snap>, Vec<Snap>, Vec<Snap>) {
-    let (t, _) = probe_run(Watch::new(l), overrides);
-    let w = &probed::<Watch>(&t).algo;
+    let (t, _) = observe_run(l, Watch::default(), overrides);
+    let w = &observed::<Lucir, Watch>(&t).observer;
     let (a, b, c) = (w.started.clone(), w.trained.clone(), w.finished.clone());
     (t, a, b, c)
 }
@@ -128,7 +97,7 @@ fn the_trainer_optimizer_trains_the_cosine_classifier_and_old_weights_stay_fixed
 #[test]
 fn new_class_weights_are_imprinted_from_normalised_mean_features() {
     let (t, _, _, finished) = watched(lucir(|c| c.cbf_epochs = 0), &["benchmark.tasks=2"]);
-    let w = &probed::<Watch>(&t).algo;
+    let w = &observed::<Lucir, Watch>(&t).observer;
     let imprinted = &w.started[1].weight;
     // The model at task 2's start is the one after task 1.
     let model = with_weights(t.model.as_ref(), &finished[0].model);

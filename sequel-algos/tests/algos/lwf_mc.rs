@@ -3,7 +3,9 @@
 use candle_core::Tensor;
 use sequel_algos::icarl::BceDistillation;
 use sequel_algos::lwf_mc::*;
-use sequel_algos::testing::{mini_run, probe_run, probed, SCENARIOS};
+use sequel_algos::testing::{
+    mini_run, observe_run, observed, probe_run, probed, Observer, SCENARIOS,
+};
 use sequel_core::data::Batch;
 use sequel_core::model::Model;
 use sequel_core::{Algorithm, Result, StepCtx, TaskCtx};
@@ -30,23 +32,22 @@ fn host_bce(z: &[Vec<f32>], zo: &[Vec<f32>], units: &[u32]) -> f64 {
     total / (4 * z.len()) as f64
 }
 
-/// LwF.MC plus an independent copy of the task-start model, to check every loss of task 2
-/// against the formula.
+/// Keeps an independent copy of the task-start model, to check every loss of task 2 against
+/// the formula.
 struct Check {
-    alg: LwfMc,
     start: Option<Box<dyn Model>>,
     /// Per step of task 2: (loss, formula with the task-start teacher, formula with the
     /// current model as teacher).
     seen: Vec<(f64, f64, f64)>,
 }
 
-impl Algorithm for Check {
-    fn before_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
+impl Observer<LwfMc> for Check {
+    fn before_task(&mut self, alg: &mut LwfMc, ctx: &mut TaskCtx) -> Result<()> {
         self.start = Some(ctx.model.fork()?);
-        self.alg.before_task(ctx)
+        alg.before_task(ctx)
     }
-    fn loss(&mut self, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
-        let l = self.alg.loss(b, ctx)?;
+    fn loss(&mut self, alg: &mut LwfMc, b: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        let l = alg.loss(b, ctx)?;
         if ctx.task == 1 {
             let z: Vec<Vec<f32>> = ctx.incoming_output().unwrap().logits.to_vec2()?;
             let start = self.start.as_ref().unwrap();
@@ -60,21 +61,18 @@ impl Algorithm for Check {
         }
         Ok(l)
     }
-    fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {
-        self.alg.after_task(ctx)
-    }
 }
 
 #[test]
 fn old_units_are_distilled_towards_the_task_start_model_in_every_scenario() {
     for over in SCENARIOS {
         let check = Check {
-            alg: LwfMc::default(),
             start: None,
             seen: Vec::new(),
         };
-        let (t, _) = probe_run(check, &[over, &["benchmark.tasks=3"]].concat());
-        let c = &probed::<Check>(&t).algo;
+        let over3 = [over, &["benchmark.tasks=3"]].concat();
+        let (t, _) = observe_run(LwfMc::default(), check, &over3);
+        let c = &observed::<LwfMc, Check>(&t).observer;
         assert_eq!(c.seen.len(), 5, "{over:?}");
         for (step, &(loss, want, current)) in c.seen.iter().enumerate() {
             assert!(

@@ -21,3 +21,4 @@ mod importance;
 mod lucir;
 mod lwf_mc;
 mod mas;
+mod probe;
