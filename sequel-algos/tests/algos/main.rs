@@ -7,6 +7,10 @@
 //! formulas) and the white-box tests that read or set private state (iCaRL's distillation plan,
 //! SI's path integral before the clamp, MIR's retrieval, ER-ACE's seen classes, ...): they check
 //! the update rule's internals, which no public accessor should expose just for a test.
+//!
+//! A test that checks a hook while the trainer runs it does so through
+//! `testing::Observer` (one `Probe`, no wrapper algorithm); `probe.rs` checks that the probe
+//! itself changes nothing.
 
 mod agem;
 mod bic;
