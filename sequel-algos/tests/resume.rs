@@ -173,12 +173,25 @@ fn optimizer_moments_dropout_and_consolidation_survive_a_resume() {
 /// `evaluate_with: slow` the fast weights are put back after evaluation, before the checkpoint.
 #[test]
 fn lookahead_slow_weights_survive_a_resume() {
-    for (optimizer, algorithm, evaluate) in [
-        ("kind: sgd, lr: 0.05, momentum: 0.9", "naive", "fast"),
+    for (optimizer, algorithm, evaluate, mode) in [
+        (
+            "kind: sgd, lr: 0.05, momentum: 0.9",
+            "naive",
+            "fast",
+            "lookahead",
+        ),
         (
             "kind: adam, lr: 0.003",
             "{ name: er, buffer_size: 30 }",
             "slow",
+            "lookahead",
+        ),
+        ("kind: sgd, lr: 0.05", "naive", "slow", "ema"),
+        (
+            "kind: sgd, lr: 0.05, momentum: 0.9",
+            "{ name: er, buffer_size: 30 }",
+            "slow",
+            "ema-reset",
         ),
     ] {
         for reset in [false, true] {
@@ -187,7 +200,7 @@ fn lookahead_slow_weights_survive_a_resume() {
                 "{ kind: sgd, lr: 0.05, momentum: 0.9, reset_each_task: false }",
                 &format!(
                     "{{ {optimizer}, reset_each_task: {reset}, \
-                     lookahead: {{ k: 3, alpha: 0.5, evaluate_with: {evaluate} }} }}"
+                     lookahead: {{ mode: {mode}, k: 3, alpha: 0.5, evaluate_with: {evaluate} }} }}"
                 ),
             );
             assert!(text.contains("lookahead"));

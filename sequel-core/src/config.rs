@@ -388,17 +388,39 @@ pub struct OptimizerConfig {
     pub lookahead: Option<LookaheadConfig>,
 }
 
-/// Lookahead's slow weights: every `k` inner steps φ ← φ + α(θ − φ), θ ← φ.
+/// Slow weights φ beside the fast weights θ the optimizer trains: Lookahead (every `k` inner
+/// steps φ ← φ + α(θ − φ), θ ← φ) or a per-step exponential moving average of θ, with or
+/// without periodic resets of θ to φ (see [`SlowMode`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LookaheadConfig {
-    /// Inner (fast) steps between two syncs. Default 5 (the paper's code).
+    /// How φ follows θ. Default `lookahead`.
+    pub mode: SlowMode,
+    /// `lookahead`: inner (fast) steps between two syncs; `ema-reset`: steps between two resets
+    /// of θ to φ; unused by `ema`. Default 5 (Lookahead's code).
     pub k: usize,
-    /// Slow-weights step size α ∈ (0, 1]. Default 0.5 (the paper's code).
+    /// Slow-weights step size α ∈ (0, 1]: per sync for `lookahead`, per step for the EMA modes
+    /// (an EMA decay d is α = 1 − d). Default 0.5 (Lookahead's code).
     pub alpha: f32,
     /// The weights evaluated (and saved as `task-<t>.safetensors`) after each task: the fast
     /// weights θ (default) or the slow weights φ of the last sync. Training is the same either way.
     pub evaluate_with: EvaluateWith,
+}
+
+/// How the slow weights follow the fast ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlowMode {
+    /// Zhang et al. (NeurIPS 2019): every k steps φ ← φ + α(θ − φ), then θ ← φ.
+    #[default]
+    Lookahead,
+    /// After every step φ ← φ + α(θ − φ); θ is never touched, so training is the plain
+    /// optimizer's. With `evaluate_with: slow`, the temporal ensemble of Soutif-Cormerais et al.
+    /// (CoLLAs 2023).
+    Ema,
+    /// After every step φ ← φ + α(θ − φ), and every k steps θ ← φ: Hare & Tortoise (Lee et al.,
+    /// ICML 2024), the fast "hare" periodically reset to the slow "tortoise".
+    EmaReset,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -411,6 +433,7 @@ pub enum EvaluateWith {
 impl Default for LookaheadConfig {
     fn default() -> Self {
         Self {
+            mode: SlowMode::Lookahead,
             k: 5,
             alpha: 0.5,
             evaluate_with: EvaluateWith::Fast,

@@ -11,17 +11,24 @@
 //! [`Optimizer::reset`]; so with `optimizer.reset_each_task: true` the slow weights restart from
 //! the current weights at every task, and with `false` they and the step count carry across
 //! tasks. Only trainable parameters (not normalisation statistics) have slow weights.
+//!
+//! The EMA modes ([`SlowMode`]) move φ after every inner step instead, φ ← φ + α(θ − φ), and
+//! either never touch θ (`ema`: an exponential moving average of the weights, the temporal
+//! ensemble of Soutif-Cormerais et al., CoLLAs 2023, when it is evaluated) or reset θ ← φ every
+//! `k` steps (`ema-reset`: Hare & Tortoise, Lee et al., ICML 2024).
 
 use candle_core::{backprop::GradStore, Tensor};
 
 use super::kernels::{axpby, state_buffer};
 use super::{load_slots, save_slots, Optimizer};
+use crate::config::SlowMode;
 use crate::error::Result;
 use crate::model::ParamSet;
 use crate::state::{put_prefixed, take_prefixed, StateDict};
 
 pub struct Lookahead {
     inner: Box<dyn Optimizer>,
+    mode: SlowMode,
     k: usize,
     alpha: f32,
     /// Inner steps taken since the slow weights were set.
@@ -34,11 +41,18 @@ impl Lookahead {
     pub fn new(inner: Box<dyn Optimizer>, k: usize, alpha: f32) -> Self {
         Self {
             inner,
+            mode: SlowMode::Lookahead,
             k,
             alpha,
             steps: 0,
             slow: Vec::new(),
         }
+    }
+
+    /// The same wrapper with φ following θ by `mode`.
+    pub fn with_mode(mut self, mode: SlowMode) -> Self {
+        self.mode = mode;
+        self
     }
 }
 
@@ -53,9 +67,17 @@ impl Optimizer for Lookahead {
         }
         self.inner.step(params, grads)?;
         self.steps += 1;
-        if self.steps % self.k as u64 == 0 {
-            for (p, phi) in params.trainable().zip(&self.slow) {
+        let period = self.steps % self.k as u64 == 0;
+        let (average, reset) = match self.mode {
+            SlowMode::Lookahead => (period, period),
+            SlowMode::Ema => (true, false),
+            SlowMode::EmaReset => (true, period),
+        };
+        for (p, phi) in params.trainable().zip(&self.slow) {
+            if average {
                 axpby(phi, 1.0 - self.alpha, self.alpha, p.var.as_tensor())?;
+            }
+            if reset {
                 p.var.set(phi)?;
             }
         }
@@ -168,6 +190,48 @@ mod tests {
                 assert!((a - b).abs() < 1e-6, "step {s}: θ = {got:?}, hand {want:?}");
             }
             fast = got;
+        }
+    }
+
+    /// `ema`: θ is the inner optimizer's trajectory bit for bit, and φ after every step equals
+    /// the host's φ + α(θ − φ) from the recorded fast weights (φ starts as θ₀). `ema-reset`: the
+    /// same φ, and every k-th step θ is set to it.
+    #[test]
+    fn ema_modes_match_a_hand_computation() {
+        let (k, alpha) = (3usize, 0.2f32);
+        let target = [0.5f32, -1.0, 2.0];
+        for mode in [SlowMode::Ema, SlowMode::EmaReset] {
+            let (var, ps) = one_param(&[1.0, 2.0, -3.0]);
+            let (plain_var, plain_ps) = one_param(&[1.0, 2.0, -3.0]);
+            let mut plain = Sgd::new(0.1, 0.9, false, 0.0);
+            let inner = Box::new(Sgd::new(0.1, 0.9, false, 0.0));
+            let mut opt = Lookahead::new(inner, k, alpha).with_mode(mode);
+            let mut phi = var.to_vec1::<f32>().unwrap();
+            for s in 1..=3 * k {
+                step(&mut opt, &var, &ps, &target);
+                step(&mut plain, &plain_var, &plain_ps, &target);
+                let theta = plain_var.to_vec1::<f32>().unwrap();
+                phi = phi
+                    .iter()
+                    .zip(&theta)
+                    .map(|(p, t)| p + alpha * (t - p))
+                    .collect();
+                let slow = opt.slow_weights().unwrap()[0].to_vec1::<f32>().unwrap();
+                for (a, b) in slow.iter().zip(&phi) {
+                    assert!(
+                        (a - b).abs() < 1e-6,
+                        "{mode:?} step {s}: φ {slow:?} vs {phi:?}"
+                    );
+                }
+                let got = var.to_vec1::<f32>().unwrap();
+                if mode == SlowMode::EmaReset && s % k == 0 {
+                    assert_eq!(got, slow, "{mode:?} step {s}: θ ← φ");
+                    // The reset is the new starting point of the plain twin too.
+                    plain_var.set(var.as_tensor()).unwrap();
+                } else {
+                    assert_eq!(got, theta, "{mode:?} step {s}: θ is the inner optimizer's");
+                }
+            }
         }
     }
 

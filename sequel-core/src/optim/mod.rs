@@ -74,7 +74,7 @@ pub(crate) fn save_slots(out: &mut StateDict, key: &str, slots: &[Option<&Tensor
 pub fn build_optimizer(cfg: &OptimizerConfig) -> Box<dyn Optimizer> {
     let inner = build_inner(cfg);
     match &cfg.lookahead {
-        Some(la) => Box::new(Lookahead::new(inner, la.k, la.alpha)),
+        Some(la) => Box::new(Lookahead::new(inner, la.k, la.alpha).with_mode(la.mode)),
         None => inner,
     }
 }
