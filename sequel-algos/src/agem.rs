@@ -102,7 +102,7 @@ pub fn project(g: &Tensor, g_ref: &Tensor) -> Result<Option<Tensor>> {
     }
     // g·g_ref < 0 implies g_ref ≠ 0, so the division is safe.
     let c = gg_ref / flat::dot(g_ref, g_ref)?;
-    Ok(Some((g - (g_ref * c)?)?))
+    Ok(Some(flat::add_scaled(g, -c, g_ref)?))
 }
 
 impl Agem {
