@@ -102,38 +102,45 @@ fn evaluating_the_slow_weights_leaves_training_unchanged() {
     }
 }
 
-/// `mode: ema` never touches the fast weights: evaluated with `fast` a run is the plain
-/// optimizer's byte for byte, evaluated with `slow` (the temporal ensemble) the train log is the
-/// same and every task's evaluated weights are the average instead. `mode: ema-reset` resets the
-/// fast weights, so training itself changes.
+/// `mode: ema` never touches the fast weights: the train log is the plain optimizer's, and the
+/// evaluated weights of every task are the average instead. Its average spans the stream: with
+/// plain SGD (no inner state) `reset_each_task` true and false give the same run, which a φ reset
+/// at each task would not. `mode: ema-reset` resets the fast weights, so training changes.
 #[test]
 fn ema_trains_as_the_plain_optimizer_and_ema_reset_does_not() {
     let tmp = tempfile::tempdir().unwrap();
-    let inner = "kind: sgd, lr: 0.05, momentum: 0.9";
     let log = |d: &Path| std::fs::read_to_string(d.join("train_log.csv")).unwrap();
-    let plain = run(tmp.path(), "plain", &format!("{{ {inner} }}"), "naive");
-    let ema = |name: &str, mode: &str, with: &str| {
+    let sgd = "kind: sgd, lr: 0.05";
+    let plain = run(tmp.path(), "plain", &format!("{{ {sgd} }}"), "naive");
+    let ema = |name: &str, mode: &str, reset: bool| {
         run(
             tmp.path(),
             name,
             &format!(
-                "{{ {inner}, lookahead: {{ mode: {mode}, k: 4, alpha: 0.1, evaluate_with: {with} }} }}"
+                "{{ {sgd}, reset_each_task: {reset}, \
+                 lookahead: {{ mode: {mode}, k: 4, alpha: 0.1, evaluate_with: slow }} }}"
             ),
             "naive",
         )
     };
-    let fast = ema("ema-fast", "ema", "fast");
-    assert!(outputs(&plain) == outputs(&fast), "ema changed training");
-    let slow = ema("ema-slow", "ema", "slow");
+    let slow = ema("ema", "ema", true);
     assert_eq!(log(&plain), log(&slow));
     let (p, s) = (outputs(&plain), outputs(&slow));
     for t in 1..=3 {
         assert!(p[t] != s[t], "task {t} evaluated the fast weights");
     }
-    let reset = ema("ema-reset", "ema-reset", "fast");
+    assert!(
+        outputs(&ema("ema-kept", "ema", false)) == s,
+        "the average restarted at a task boundary"
+    );
+    let reset = ema("ema-reset", "ema-reset", true);
     assert_ne!(
         log(&plain),
         log(&reset),
         "ema-reset left training unchanged"
+    );
+    assert!(
+        outputs(&ema("ema-reset-kept", "ema-reset", false)) == outputs(&reset),
+        "the tortoise restarted at a task boundary"
     );
 }

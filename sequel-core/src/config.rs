@@ -394,7 +394,9 @@ pub struct OptimizerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LookaheadConfig {
-    /// How φ follows θ. Default `lookahead`.
+    /// How φ follows θ. Default `lookahead` (left out of `config.yaml`, so runs from before the
+    /// key existed still resume).
+    #[serde(skip_serializing_if = "SlowMode::is_lookahead")]
     pub mode: SlowMode,
     /// `lookahead`: inner (fast) steps between two syncs; `ema-reset`: steps between two resets
     /// of θ to φ; unused by `ema`. Default 5 (Lookahead's code).
@@ -403,8 +405,15 @@ pub struct LookaheadConfig {
     /// (an EMA decay d is α = 1 − d). Default 0.5 (Lookahead's code).
     pub alpha: f32,
     /// The weights evaluated (and saved as `task-<t>.safetensors`) after each task: the fast
-    /// weights θ (default) or the slow weights φ of the last sync. Training is the same either way.
+    /// weights θ (default) or the slow weights φ (of the last sync for `lookahead`, the current
+    /// average for the EMA modes). Training is the same either way.
     pub evaluate_with: EvaluateWith,
+}
+
+impl SlowMode {
+    fn is_lookahead(&self) -> bool {
+        *self == SlowMode::Lookahead
+    }
 }
 
 /// How the slow weights follow the fast ones.
@@ -898,6 +907,14 @@ impl ExperimentConfig {
                     format!("must be in (0, 1], found {}", la.alpha),
                 ));
             }
+            if la.mode == SlowMode::Ema && la.evaluate_with == EvaluateWith::Fast {
+                return Err(err(
+                    "optimizer.lookahead.evaluate_with",
+                    "`mode: ema` never changes the trained weights, so with `fast` it does \
+                     nothing; set `evaluate_with: slow`"
+                        .into(),
+                ));
+            }
             if la.evaluate_with == EvaluateWith::Slow && self.consolidation.is_some() {
                 return Err(err(
                     "optimizer.lookahead.evaluate_with",
@@ -1140,6 +1157,10 @@ mod tests {
             "optimizer.betas",
         );
         bad(&["optimizer.eps=0"], "optimizer.eps");
+        bad(
+            &["optimizer.lookahead={mode: ema}"],
+            "optimizer.lookahead.evaluate_with",
+        );
         bad(&["optimizer.lookahead={k: 0}"], "optimizer.lookahead.k");
         bad(
             &[

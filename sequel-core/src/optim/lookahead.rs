@@ -15,7 +15,8 @@
 //! The EMA modes ([`SlowMode`]) move φ after every inner step instead, φ ← φ + α(θ − φ), and
 //! either never touch θ (`ema`: an exponential moving average of the weights, the temporal
 //! ensemble of Soutif-Cormerais et al., CoLLAs 2023, when it is evaluated) or reset θ ← φ every
-//! `k` steps (`ema-reset`: Hare & Tortoise, Lee et al., ICML 2024).
+//! `k` steps (`ema-reset`: Hare & Tortoise, Lee et al., ICML 2024). Their φ is not reset with
+//! the optimizer at a task boundary.
 
 use candle_core::{backprop::GradStore, Tensor};
 
@@ -92,10 +93,15 @@ impl Optimizer for Lookahead {
         self.inner.set_learning_rate(lr);
     }
 
+    /// The inner optimizer's state always; Lookahead's slow weights too, so each task is its own
+    /// Lookahead run. The EMA modes keep φ and the step count: their average spans the whole
+    /// stream, as in the temporal-ensemble and Hare & Tortoise papers.
     fn reset(&mut self) {
         self.inner.reset();
-        self.slow.clear();
-        self.steps = 0;
+        if self.mode == SlowMode::Lookahead {
+            self.slow.clear();
+            self.steps = 0;
+        }
     }
 
     fn slow_weights(&self) -> Option<&[Tensor]> {
