@@ -460,6 +460,16 @@ mod tests {
                 let field = dims[2] * dims[3];
                 let bound = (6.0 / ((dims[0] + dims[1]) * field) as f64).sqrt();
                 assert!(v.iter().all(|&w| (w as f64).abs() <= bound), "{name}");
+                // The bound alone would pass for PyTorch's draw too (its bound is smaller
+                // here): the variance tells the two apart, and the values must be new.
+                if v.len() >= 1000 {
+                    let var = v.iter().map(|&w| (w as f64).powi(2)).sum::<f64>() / v.len() as f64;
+                    assert!(
+                        (var / (bound * bound / 3.0) - 1.0).abs() < 0.1,
+                        "{name}: {var}"
+                    );
+                }
+                assert_ne!(v, dv, "{name} is redrawn");
                 convs += 1;
             } else if dims.len() == 1 && !name.starts_with("head") {
                 assert_eq!(v, dv, "{name}: batch norm untouched");
