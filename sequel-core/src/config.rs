@@ -123,6 +123,14 @@ pub struct BenchmarkConfig {
     /// Split only: an explicit class order (overrides `class_order`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes: Option<Vec<u16>>,
+    /// Split only: the first `base_classes` classes of the class order form a pre-training task
+    /// trained (plain cross-entropy) before the stream, which splits the remaining classes into
+    /// `tasks` tasks; the pre-training task is evaluated after every task as a control task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_classes: Option<usize>,
+    /// With `base_classes`: epochs of the pre-training task. Default: `training.epochs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_epochs: Option<usize>,
     /// Task-IL only: `masked` (default; single head masked at evaluation) or `multi`.
     #[serde(default = "default_head")]
     pub task_il_head: TaskIlHead,
@@ -734,7 +742,29 @@ impl ExperimentConfig {
                 .to_lowercase(),
             ));
         }
+        if b.base_classes == Some(0) {
+            return Err(err(
+                "benchmark.base_classes",
+                "must be at least 1 (remove the key for no pre-training task)".into(),
+            ));
+        }
+        if b.base_epochs == Some(0) {
+            return Err(err("benchmark.base_epochs", "must be at least 1".into()));
+        }
+        if b.base_epochs.is_some() && b.base_classes.is_none() {
+            return Err(err(
+                "benchmark.base_epochs",
+                "applies with benchmark.base_classes only; remove it or set base_classes".into(),
+            ));
+        }
+        if b.base_classes.is_some() && b.scenario == Scenario::DomainIl {
+            return Err(err(
+                "benchmark.base_classes",
+                "needs `scenario: class-il` or `task-il` (domain-IL tasks share their output units); remove it".into(),
+            ));
+        }
         let split_only = [
+            ("benchmark.base_classes", b.base_classes.is_some()),
             ("benchmark.classes_per_task", b.classes_per_task.is_some()),
             ("benchmark.classes", b.classes.is_some()),
             ("benchmark.class_order", b.class_order != ClassOrder::Fixed),

@@ -37,6 +37,35 @@ pub struct Results {
     pub times: Vec<TaskTimes>,
     pub init_eval_s: f64,
     pub log: Vec<LogRow>,
+    /// With `benchmark.base_classes`: the pre-training task, measured as a control task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<Control>,
+    /// With an automatic consolidation coefficient (`gamma: auto`): the value chosen after each
+    /// task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chosen: Vec<f64>,
+    /// The metrics.csv column of `chosen` (`gamma_auto`, `beta_auto`); `None` without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen_key: Option<String>,
+}
+
+/// The pre-training (control) task of `benchmark.base_classes`: its accuracy before and after
+/// pre-training and after every stream task. The stream's accuracy matrices leave it out.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Control {
+    /// Accuracy of the untrained model.
+    pub init: f64,
+    /// Accuracy right after pre-training (the weights θ₀ the stream starts from).
+    pub pretrained: f64,
+    /// After each stream task, of the evaluated weights.
+    pub after: Vec<f64>,
+    /// After each stream task, of the trained weights before consolidation (with a consolidator).
+    pub after_raw: Vec<f64>,
+    /// Evaluation samples of the control task.
+    pub count: usize,
+    /// Pre-training's wall-clock seconds and optimizer steps.
+    pub train_s: f64,
+    pub steps: usize,
 }
 
 /// Everything a run produced. `failure` is set when training stopped early (e.g. a non-finite

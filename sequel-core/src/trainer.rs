@@ -17,10 +17,10 @@ use crate::error::{Error, Result};
 use crate::metrics::{peak_rss_mb, AccuracyMatrix};
 use crate::model::{Model, ModelOutput, Snapshot};
 use crate::optim::{build_optimizer, LrSchedule, Optimizer};
-use crate::outcome::{LogRow, Results, RunOutcome, TaskTimes};
+use crate::outcome::{Control, LogRow, Results, RunOutcome, TaskTimes};
 use crate::rng::{SeededRng, Stream};
 use crate::state::{put_prefixed, take_prefixed, StateDict, StateIo};
-use crate::step::{finite_loss, optimize_with};
+use crate::step::{finite_loss, optimize, optimize_with};
 
 /// Receives progress events; every method has a no-op default.
 pub trait Progress {
@@ -135,9 +135,11 @@ impl Trainer {
             },
             None => self.start()?,
         };
-        for t in outcome.matrix.rows.len()..self.stream.len() {
-            let step = self.stop_before(t).map_or_else(
-                || self.task(t, progress, &mut outcome.results),
+        // With a pre-training task (`benchmark.base_classes`), stream index `t` is row `t − 1`.
+        let first = self.stream.first();
+        for r in outcome.matrix.rows.len()..self.stream.len() - first {
+            let step = self.stop_before(r).map_or_else(
+                || self.task(r + first, progress, &mut outcome.results),
                 |stop| Err(Error::Stopped(stop)),
             );
             match step {
@@ -172,21 +174,23 @@ impl Trainer {
         (t > 0 && asked).then(|| format!("interrupted after task {t}; its checkpoint is intact"))
     }
 
-    /// Train task `t`, consolidate, evaluate, and append the task's rows and times to `results`.
+    /// Train task `t` (a stream index), consolidate, evaluate, and append the task's rows and
+    /// times to `results`.
     fn task(&mut self, t: usize, progress: &mut dyn Progress, results: &mut Results) -> Result<()> {
+        let r = t - self.stream.first();
         let start = Instant::now();
         let steps = self.train_task(t, progress, &mut results.log)?;
         // The loss is checked before each step; the weights after the last one are not, and
         // NaN logits would be scored as "class 0" by argmax.
         if !self.weights_finite()? {
-            return Err(Error::NonFiniteWeights { task: t + 1 });
+            return Err(Error::NonFiniteWeights { task: r + 1 });
         }
         let consolidated = match self.initial.clone() {
             Some(initial) => {
                 let previous = self.previous.clone();
-                let c = self.consolidate(t, &initial, previous.as_ref())?;
+                let c = self.consolidate(r, &initial, previous.as_ref())?;
                 if !snapshot_finite(&c.consolidated)? {
-                    return Err(Error::NonFiniteWeights { task: t + 1 });
+                    return Err(Error::NonFiniteWeights { task: r + 1 });
                 }
                 Some(c)
             }
@@ -219,12 +223,12 @@ impl Trainer {
             peak_rss_mb: peak_rss_mb(),
         };
         tracing::info!(
-            task = t + 1,
+            task = r + 1,
             train_s,
             eval_s = times.eval_s,
             "task finished"
         );
-        self.save_weights(t)?;
+        self.save_weights(r)?;
         if let Some(fast) = fast {
             self.model.params().restore(&fast)?;
         }
@@ -236,10 +240,18 @@ impl Trainer {
             self.model.params().restore(from)?;
             self.previous = Some(c.consolidated);
         }
-        progress.task_end(t, &row, &times);
+        let (row, control) = self.split_row(row);
+        progress.task_end(r, &row, &times);
         results.matrix.rows.push(row);
-        if let (Some(raw), Some(r)) = (results.raw.as_mut(), raw_row) {
-            raw.rows.push(r);
+        if let (Some(c), Some(acc)) = (results.control.as_mut(), control) {
+            c.after.push(acc);
+        }
+        if let (Some(raw), Some(raw_row)) = (results.raw.as_mut(), raw_row) {
+            let (raw_row, control) = self.split_row(raw_row);
+            raw.rows.push(raw_row);
+            if let (Some(c), Some(acc)) = (results.control.as_mut(), control) {
+                c.after_raw.push(acc);
+            }
         }
         results.times.push(times);
         Ok(())
@@ -267,17 +279,31 @@ impl Trainer {
         Ok(Some(fast))
     }
 
-    /// Evaluate the untrained model and set up what a fresh run needs.
+    /// A row over every task of the stream split into the stream's tasks and the control
+    /// task's accuracy (`None` without a pre-training task).
+    fn split_row(&self, mut row: Vec<f64>) -> (Vec<f64>, Option<f64>) {
+        if self.stream.control {
+            let control = row.remove(0);
+            (row, Some(control))
+        } else {
+            (row, None)
+        }
+    }
+
+    /// Evaluate the untrained model, pre-train it (with `benchmark.base_classes`), and set up
+    /// what a fresh run needs. With a pre-training task the stream's `init` row is the
+    /// pre-trained model's, and so is θ₀ of a consolidator.
     fn start(&mut self) -> Result<RunOutcome> {
-        let n_tasks = self.stream.len();
+        let first = self.stream.first();
         let t0 = Instant::now();
-        let init = self.evaluate_all()?;
+        let row = self.evaluate_all()?;
+        let (init, control_init) = self.split_row(row);
         let mut outcome = RunOutcome {
             results: Results {
                 matrix: AccuracyMatrix {
                     init,
                     rows: Vec::new(),
-                    counts: (0..n_tasks)
+                    counts: (first..self.stream.len())
                         .map(|j| self.stream.eval_indices(j).0.len())
                         .collect(),
                 },
@@ -285,15 +311,106 @@ impl Trainer {
                 times: Vec::new(),
                 init_eval_s: t0.elapsed().as_secs_f64(),
                 log: Vec::new(),
+                control: None,
+                chosen: Vec::new(),
+                chosen_key: None,
             },
             failure: None,
         };
+        if let Some(control_init) = control_init {
+            let t1 = Instant::now();
+            let steps = self.pretrain(&mut outcome.log)?;
+            let train_s = t1.elapsed().as_secs_f64();
+            if !self.weights_finite()? {
+                return Err(Error::NonFiniteWeights { task: 0 });
+            }
+            let t2 = Instant::now();
+            let row = self.evaluate_all()?;
+            let (init, pretrained) = self.split_row(row);
+            outcome.init_eval_s += t2.elapsed().as_secs_f64();
+            outcome.matrix.init = init;
+            outcome.control = Some(Control {
+                init: control_init,
+                pretrained: pretrained.unwrap_or_default(),
+                after: Vec::new(),
+                after_raw: Vec::new(),
+                count: self.stream.eval_indices(0).0.len(),
+                train_s,
+                steps,
+            });
+        }
         if self.consolidation.is_some() {
             outcome.raw = Some(outcome.matrix.clone());
             // θ₀ is only needed by a consolidator.
             self.initial = Some(self.model.params().snapshot()?);
+            if self.stream.control {
+                // The pre-trained model is θ̄_0: the first stream task is consolidated too.
+                self.previous = self.initial.clone();
+            }
         }
         Ok(outcome)
+    }
+
+    /// Train the pre-training task (stream index 0 with `benchmark.base_classes`) with the plain
+    /// step: cross-entropy on its own samples, no algorithm hook, no memory, the optimizer reset
+    /// before and after. Its log rows are task 0. Returns the number of optimizer steps.
+    fn pretrain(&mut self, log: &mut Vec<LogRow>) -> Result<usize> {
+        self.optimizer.reset();
+        let mut order = crate::algorithm::task_samples(&self.stream, 0);
+        let bs = self.cfg.training.batch_size;
+        let epochs = self
+            .cfg
+            .benchmark
+            .base_epochs
+            .unwrap_or(self.cfg.training.epochs);
+        let total = order.len().div_ceil(bs) * epochs;
+        tracing::info!(samples = order.len(), steps = total, "pre-training started");
+        let mut buf = GatherBuf::default();
+        let log_every = self.cfg.training.log_every;
+        let mut forwarded = vec![false; self.stream.len()];
+        forwarded[0] = true;
+        let mut step = 0;
+        for epoch in 0..epochs {
+            self.data_rng.shuffle(&mut order);
+            for chunk in order.chunks(bs) {
+                if self
+                    .interrupt
+                    .as_ref()
+                    .is_some_and(|f| f.load(Ordering::Relaxed))
+                {
+                    return Err(Error::Stopped(
+                        "interrupted during pre-training; nothing was checkpointed".into(),
+                    ));
+                }
+                let lr = self.schedule.lr(epoch, step, total);
+                self.optimizer.set_learning_rate(lr);
+                let batch = self.stream.gather_train(chunk, &mut buf, &self.device)?;
+                let out = self.model.forward(&batch.x, true)?;
+                let loss = crate::loss::task_loss(&out.logits, &batch, &self.stream)?;
+                let value = finite_loss(&loss, (0, epoch + 1, step + 1))?;
+                optimize(
+                    &loss,
+                    self.model.as_ref(),
+                    &self.stream,
+                    &forwarded,
+                    self.cfg.training.clip_grad_norm,
+                    self.optimizer.as_mut(),
+                    |_| Ok(()),
+                )?;
+                if log_every > 0 && step % log_every == 0 {
+                    log.push(LogRow {
+                        task: 0,
+                        epoch: epoch + 1,
+                        step: step + 1,
+                        loss: value,
+                        batch_acc: self.batch_accuracy(&out.logits, &batch)?,
+                        lr,
+                    });
+                }
+                step += 1;
+            }
+        }
+        Ok(step)
     }
 
     /// Write the full state after a task (see [`crate::checkpoint`]). Without a checkpoint
@@ -523,13 +640,16 @@ impl Trainer {
         let bs = self.cfg.training.batch_size;
         let epochs = self.cfg.training.epochs;
         let total = order.len().div_ceil(bs) * epochs;
+        // Tasks are numbered within the stream (the pre-training task is task 0).
+        let first = self.stream.first();
+        let number = t + 1 - first;
         tracing::info!(
-            task = t + 1,
+            task = number,
             samples = order.len(),
             steps = total,
             "task started"
         );
-        progress.task_start(t, self.stream.len(), total);
+        progress.task_start(t - first, self.stream.len() - first, total);
         let mut buf = GatherBuf::default();
         let log_every = self.cfg.training.log_every;
         let mut step = 0;
@@ -542,8 +662,7 @@ impl Trainer {
                     .is_some_and(|f| f.load(Ordering::Relaxed))
                 {
                     return Err(Error::Stopped(format!(
-                        "interrupted during task {}; the checkpoint of the last finished task is intact",
-                        t + 1
+                        "interrupted during task {number}; the checkpoint of the last finished task is intact"
                     )));
                 }
                 let lr = self.schedule.lr(epoch, step, total);
@@ -552,7 +671,7 @@ impl Trainer {
                 let (value, out) = self.step(t, epoch, step, &batch)?;
                 if log_every > 0 && step % log_every == 0 {
                     log.push(LogRow {
-                        task: t + 1,
+                        task: number,
                         epoch: epoch + 1,
                         step: step + 1,
                         loss: value,
@@ -571,7 +690,7 @@ impl Trainer {
     /// Start task `t`: reset the optimizer if asked, run the algorithm's `before_task` (and create
     /// its memory); returns the samples to train on.
     pub fn begin_task(&mut self, t: usize) -> Result<Vec<SampleRef>> {
-        if t == 0 || self.cfg.optimizer.reset_each_task {
+        if t <= self.stream.first() || self.cfg.optimizer.reset_each_task {
             self.optimizer.reset();
         }
         let mut ctx = TaskCtx {
@@ -617,7 +736,7 @@ impl Trainer {
                  received to StepCtx::forward",
             )
         })?;
-        let value = finite_loss(&loss, (t + 1, epoch + 1, step + 1))?;
+        let value = finite_loss(&loss, (t + 1 - self.stream.first(), epoch + 1, step + 1))?;
         let forwarded = ctx.forwarded_tasks().to_vec();
         let own = self.algorithm.own_params().cloned();
         let algorithm = &mut self.algorithm;
