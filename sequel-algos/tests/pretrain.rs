@@ -164,9 +164,20 @@ fn a_run_with_a_base_task_resumes_bit_identically() {
             "{ name: lwf }",
             "consolidation: { name: lines, gamma: 0.3 }\n",
         ),
+        (
+            "{ name: er, buffer_size: 20 }",
+            "consolidation: { name: lines, gamma: auto }\n",
+        ),
     ] {
         let tmp = tempfile::tempdir().unwrap();
-        let text = config(tmp.path(), algo, extra);
+        let text = config(tmp.path(), algo, extra).replace(
+            "base_epochs: 2",
+            if extra.contains("auto") {
+                "base_epochs: 2, validation_fraction: 0.2"
+            } else {
+                "base_epochs: 2"
+            },
+        );
         let full = run(&text, "full", &RunOptions::default()).unwrap();
         let stop = RunOptions {
             stop_after_task: Some(2),
@@ -195,6 +206,16 @@ fn a_run_with_a_base_task_resumes_bit_identically() {
             let b = std::fs::read(resumed.join(&n)).unwrap();
             assert!(a == b, "{algo} {extra}: {n} differs after resume");
         }
+        // metrics.csv has timings; its last column (γ chosen, or control accuracy) must match.
+        let last = |d: &Path| {
+            std::fs::read_to_string(d.join("metrics.csv"))
+                .unwrap()
+                .lines()
+                .map(|l| l.rsplit(',').next().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(last(&full), last(&resumed), "{algo} {extra}");
+        assert_eq!(last(&full).len(), 4);
     }
 }
 

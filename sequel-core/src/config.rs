@@ -742,6 +742,24 @@ impl ExperimentConfig {
                 .to_lowercase(),
             ));
         }
+        // LiNeS `gamma: auto` / `beta: auto` (also in a strategy's `lines:` block) choose on the
+        // validation split.
+        if let Some(c) = &self.consolidation {
+            for (key, v) in [
+                ("consolidation.gamma", &c["gamma"]),
+                ("consolidation.beta", &c["beta"]),
+                ("consolidation.lines.gamma", &c["lines"]["gamma"]),
+                ("consolidation.lines.beta", &c["lines"]["beta"]),
+            ] {
+                if v.as_str() == Some("auto") && b.validation_fraction == 0.0 {
+                    return Err(err(
+                        key,
+                        "`auto` chooses on validation data: set benchmark.validation_fraction > 0"
+                            .into(),
+                    ));
+                }
+            }
+        }
         if b.base_classes == Some(0) {
             return Err(err(
                 "benchmark.base_classes",

@@ -10,9 +10,10 @@ use crate::algorithm::{Algorithm, EvalCtx, StepCtx, TaskCtx};
 use crate::checkpoint::{self, Checkpoint, Meta, FORMAT_VERSION};
 use crate::config::{EvaluateWith, ExperimentConfig};
 use crate::consolidation::{
-    apply, Anchor, Consolidation, ConsolidationCtx, ContinueFrom, Evaluate, TaskVector,
+    apply, selection_score, Anchor, Consolidation, ConsolidationCtx, ContinueFrom, Evaluate,
+    TaskVector,
 };
-use crate::data::{Batch, GatherBuf, SampleRef, TaskStream};
+use crate::data::{Batch, GatherBuf, SampleRef, Split, TaskStream};
 use crate::error::{Error, Result};
 use crate::metrics::{peak_rss_mb, AccuracyMatrix};
 use crate::model::{Model, ModelOutput, Snapshot};
@@ -61,6 +62,15 @@ pub struct Trainer {
     pub stop_after_task: Option<usize>,
     /// When it becomes true, training stops at the next step; the last checkpoint is intact.
     pub interrupt: Option<Arc<AtomicBool>>,
+}
+
+/// The weights a consolidation of one task works with.
+struct Weights<'a> {
+    initial: &'a Snapshot,
+    previous: &'a Snapshot,
+    trained: &'a Snapshot,
+    anchor: &'a Snapshot,
+    kind: Anchor,
 }
 
 /// The two weight sets after a task's consolidation.
@@ -188,9 +198,17 @@ impl Trainer {
         let consolidated = match self.initial.clone() {
             Some(initial) => {
                 let previous = self.previous.clone();
-                let c = self.consolidate(r, &initial, previous.as_ref())?;
+                let (c, chosen) = self.consolidate(r, &initial, previous.as_ref())?;
                 if !snapshot_finite(&c.consolidated)? {
                     return Err(Error::NonFiniteWeights { task: r + 1 });
+                }
+                if let Some(v) = chosen {
+                    results.chosen.push(f64::from(v));
+                    results.chosen_key = self
+                        .consolidation
+                        .as_ref()
+                        .and_then(|c| c.strategy.auto_coefficient())
+                        .map(|a| a.key);
                 }
                 Some(c)
             }
@@ -550,57 +568,172 @@ impl Trainer {
         Ok(())
     }
 
-    /// Run the consolidator on the trained weights of task `t` (held by the model). `previous` is
-    /// θ̄_{t−1}, `None` before the first task.
+    /// Run the consolidator on the trained weights of stream task `r` (0-based row, held by the
+    /// model). `previous` is θ̄_{r−1}, `None` before the first task. With an automatic
+    /// coefficient, returns the value chosen on validation data too.
     fn consolidate(
         &mut self,
-        t: usize,
+        r: usize,
         initial: &Snapshot,
         previous: Option<&Snapshot>,
-    ) -> Result<Consolidated> {
+    ) -> Result<(Consolidated, Option<f32>)> {
+        let Some(cons) = self.consolidation.as_ref() else {
+            return Err(Error::msg("consolidate called without a consolidator"));
+        };
+        let anchor_kind = cons.wiring.anchor;
+        let keeps = anchor_kind == Anchor::Initial && cons.strategy.keeps_task_vectors();
+        let auto = cons.strategy.auto_coefficient();
+        let trained = self.model.params().snapshot()?;
+        // θ̄_0: θ₀ with `initial`; with `previous` there is no model before task 1 worth pulling
+        // towards (θ₀ is an untrained initialisation), so task 1 is its own anchor (with a
+        // pre-training task, `previous` is the pre-trained model from the start).
+        let previous = match (previous, anchor_kind) {
+            (Some(p), _) => p.clone(),
+            (None, Anchor::Initial) => initial.clone(),
+            (None, Anchor::Previous) => trained.clone(),
+        };
+        let anchor = match anchor_kind {
+            Anchor::Initial => initial.clone(),
+            Anchor::Previous => previous.clone(),
+        };
+        let tau = TaskVector::between(self.model.params(), &anchor, &trained)?;
+        // Taken out of `self` while in use, so that candidates can be evaluated.
+        let mut vectors = if keeps {
+            std::mem::take(&mut self.task_vectors)
+        } else {
+            Vec::new()
+        };
+        vectors.push(tau);
+        let w = Weights {
+            initial,
+            previous: &previous,
+            trained: &trained,
+            anchor: &anchor,
+            kind: anchor_kind,
+        };
+        let chosen = match auto {
+            Some(auto) => Some(self.choose(r, &auto.grid, &w, &vectors)?),
+            None => None,
+        };
+        let mut rng = std::mem::replace(
+            &mut self.consolidation_rng,
+            SeededRng::new(0, Stream::Consolidation),
+        );
+        let consolidated = self.merge(r, chosen, &w, &vectors, &mut rng);
+        self.consolidation_rng = rng;
+        if keeps {
+            self.task_vectors = vectors;
+        }
+        Ok((
+            Consolidated {
+                trained,
+                consolidated: consolidated?,
+            },
+            chosen,
+        ))
+    }
+
+    /// The consolidated weights of stream task `r` with the strategy's coefficient set to
+    /// `value` (if given), drawing from `rng`.
+    fn merge(
+        &mut self,
+        r: usize,
+        value: Option<f32>,
+        w: &Weights,
+        vectors: &[TaskVector],
+        rng: &mut SeededRng,
+    ) -> Result<Snapshot> {
         let Some(cons) = self.consolidation.as_mut() else {
             return Err(Error::msg("consolidate called without a consolidator"));
         };
+        if let Some(v) = value {
+            cons.strategy.set_coefficient(v);
+        }
         let params = self.model.params();
-        let trained = params.snapshot()?;
-        let anchor_kind = cons.wiring.anchor;
-        // θ̄_0: θ₀ with `initial`; with `previous` there is no model before task 1 worth pulling
-        // towards (θ₀ is an untrained initialisation), so task 1 is its own anchor.
-        let previous = match (previous, anchor_kind) {
-            (Some(p), _) => p,
-            (None, Anchor::Initial) => initial,
-            (None, Anchor::Previous) => &trained,
-        };
-        let anchor = match anchor_kind {
-            Anchor::Initial => initial,
-            Anchor::Previous => previous,
-        };
-        let tau = TaskVector::between(params, anchor, &trained)?;
-        let current_only;
-        let vectors: &[TaskVector] =
-            if anchor_kind == Anchor::Initial && cons.strategy.keeps_task_vectors() {
-                self.task_vectors.push(tau);
-                &self.task_vectors
-            } else {
-                current_only = [tau];
-                &current_only
-            };
         let current = vectors.last().ok_or_else(|| Error::msg("no task vector"))?;
         let merged = cons.strategy.consolidate(&mut ConsolidationCtx {
-            task: t,
+            task: r,
             params,
-            initial,
-            previous,
-            trained: &trained,
-            anchor: anchor_kind,
+            initial: w.initial,
+            previous: w.previous,
+            trained: w.trained,
+            anchor: w.kind,
             task_vectors: vectors,
-            rng: &mut self.consolidation_rng,
+            rng,
         })?;
-        let consolidated = apply(params, anchor, &trained, current, &merged)?;
-        Ok(Consolidated {
-            trained,
-            consolidated,
-        })
+        apply(params, w.anchor, w.trained, current, &merged)
+    }
+
+    /// Choose the strategy's automatic coefficient for stream task `r` on validation data by the
+    /// LiNeS rule ([`selection_score`]): the target is task `r`, normalised by the trained
+    /// weights' accuracy; the control tasks are the pre-training task if there is one, else the
+    /// earlier stream tasks, normalised by the anchor weights' accuracy. Every candidate draws
+    /// from a copy of the consolidation stream, so the search shifts no random draw. The model
+    /// holds the trained weights again afterwards.
+    fn choose(
+        &mut self,
+        r: usize,
+        grid: &[f32],
+        w: &Weights,
+        vectors: &[TaskVector],
+    ) -> Result<f32> {
+        let first = self.stream.first();
+        let target = r + first;
+        let controls: Vec<usize> = if self.stream.control {
+            vec![0]
+        } else {
+            (first..target).collect()
+        };
+        let mut tasks = vec![target];
+        tasks.extend(&controls);
+        let target_ref = self.valid_accuracies(&[target])?[0];
+        self.model.params().restore(w.anchor)?;
+        let control_ref = self.valid_accuracies(&controls)?;
+        let mut best: Option<(f32, f64)> = None;
+        for &v in grid {
+            let mut rng = SeededRng::from(self.consolidation_rng.state());
+            let candidate = self.merge(r, Some(v), w, vectors, &mut rng)?;
+            self.model.params().restore(&candidate)?;
+            let acc = self.valid_accuracies(&tasks)?;
+            let control: Vec<(f64, f64)> = acc[1..]
+                .iter()
+                .copied()
+                .zip(control_ref.iter().copied())
+                .collect();
+            let score = selection_score(acc[0], target_ref, &control);
+            if best.is_none_or(|(_, s)| score >= s) {
+                best = Some((v, score));
+            }
+        }
+        self.model.params().restore(w.trained)?;
+        best.map(|(v, _)| v)
+            .ok_or_else(|| Error::msg("the automatic coefficient's grid is empty"))
+    }
+
+    /// Accuracy of the model's current weights on the validation split of each task in `tasks`.
+    fn valid_accuracies(&mut self, tasks: &[usize]) -> Result<Vec<f64>> {
+        let ctx = EvalCtx {
+            stream: &self.stream,
+            model: self.model.as_ref(),
+            device: &self.device,
+        };
+        self.algorithm.before_eval(&ctx)?;
+        let accs = tasks
+            .iter()
+            .map(|&j| {
+                let refs: Vec<SampleRef> = self.stream.tasks[j]
+                    .valid
+                    .iter()
+                    .map(|&index| SampleRef {
+                        task: j as u32,
+                        index,
+                    })
+                    .collect();
+                self.evaluate_refs(j, &refs, Split::Train)
+            })
+            .collect();
+        self.algorithm.after_eval(&ctx)?;
+        accs
     }
 
     fn weights_finite(&self) -> Result<bool> {
@@ -789,6 +922,11 @@ impl Trainer {
     /// Accuracy on task `j`'s evaluation split (after [`Algorithm::before_eval`]).
     fn evaluate(&self, j: usize) -> Result<f64> {
         let (refs, split) = self.stream.eval_refs(j);
+        self.evaluate_refs(j, &refs, split)
+    }
+
+    /// Accuracy on samples `refs` of task `j` in `split` (after [`Algorithm::before_eval`]).
+    fn evaluate_refs(&self, j: usize, refs: &[SampleRef], split: Split) -> Result<f64> {
         if refs.is_empty() {
             return Ok(0.0);
         }
