@@ -168,6 +168,10 @@ fn a_run_with_a_base_task_resumes_bit_identically() {
             "{ name: er, buffer_size: 20 }",
             "consolidation: { name: lines, gamma: auto }\n",
         ),
+        (
+            "naive",
+            "consolidation: { name: ties, anchor: initial, lines: { beta: 0.5 } }\n",
+        ),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let text = config(tmp.path(), algo, extra).replace(
@@ -178,6 +182,12 @@ fn a_run_with_a_base_task_resumes_bit_identically() {
                 "base_epochs: 2"
             },
         );
+        // The multi-task protocol from the pre-trained θ₀.
+        let text = if extra.contains("lines: {") {
+            text.replace("log_every: 1 }", "log_every: 1, mode: independent }")
+        } else {
+            text
+        };
         let full = run(&text, "full", &RunOptions::default()).unwrap();
         let stop = RunOptions {
             stop_after_task: Some(2),

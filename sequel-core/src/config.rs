@@ -463,6 +463,26 @@ pub struct TrainingConfig {
     /// value, before the algorithm's `edit_gradients` (PyTorch's `clip_grad_norm_`). Default: off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_grad_norm: Option<f64>,
+    /// `sequential` (default): each task trains on from the previous one. `independent`: each
+    /// task fine-tunes θ₀ on its own and the consolidation strategy merges the task vectors
+    /// (the LiNeS / task-arithmetic multi-task protocol).
+    #[serde(default, skip_serializing_if = "TrainingMode::is_sequential")]
+    pub mode: TrainingMode,
+}
+
+/// How tasks follow each other, see [`TrainingConfig::mode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrainingMode {
+    #[default]
+    Sequential,
+    Independent,
+}
+
+impl TrainingMode {
+    pub fn is_sequential(&self) -> bool {
+        *self == TrainingMode::Sequential
+    }
 }
 
 fn one() -> usize {
@@ -486,6 +506,7 @@ impl Default for TrainingConfig {
             eval_batch_size: default_ebs(),
             log_every: default_log_every(),
             clip_grad_norm: None,
+            mode: TrainingMode::Sequential,
         }
     }
 }
@@ -758,6 +779,22 @@ impl ExperimentConfig {
                             .into(),
                     ));
                 }
+            }
+        }
+        if self.training.mode == TrainingMode::Independent {
+            let algo = self.algorithm.get("name").unwrap_or(&self.algorithm);
+            if algo.as_str() != Some("naive") {
+                return Err(err(
+                    "training.mode",
+                    "`independent` fine-tunes θ₀ on each task alone: it needs `algorithm: naive`"
+                        .into(),
+                ));
+            }
+            if self.consolidation.is_none() {
+                return Err(err(
+                    "training.mode",
+                    "`independent` merges the task vectors: it needs a `consolidation` strategy with `anchor: initial`".into(),
+                ));
             }
         }
         if b.base_classes == Some(0) {

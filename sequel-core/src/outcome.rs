@@ -47,6 +47,33 @@ pub struct Results {
     /// The metrics.csv column of `chosen` (`gamma_auto`, `beta_auto`); `None` without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chosen_key: Option<String>,
+    /// `training.mode: independent`: metrics.csv and summary.json add the normalised accuracy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub independent: bool,
+}
+
+impl Results {
+    /// `training.mode: independent`: accuracy on each task j ≤ i after task i (1-based) divided
+    /// by the individually fine-tuned weights' accuracy on it (the raw matrix's R[j][j]); a
+    /// fine-tuned accuracy of 0 gives `None`.
+    pub fn normalized_after(&self, i: usize) -> Option<Vec<Option<f64>>> {
+        let raw = self.raw.as_ref().filter(|_| self.independent)?;
+        let row = self.matrix.rows.get(i.checked_sub(1)?)?;
+        Some(
+            (0..i)
+                .map(|j| {
+                    let alone = raw.rows.get(j)?.get(j).copied()?;
+                    (alone > 0.0).then(|| row[j] / alone)
+                })
+                .collect(),
+        )
+    }
+
+    /// The mean of [`Results::normalized_after`] over the tasks where it is defined.
+    pub fn normalized_acc(&self, i: usize) -> Option<f64> {
+        let v: Vec<f64> = self.normalized_after(i)?.into_iter().flatten().collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    }
 }
 
 /// The pre-training (control) task of `benchmark.base_classes`: its accuracy before and after

@@ -358,6 +358,9 @@ pub fn metrics_csv(outcome: &RunOutcome) -> String {
     if let Some(key) = &outcome.chosen_key {
         let _ = write!(s, ",{key}");
     }
+    if outcome.independent {
+        s.push_str(",normalized_acc");
+    }
     s.push('\n');
     for (i, t) in outcome.times.iter().enumerate() {
         let m = outcome.matrix.metrics_after(i + 1);
@@ -395,6 +398,9 @@ pub fn metrics_csv(outcome: &RunOutcome) -> String {
         }
         if outcome.chosen_key.is_some() {
             let _ = write!(s, ",{}", opt(outcome.chosen.get(i).copied()));
+        }
+        if outcome.independent {
+            let _ = write!(s, ",{}", opt(outcome.normalized_acc(i + 1)));
         }
         s.push('\n');
     }
@@ -455,6 +461,15 @@ pub fn summary_json(outcome: &RunOutcome, info: &RunInfo) -> serde_json::Value {
     if let (Some(raw), Some(map)) = (&outcome.raw, v.as_object_mut()) {
         let last_raw = (done > 0).then(|| raw.metrics_after(done));
         map.insert("final_raw".into(), json!(last_raw));
+    }
+    if let (true, Some(map)) = (outcome.independent, v.as_object_mut()) {
+        map.insert(
+            "normalized".into(),
+            json!({
+                "acc": (done > 0).then(|| outcome.normalized_acc(done)),
+                "per_task": (done > 0).then(|| outcome.normalized_after(done)),
+            }),
+        );
     }
     if let (Some(c), Some(map)) = (&outcome.control, v.as_object_mut()) {
         map.insert(

@@ -112,6 +112,11 @@ impl Trainer {
         }
     }
 
+    /// `training.mode: independent`: every task fine-tunes θ₀ alone.
+    fn independent(&self) -> bool {
+        self.cfg.training.mode == crate::config::TrainingMode::Independent
+    }
+
     /// The algorithm as its concrete type (tests and tools inspect it after a run).
     pub fn algorithm<A: Algorithm>(&self) -> Option<&A> {
         (self.algorithm.as_ref() as &dyn std::any::Any).downcast_ref::<A>()
@@ -251,9 +256,11 @@ impl Trainer {
             self.model.params().restore(&fast)?;
         }
         if let (Some(c), Some(cons)) = (consolidated, &self.consolidation) {
-            let from = match cons.wiring.continue_from {
-                ContinueFrom::Consolidated => &c.consolidated,
-                ContinueFrom::Trained => &c.trained,
+            let from = match (cons.wiring.continue_from, &self.initial) {
+                // `training.mode: independent`: every task starts from θ₀.
+                (_, Some(initial)) if self.independent() => initial,
+                (ContinueFrom::Consolidated, _) => &c.consolidated,
+                (ContinueFrom::Trained, _) => &c.trained,
             };
             self.model.params().restore(from)?;
             self.previous = Some(c.consolidated);
@@ -332,6 +339,7 @@ impl Trainer {
                 control: None,
                 chosen: Vec::new(),
                 chosen_key: None,
+                independent: self.independent(),
             },
             failure: None,
         };
@@ -823,8 +831,14 @@ impl Trainer {
     /// Start task `t`: reset the optimizer if asked, run the algorithm's `before_task` (and create
     /// its memory); returns the samples to train on.
     pub fn begin_task(&mut self, t: usize) -> Result<Vec<SampleRef>> {
-        if t <= self.stream.first() || self.cfg.optimizer.reset_each_task {
+        if t <= self.stream.first() || self.cfg.optimizer.reset_each_task || self.independent() {
             self.optimizer.reset();
+        }
+        if self.independent() && t > self.stream.first() {
+            // Each later task's order from its own stream, so that a task trains exactly as it
+            // would after any other first task; the first keeps the run's stream, as fine-tuning
+            // on it alone would.
+            self.data_rng = SeededRng::derived(self.cfg.seed, Stream::DataOrder, t as u64);
         }
         let mut ctx = TaskCtx {
             task: t,
