@@ -266,3 +266,32 @@ fn bad_base_classes_are_one_line_errors_before_a_run_folder() {
         .to_string();
     assert!(e.contains("benchmark.base_epochs"), "{e}");
 }
+
+/// Every registered algorithm starts its first task after pre-training (its first task is stream
+/// task 1, with the base classes already in the model) and finishes the stream.
+#[test]
+fn every_registered_algorithm_runs_after_a_pre_training_task() {
+    let reg = Registry::builtin();
+    for (name, _) in reg.algorithms() {
+        let defaults = reg.algorithm_defaults(name).expect("registered");
+        let mut spec = format!("{{ name: {name}");
+        for (key, small) in [
+            ("buffer_size", "40"),
+            ("fit_epochs", "1"),
+            ("replay_batch_size", "10"),
+        ] {
+            if defaults.get(key).is_some() {
+                spec += &format!(", {key}: {small}");
+            }
+        }
+        spec += " }";
+        let tmp = tempfile::tempdir().unwrap();
+        // A gentle step: the point is the task bookkeeping, not any method's stability.
+        let text = config(tmp.path(), &spec, "").replace("lr: 0.05, momentum: 0.9", "lr: 0.01");
+        let mut t = trainer(&text);
+        let out = t.run(&mut Silent).unwrap_or_else(|e| panic!("{spec}: {e}"));
+        assert!(out.failure.is_none(), "{spec}: {:?}", out.failure);
+        assert_eq!(out.matrix.rows.len(), 3, "{spec}");
+        assert_eq!(out.control.as_ref().unwrap().after.len(), 3, "{spec}");
+    }
+}
