@@ -123,6 +123,14 @@ pub struct BenchmarkConfig {
     /// Split only: an explicit class order (overrides `class_order`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes: Option<Vec<u16>>,
+    /// Split only: the first `base_classes` classes of the class order form a pre-training task
+    /// trained (plain cross-entropy) before the stream, which splits the remaining classes into
+    /// `tasks` tasks; the pre-training task is evaluated after every task as a control task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_classes: Option<usize>,
+    /// With `base_classes`: epochs of the pre-training task. Default: `training.epochs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_epochs: Option<usize>,
     /// Task-IL only: `masked` (default; single head masked at evaluation) or `multi`.
     #[serde(default = "default_head")]
     pub task_il_head: TaskIlHead,
@@ -511,6 +519,26 @@ pub struct TrainingConfig {
     /// value, before the algorithm's `edit_gradients` (PyTorch's `clip_grad_norm_`). Default: off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_grad_norm: Option<f64>,
+    /// `sequential` (default): each task trains on from the previous one. `independent`: each
+    /// task fine-tunes θ₀ on its own and the consolidation strategy merges the task vectors
+    /// (the LiNeS / task-arithmetic multi-task protocol).
+    #[serde(default, skip_serializing_if = "TrainingMode::is_sequential")]
+    pub mode: TrainingMode,
+}
+
+/// How tasks follow each other, see [`TrainingConfig::mode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrainingMode {
+    #[default]
+    Sequential,
+    Independent,
+}
+
+impl TrainingMode {
+    pub fn is_sequential(&self) -> bool {
+        *self == TrainingMode::Sequential
+    }
 }
 
 fn one() -> usize {
@@ -534,6 +562,7 @@ impl Default for TrainingConfig {
             eval_batch_size: default_ebs(),
             log_every: default_log_every(),
             clip_grad_norm: None,
+            mode: TrainingMode::Sequential,
         }
     }
 }
@@ -790,7 +819,63 @@ impl ExperimentConfig {
                 .to_lowercase(),
             ));
         }
+        // LiNeS `gamma: auto` / `beta: auto` (also in a strategy's `lines:` block) choose on the
+        // validation split.
+        if let Some(c) = &self.consolidation {
+            for (key, v) in [
+                ("consolidation.gamma", &c["gamma"]),
+                ("consolidation.beta", &c["beta"]),
+                ("consolidation.lines.gamma", &c["lines"]["gamma"]),
+                ("consolidation.lines.beta", &c["lines"]["beta"]),
+            ] {
+                if v.as_str() == Some("auto") && b.validation_fraction == 0.0 {
+                    return Err(err(
+                        key,
+                        "`auto` chooses on validation data: set benchmark.validation_fraction > 0"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        if self.training.mode == TrainingMode::Independent {
+            let algo = self.algorithm.get("name").unwrap_or(&self.algorithm);
+            if algo.as_str() != Some("naive") {
+                return Err(err(
+                    "training.mode",
+                    "`independent` fine-tunes θ₀ on each task alone: it needs `algorithm: naive`"
+                        .into(),
+                ));
+            }
+            if self.consolidation.is_none() {
+                return Err(err(
+                    "training.mode",
+                    "`independent` merges the task vectors: it needs a `consolidation` strategy with `anchor: initial`".into(),
+                ));
+            }
+        }
+        if b.base_classes == Some(0) {
+            return Err(err(
+                "benchmark.base_classes",
+                "must be at least 1 (remove the key for no pre-training task)".into(),
+            ));
+        }
+        if b.base_epochs == Some(0) {
+            return Err(err("benchmark.base_epochs", "must be at least 1".into()));
+        }
+        if b.base_epochs.is_some() && b.base_classes.is_none() {
+            return Err(err(
+                "benchmark.base_epochs",
+                "applies with benchmark.base_classes only; remove it or set base_classes".into(),
+            ));
+        }
+        if b.base_classes.is_some() && b.scenario == Scenario::DomainIl {
+            return Err(err(
+                "benchmark.base_classes",
+                "needs `scenario: class-il` or `task-il` (domain-IL tasks share their output units); remove it".into(),
+            ));
+        }
         let split_only = [
+            ("benchmark.base_classes", b.base_classes.is_some()),
             ("benchmark.classes_per_task", b.classes_per_task.is_some()),
             ("benchmark.classes", b.classes.is_some()),
             ("benchmark.class_order", b.class_order != ClassOrder::Fixed),

@@ -285,6 +285,43 @@ pub trait Consolidator: Send {
     }
 
     fn consolidate(&mut self, ctx: &mut ConsolidationCtx) -> Result<TaskVector>;
+
+    /// A coefficient the trainer chooses on validation data before each consolidation (LiNeS
+    /// `gamma: auto`): its `metrics.csv` column and its grid. The trainer tries every grid value
+    /// with [`Consolidator::set_coefficient`], keeps the one with the best selection score
+    /// ([`selection_score`]) and leaves it set for the task's consolidation.
+    fn auto_coefficient(&self) -> Option<AutoCoefficient> {
+        None
+    }
+
+    /// Set the coefficient [`Consolidator::auto_coefficient`] names.
+    fn set_coefficient(&mut self, _value: f32) {}
+}
+
+/// A coefficient chosen on validation data, see [`Consolidator::auto_coefficient`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoCoefficient {
+    /// The `metrics.csv` column of the chosen values, e.g. `gamma_auto`.
+    pub key: String,
+    /// The values tried, in order; ties go to the later value.
+    pub grid: Vec<f32>,
+}
+
+/// The LiNeS paper's selection rule (Wang et al., ICLR 2025, §3; `tradeoff_target_weight` = 2 in
+/// its code): `2·target_norm + control_norm`, where `target_norm` = accuracy on the target task /
+/// the fine-tuned weights' accuracy on it, and `control_norm` = the mean over control tasks of
+/// accuracy / the reference (zero-shot, here anchor) weights' accuracy. A reference accuracy of 0
+/// leaves the task out; with no control task left the term is 0.
+pub fn selection_score(target: f64, target_ref: f64, control: &[(f64, f64)]) -> f64 {
+    let norm = |acc: f64, reference: f64| (reference > 0.0).then(|| acc / reference);
+    let target_norm = norm(target, target_ref).unwrap_or(target);
+    let controls: Vec<f64> = control.iter().filter_map(|&(a, r)| norm(a, r)).collect();
+    let control_norm = if controls.is_empty() {
+        0.0
+    } else {
+        controls.iter().sum::<f64>() / controls.len() as f64
+    };
+    2.0 * target_norm + control_norm
 }
 
 /// A configured strategy with its wiring.
@@ -296,6 +333,16 @@ pub struct Consolidation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selection_score_is_twice_the_normalised_target_plus_the_mean_normalised_control() {
+        // target 0.8 of 0.9; controls 0.3 of 0.6 and 0.5 of 0.5; a zero reference is left out.
+        let s = selection_score(0.8, 0.9, &[(0.3, 0.6), (0.5, 0.5), (0.2, 0.0)]);
+        let hand = 2.0 * (0.8 / 0.9) + (0.5 + 1.0) / 2.0;
+        assert!((s - hand).abs() < 1e-12, "{s} vs {hand}");
+        // No control task: the target term alone.
+        assert!((selection_score(0.45, 0.9, &[]) - 1.0).abs() < 1e-12);
+    }
     use candle_core::{Device, Var};
 
     fn set() -> ParamSet {

@@ -226,6 +226,18 @@ pub fn build_trainer_with(
         .map_err(in_file(origin))?;
     let stream = build_stream(cfg, origin, Arc::new(dataset))?;
     preflight(cfg, origin, &stream, algorithm.as_mut())?;
+    let independent = cfg.training.mode == crate::config::TrainingMode::Independent;
+    if independent
+        && consolidation
+            .as_ref()
+            .is_some_and(|c| c.wiring.anchor != crate::consolidation::Anchor::Initial)
+    {
+        return Err(Error::Config {
+            file: origin.to_string(),
+            path: "training.mode".into(),
+            message: "`independent` merges task vectors relative to θ₀: set consolidation.anchor: initial".into(),
+        });
+    }
     let heads = stream.head_sizes();
     let spec = BackboneSpec {
         input: stream.input_shape(),

@@ -37,6 +37,62 @@ pub struct Results {
     pub times: Vec<TaskTimes>,
     pub init_eval_s: f64,
     pub log: Vec<LogRow>,
+    /// With `benchmark.base_classes`: the pre-training task, measured as a control task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<Control>,
+    /// With an automatic consolidation coefficient (`gamma: auto`): the value chosen after each
+    /// task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chosen: Vec<f64>,
+    /// The metrics.csv column of `chosen` (`gamma_auto`, `beta_auto`); `None` without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen_key: Option<String>,
+    /// `training.mode: independent`: metrics.csv and summary.json add the normalised accuracy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub independent: bool,
+}
+
+impl Results {
+    /// `training.mode: independent`: accuracy on each task j ≤ i after task i (1-based) divided
+    /// by the individually fine-tuned weights' accuracy on it (the raw matrix's R[j][j]); a
+    /// fine-tuned accuracy of 0 gives `None`.
+    pub fn normalized_after(&self, i: usize) -> Option<Vec<Option<f64>>> {
+        let raw = self.raw.as_ref().filter(|_| self.independent)?;
+        let row = self.matrix.rows.get(i.checked_sub(1)?)?;
+        Some(
+            (0..i)
+                .map(|j| {
+                    let alone = raw.rows.get(j)?.get(j).copied()?;
+                    (alone > 0.0).then(|| row[j] / alone)
+                })
+                .collect(),
+        )
+    }
+
+    /// The mean of [`Results::normalized_after`] over the tasks where it is defined.
+    pub fn normalized_acc(&self, i: usize) -> Option<f64> {
+        let v: Vec<f64> = self.normalized_after(i)?.into_iter().flatten().collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    }
+}
+
+/// The pre-training (control) task of `benchmark.base_classes`: its accuracy before and after
+/// pre-training and after every stream task. The stream's accuracy matrices leave it out.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Control {
+    /// Accuracy of the untrained model.
+    pub init: f64,
+    /// Accuracy right after pre-training (the weights θ₀ the stream starts from).
+    pub pretrained: f64,
+    /// After each stream task, of the evaluated weights.
+    pub after: Vec<f64>,
+    /// After each stream task, of the trained weights before consolidation (with a consolidator).
+    pub after_raw: Vec<f64>,
+    /// Evaluation samples of the control task.
+    pub count: usize,
+    /// Pre-training's wall-clock seconds and optimizer steps.
+    pub train_s: f64,
+    pub steps: usize,
 }
 
 /// Everything a run produced. `failure` is set when training stopped early (e.g. a non-finite

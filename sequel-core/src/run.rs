@@ -347,6 +347,20 @@ pub fn metrics_csv(outcome: &RunOutcome) -> String {
     if outcome.raw.is_some() {
         s.push_str(",avg_acc_raw,learning_acc_raw,forgetting_raw");
     }
+    // Only runs with a pre-training task (`benchmark.base_classes`) have a control task.
+    let control = outcome.control.as_ref();
+    if control.is_some() {
+        s.push_str(",control_acc");
+        if outcome.raw.is_some() {
+            s.push_str(",control_acc_raw");
+        }
+    }
+    if let Some(key) = &outcome.chosen_key {
+        let _ = write!(s, ",{key}");
+    }
+    if outcome.independent {
+        s.push_str(",normalized_acc");
+    }
     s.push('\n');
     for (i, t) in outcome.times.iter().enumerate() {
         let m = outcome.matrix.metrics_after(i + 1);
@@ -375,6 +389,18 @@ pub fn metrics_csv(outcome: &RunOutcome) -> String {
                 r.learning_acc,
                 opt(r.forgetting)
             );
+        }
+        if let Some(c) = control {
+            let _ = write!(s, ",{}", opt(c.after.get(i).copied()));
+            if outcome.raw.is_some() {
+                let _ = write!(s, ",{}", opt(c.after_raw.get(i).copied()));
+            }
+        }
+        if outcome.chosen_key.is_some() {
+            let _ = write!(s, ",{}", opt(outcome.chosen.get(i).copied()));
+        }
+        if outcome.independent {
+            let _ = write!(s, ",{}", opt(outcome.normalized_acc(i + 1)));
         }
         s.push('\n');
     }
@@ -436,7 +462,59 @@ pub fn summary_json(outcome: &RunOutcome, info: &RunInfo) -> serde_json::Value {
         let last_raw = (done > 0).then(|| raw.metrics_after(done));
         map.insert("final_raw".into(), json!(last_raw));
     }
+    if let (true, Some(map)) = (outcome.independent, v.as_object_mut()) {
+        map.insert(
+            "normalized".into(),
+            json!({
+                "acc": (done > 0).then(|| outcome.normalized_acc(done)),
+                "per_task": (done > 0).then(|| outcome.normalized_after(done)),
+            }),
+        );
+    }
+    if let (Some(c), Some(map)) = (&outcome.control, v.as_object_mut()) {
+        map.insert(
+            "control".into(),
+            json!({
+                "init": c.init,
+                "pretrained": c.pretrained,
+                "final": c.after.last(),
+                "final_raw": c.after_raw.last(),
+                "count": c.count,
+                "train_s": c.train_s,
+                "steps": c.steps,
+            }),
+        );
+    }
     v
+}
+
+/// control.csv (runs with `benchmark.base_classes`): the control task's accuracy in percent
+/// before pre-training (`init`), after it (`pretrain`) and after each stream task, of the
+/// evaluated weights and, with a consolidator, of the trained ones (`control_acc_raw`).
+pub fn control_csv(outcome: &RunOutcome) -> Option<String> {
+    let c = outcome.control.as_ref()?;
+    let raw = outcome.raw.is_some();
+    let mut s = String::from("after_task,control_acc");
+    if raw {
+        s.push_str(",control_acc_raw");
+    }
+    s.push('\n');
+    let pct = |v: f64| format!("{:.4}", v * 100.0);
+    for (name, v) in [("init", c.init), ("pretrain", c.pretrained)] {
+        let _ = write!(s, "{name},{}", pct(v));
+        if raw {
+            let _ = write!(s, ",{}", pct(v));
+        }
+        s.push('\n');
+    }
+    for (i, v) in c.after.iter().enumerate() {
+        let _ = write!(s, "{},{}", i + 1, pct(*v));
+        if let Some(r) = c.after_raw.get(i).filter(|_| raw) {
+            let _ = write!(s, ",{}", pct(*r));
+        }
+        s.push('\n');
+    }
+    Some(s)
 }
 
 /// Write every result file of `outcome` into the run's staging folder.
@@ -450,6 +528,9 @@ pub fn write_results(
     dir.write("accuracy_matrix.csv", outcome.matrix.to_csv().as_bytes())?;
     if let Some(raw) = &outcome.raw {
         dir.write("accuracy_matrix_raw.csv", raw.to_csv().as_bytes())?;
+    }
+    if let Some(control) = control_csv(outcome) {
+        dir.write("control.csv", control.as_bytes())?;
     }
     dir.write("metrics.csv", metrics_csv(outcome).as_bytes())?;
     dir.write("train_log.csv", train_log_csv(outcome).as_bytes())?;

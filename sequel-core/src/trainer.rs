@@ -10,17 +10,18 @@ use crate::algorithm::{Algorithm, EvalCtx, StepCtx, TaskCtx};
 use crate::checkpoint::{self, Checkpoint, Meta, FORMAT_VERSION};
 use crate::config::{EvaluateWith, ExperimentConfig};
 use crate::consolidation::{
-    apply, Anchor, Consolidation, ConsolidationCtx, ContinueFrom, Evaluate, TaskVector,
+    apply, selection_score, Anchor, Consolidation, ConsolidationCtx, ContinueFrom, Evaluate,
+    TaskVector,
 };
-use crate::data::{Batch, GatherBuf, SampleRef, TaskStream};
+use crate::data::{Batch, GatherBuf, SampleRef, Split, TaskStream};
 use crate::error::{Error, Result};
 use crate::metrics::{peak_rss_mb, AccuracyMatrix};
 use crate::model::{Model, ModelOutput, Snapshot};
 use crate::optim::{build_optimizer, LrSchedule, Optimizer};
-use crate::outcome::{LogRow, Results, RunOutcome, TaskTimes};
+use crate::outcome::{Control, LogRow, Results, RunOutcome, TaskTimes};
 use crate::rng::{SeededRng, Stream};
 use crate::state::{put_prefixed, take_prefixed, StateDict, StateIo};
-use crate::step::{finite_loss, optimize_with};
+use crate::step::{finite_loss, optimize, optimize_with};
 
 /// Receives progress events; every method has a no-op default.
 pub trait Progress {
@@ -63,6 +64,15 @@ pub struct Trainer {
     pub interrupt: Option<Arc<AtomicBool>>,
 }
 
+/// The weights a consolidation of one task works with.
+struct Weights<'a> {
+    initial: &'a Snapshot,
+    previous: &'a Snapshot,
+    trained: &'a Snapshot,
+    anchor: &'a Snapshot,
+    kind: Anchor,
+}
+
 /// The two weight sets after a task's consolidation.
 struct Consolidated {
     trained: Snapshot,
@@ -102,6 +112,11 @@ impl Trainer {
         }
     }
 
+    /// `training.mode: independent`: every task fine-tunes θ₀ alone.
+    fn independent(&self) -> bool {
+        self.cfg.training.mode == crate::config::TrainingMode::Independent
+    }
+
     /// The algorithm as its concrete type (tests and tools inspect it after a run).
     pub fn algorithm<A: Algorithm>(&self) -> Option<&A> {
         (self.algorithm.as_ref() as &dyn std::any::Any).downcast_ref::<A>()
@@ -135,9 +150,11 @@ impl Trainer {
             },
             None => self.start()?,
         };
-        for t in outcome.matrix.rows.len()..self.stream.len() {
-            let step = self.stop_before(t).map_or_else(
-                || self.task(t, progress, &mut outcome.results),
+        // With a pre-training task (`benchmark.base_classes`), stream index `t` is row `t − 1`.
+        let first = self.stream.first();
+        for r in outcome.matrix.rows.len()..self.stream.len() - first {
+            let step = self.stop_before(r).map_or_else(
+                || self.task(r + first, progress, &mut outcome.results),
                 |stop| Err(Error::Stopped(stop)),
             );
             match step {
@@ -172,21 +189,31 @@ impl Trainer {
         (t > 0 && asked).then(|| format!("interrupted after task {t}; its checkpoint is intact"))
     }
 
-    /// Train task `t`, consolidate, evaluate, and append the task's rows and times to `results`.
+    /// Train task `t` (a stream index), consolidate, evaluate, and append the task's rows and
+    /// times to `results`.
     fn task(&mut self, t: usize, progress: &mut dyn Progress, results: &mut Results) -> Result<()> {
+        let r = t - self.stream.first();
         let start = Instant::now();
         let steps = self.train_task(t, progress, &mut results.log)?;
         // The loss is checked before each step; the weights after the last one are not, and
         // NaN logits would be scored as "class 0" by argmax.
         if !self.weights_finite()? {
-            return Err(Error::NonFiniteWeights { task: t + 1 });
+            return Err(Error::NonFiniteWeights { task: r + 1 });
         }
         let consolidated = match self.initial.clone() {
             Some(initial) => {
                 let previous = self.previous.clone();
-                let c = self.consolidate(t, &initial, previous.as_ref())?;
+                let (c, chosen) = self.consolidate(r, &initial, previous.as_ref())?;
                 if !snapshot_finite(&c.consolidated)? {
-                    return Err(Error::NonFiniteWeights { task: t + 1 });
+                    return Err(Error::NonFiniteWeights { task: r + 1 });
+                }
+                if let Some(v) = chosen {
+                    results.chosen.push(f64::from(v));
+                    results.chosen_key = self
+                        .consolidation
+                        .as_ref()
+                        .and_then(|c| c.strategy.auto_coefficient())
+                        .map(|a| a.key);
                 }
                 Some(c)
             }
@@ -219,27 +246,37 @@ impl Trainer {
             peak_rss_mb: peak_rss_mb(),
         };
         tracing::info!(
-            task = t + 1,
+            task = r + 1,
             train_s,
             eval_s = times.eval_s,
             "task finished"
         );
-        self.save_weights(t)?;
+        self.save_weights(r)?;
         if let Some(fast) = fast {
             self.model.params().restore(&fast)?;
         }
         if let (Some(c), Some(cons)) = (consolidated, &self.consolidation) {
-            let from = match cons.wiring.continue_from {
-                ContinueFrom::Consolidated => &c.consolidated,
-                ContinueFrom::Trained => &c.trained,
+            let from = match (cons.wiring.continue_from, &self.initial) {
+                // `training.mode: independent`: every task starts from θ₀.
+                (_, Some(initial)) if self.independent() => initial,
+                (ContinueFrom::Consolidated, _) => &c.consolidated,
+                (ContinueFrom::Trained, _) => &c.trained,
             };
             self.model.params().restore(from)?;
             self.previous = Some(c.consolidated);
         }
-        progress.task_end(t, &row, &times);
+        let (row, control) = self.split_row(row);
+        progress.task_end(r, &row, &times);
         results.matrix.rows.push(row);
-        if let (Some(raw), Some(r)) = (results.raw.as_mut(), raw_row) {
-            raw.rows.push(r);
+        if let (Some(c), Some(acc)) = (results.control.as_mut(), control) {
+            c.after.push(acc);
+        }
+        if let (Some(raw), Some(raw_row)) = (results.raw.as_mut(), raw_row) {
+            let (raw_row, control) = self.split_row(raw_row);
+            raw.rows.push(raw_row);
+            if let (Some(c), Some(acc)) = (results.control.as_mut(), control) {
+                c.after_raw.push(acc);
+            }
         }
         results.times.push(times);
         Ok(())
@@ -267,17 +304,31 @@ impl Trainer {
         Ok(Some(fast))
     }
 
-    /// Evaluate the untrained model and set up what a fresh run needs.
+    /// A row over every task of the stream split into the stream's tasks and the control
+    /// task's accuracy (`None` without a pre-training task).
+    fn split_row(&self, mut row: Vec<f64>) -> (Vec<f64>, Option<f64>) {
+        if self.stream.control {
+            let control = row.remove(0);
+            (row, Some(control))
+        } else {
+            (row, None)
+        }
+    }
+
+    /// Evaluate the untrained model, pre-train it (with `benchmark.base_classes`), and set up
+    /// what a fresh run needs. With a pre-training task the stream's `init` row is the
+    /// pre-trained model's, and so is θ₀ of a consolidator.
     fn start(&mut self) -> Result<RunOutcome> {
-        let n_tasks = self.stream.len();
+        let first = self.stream.first();
         let t0 = Instant::now();
-        let init = self.evaluate_all()?;
+        let row = self.evaluate_all()?;
+        let (init, control_init) = self.split_row(row);
         let mut outcome = RunOutcome {
             results: Results {
                 matrix: AccuracyMatrix {
                     init,
                     rows: Vec::new(),
-                    counts: (0..n_tasks)
+                    counts: (first..self.stream.len())
                         .map(|j| self.stream.eval_indices(j).0.len())
                         .collect(),
                 },
@@ -285,15 +336,107 @@ impl Trainer {
                 times: Vec::new(),
                 init_eval_s: t0.elapsed().as_secs_f64(),
                 log: Vec::new(),
+                control: None,
+                chosen: Vec::new(),
+                chosen_key: None,
+                independent: self.independent(),
             },
             failure: None,
         };
+        if let Some(control_init) = control_init {
+            let t1 = Instant::now();
+            let steps = self.pretrain(&mut outcome.log)?;
+            let train_s = t1.elapsed().as_secs_f64();
+            if !self.weights_finite()? {
+                return Err(Error::NonFiniteWeights { task: 0 });
+            }
+            let t2 = Instant::now();
+            let row = self.evaluate_all()?;
+            let (init, pretrained) = self.split_row(row);
+            outcome.init_eval_s += t2.elapsed().as_secs_f64();
+            outcome.matrix.init = init;
+            outcome.control = Some(Control {
+                init: control_init,
+                pretrained: pretrained.unwrap_or_default(),
+                after: Vec::new(),
+                after_raw: Vec::new(),
+                count: self.stream.eval_indices(0).0.len(),
+                train_s,
+                steps,
+            });
+        }
         if self.consolidation.is_some() {
             outcome.raw = Some(outcome.matrix.clone());
             // θ₀ is only needed by a consolidator.
             self.initial = Some(self.model.params().snapshot()?);
+            if self.stream.control {
+                // The pre-trained model is θ̄_0: the first stream task is consolidated too.
+                self.previous = self.initial.clone();
+            }
         }
         Ok(outcome)
+    }
+
+    /// Train the pre-training task (stream index 0 with `benchmark.base_classes`) with the plain
+    /// step: cross-entropy on its own samples, no algorithm hook, no memory, the optimizer reset
+    /// before and after. Its log rows are task 0. Returns the number of optimizer steps.
+    fn pretrain(&mut self, log: &mut Vec<LogRow>) -> Result<usize> {
+        self.optimizer.reset();
+        let mut order = crate::algorithm::task_samples(&self.stream, 0);
+        let bs = self.cfg.training.batch_size;
+        let epochs = self
+            .cfg
+            .benchmark
+            .base_epochs
+            .unwrap_or(self.cfg.training.epochs);
+        let total = order.len().div_ceil(bs) * epochs;
+        tracing::info!(samples = order.len(), steps = total, "pre-training started");
+        let mut buf = GatherBuf::default();
+        let log_every = self.cfg.training.log_every;
+        let mut forwarded = vec![false; self.stream.len()];
+        forwarded[0] = true;
+        let mut step = 0;
+        for epoch in 0..epochs {
+            self.data_rng.shuffle(&mut order);
+            for chunk in order.chunks(bs) {
+                if self
+                    .interrupt
+                    .as_ref()
+                    .is_some_and(|f| f.load(Ordering::Relaxed))
+                {
+                    return Err(Error::Stopped(
+                        "interrupted during pre-training; nothing was checkpointed".into(),
+                    ));
+                }
+                let lr = self.schedule.lr(epoch, step, total);
+                self.optimizer.set_learning_rate(lr);
+                let batch = self.stream.gather_train(chunk, &mut buf, &self.device)?;
+                let out = self.model.forward(&batch.x, true)?;
+                let loss = crate::loss::task_loss(&out.logits, &batch, &self.stream)?;
+                let value = finite_loss(&loss, (0, epoch + 1, step + 1))?;
+                optimize(
+                    &loss,
+                    self.model.as_ref(),
+                    &self.stream,
+                    &forwarded,
+                    self.cfg.training.clip_grad_norm,
+                    self.optimizer.as_mut(),
+                    |_| Ok(()),
+                )?;
+                if log_every > 0 && step % log_every == 0 {
+                    log.push(LogRow {
+                        task: 0,
+                        epoch: epoch + 1,
+                        step: step + 1,
+                        loss: value,
+                        batch_acc: self.batch_accuracy(&out.logits, &batch)?,
+                        lr,
+                    });
+                }
+                step += 1;
+            }
+        }
+        Ok(step)
     }
 
     /// Write the full state after a task (see [`crate::checkpoint`]). Without a checkpoint
@@ -433,57 +576,172 @@ impl Trainer {
         Ok(())
     }
 
-    /// Run the consolidator on the trained weights of task `t` (held by the model). `previous` is
-    /// θ̄_{t−1}, `None` before the first task.
+    /// Run the consolidator on the trained weights of stream task `r` (0-based row, held by the
+    /// model). `previous` is θ̄_{r−1}, `None` before the first task. With an automatic
+    /// coefficient, returns the value chosen on validation data too.
     fn consolidate(
         &mut self,
-        t: usize,
+        r: usize,
         initial: &Snapshot,
         previous: Option<&Snapshot>,
-    ) -> Result<Consolidated> {
+    ) -> Result<(Consolidated, Option<f32>)> {
+        let Some(cons) = self.consolidation.as_ref() else {
+            return Err(Error::msg("consolidate called without a consolidator"));
+        };
+        let anchor_kind = cons.wiring.anchor;
+        let keeps = anchor_kind == Anchor::Initial && cons.strategy.keeps_task_vectors();
+        let auto = cons.strategy.auto_coefficient();
+        let trained = self.model.params().snapshot()?;
+        // θ̄_0: θ₀ with `initial`; with `previous` there is no model before task 1 worth pulling
+        // towards (θ₀ is an untrained initialisation), so task 1 is its own anchor (with a
+        // pre-training task, `previous` is the pre-trained model from the start).
+        let previous = match (previous, anchor_kind) {
+            (Some(p), _) => p.clone(),
+            (None, Anchor::Initial) => initial.clone(),
+            (None, Anchor::Previous) => trained.clone(),
+        };
+        let anchor = match anchor_kind {
+            Anchor::Initial => initial.clone(),
+            Anchor::Previous => previous.clone(),
+        };
+        let tau = TaskVector::between(self.model.params(), &anchor, &trained)?;
+        // Taken out of `self` while in use, so that candidates can be evaluated.
+        let mut vectors = if keeps {
+            std::mem::take(&mut self.task_vectors)
+        } else {
+            Vec::new()
+        };
+        vectors.push(tau);
+        let w = Weights {
+            initial,
+            previous: &previous,
+            trained: &trained,
+            anchor: &anchor,
+            kind: anchor_kind,
+        };
+        let chosen = match auto {
+            Some(auto) => Some(self.choose(r, &auto.grid, &w, &vectors)?),
+            None => None,
+        };
+        let mut rng = std::mem::replace(
+            &mut self.consolidation_rng,
+            SeededRng::new(0, Stream::Consolidation),
+        );
+        let consolidated = self.merge(r, chosen, &w, &vectors, &mut rng);
+        self.consolidation_rng = rng;
+        if keeps {
+            self.task_vectors = vectors;
+        }
+        Ok((
+            Consolidated {
+                trained,
+                consolidated: consolidated?,
+            },
+            chosen,
+        ))
+    }
+
+    /// The consolidated weights of stream task `r` with the strategy's coefficient set to
+    /// `value` (if given), drawing from `rng`.
+    fn merge(
+        &mut self,
+        r: usize,
+        value: Option<f32>,
+        w: &Weights,
+        vectors: &[TaskVector],
+        rng: &mut SeededRng,
+    ) -> Result<Snapshot> {
         let Some(cons) = self.consolidation.as_mut() else {
             return Err(Error::msg("consolidate called without a consolidator"));
         };
+        if let Some(v) = value {
+            cons.strategy.set_coefficient(v);
+        }
         let params = self.model.params();
-        let trained = params.snapshot()?;
-        let anchor_kind = cons.wiring.anchor;
-        // θ̄_0: θ₀ with `initial`; with `previous` there is no model before task 1 worth pulling
-        // towards (θ₀ is an untrained initialisation), so task 1 is its own anchor.
-        let previous = match (previous, anchor_kind) {
-            (Some(p), _) => p,
-            (None, Anchor::Initial) => initial,
-            (None, Anchor::Previous) => &trained,
-        };
-        let anchor = match anchor_kind {
-            Anchor::Initial => initial,
-            Anchor::Previous => previous,
-        };
-        let tau = TaskVector::between(params, anchor, &trained)?;
-        let current_only;
-        let vectors: &[TaskVector] =
-            if anchor_kind == Anchor::Initial && cons.strategy.keeps_task_vectors() {
-                self.task_vectors.push(tau);
-                &self.task_vectors
-            } else {
-                current_only = [tau];
-                &current_only
-            };
         let current = vectors.last().ok_or_else(|| Error::msg("no task vector"))?;
         let merged = cons.strategy.consolidate(&mut ConsolidationCtx {
-            task: t,
+            task: r,
             params,
-            initial,
-            previous,
-            trained: &trained,
-            anchor: anchor_kind,
+            initial: w.initial,
+            previous: w.previous,
+            trained: w.trained,
+            anchor: w.kind,
             task_vectors: vectors,
-            rng: &mut self.consolidation_rng,
+            rng,
         })?;
-        let consolidated = apply(params, anchor, &trained, current, &merged)?;
-        Ok(Consolidated {
-            trained,
-            consolidated,
-        })
+        apply(params, w.anchor, w.trained, current, &merged)
+    }
+
+    /// Choose the strategy's automatic coefficient for stream task `r` on validation data by the
+    /// LiNeS rule ([`selection_score`]): the target is task `r`, normalised by the trained
+    /// weights' accuracy; the control tasks are the pre-training task if there is one, else the
+    /// earlier stream tasks, normalised by the anchor weights' accuracy. Every candidate draws
+    /// from a copy of the consolidation stream, so the search shifts no random draw. The model
+    /// holds the trained weights again afterwards.
+    fn choose(
+        &mut self,
+        r: usize,
+        grid: &[f32],
+        w: &Weights,
+        vectors: &[TaskVector],
+    ) -> Result<f32> {
+        let first = self.stream.first();
+        let target = r + first;
+        let controls: Vec<usize> = if self.stream.control {
+            vec![0]
+        } else {
+            (first..target).collect()
+        };
+        let mut tasks = vec![target];
+        tasks.extend(&controls);
+        let target_ref = self.valid_accuracies(&[target])?[0];
+        self.model.params().restore(w.anchor)?;
+        let control_ref = self.valid_accuracies(&controls)?;
+        let mut best: Option<(f32, f64)> = None;
+        for &v in grid {
+            let mut rng = SeededRng::from(self.consolidation_rng.state());
+            let candidate = self.merge(r, Some(v), w, vectors, &mut rng)?;
+            self.model.params().restore(&candidate)?;
+            let acc = self.valid_accuracies(&tasks)?;
+            let control: Vec<(f64, f64)> = acc[1..]
+                .iter()
+                .copied()
+                .zip(control_ref.iter().copied())
+                .collect();
+            let score = selection_score(acc[0], target_ref, &control);
+            if best.is_none_or(|(_, s)| score >= s) {
+                best = Some((v, score));
+            }
+        }
+        self.model.params().restore(w.trained)?;
+        best.map(|(v, _)| v)
+            .ok_or_else(|| Error::msg("the automatic coefficient's grid is empty"))
+    }
+
+    /// Accuracy of the model's current weights on the validation split of each task in `tasks`.
+    fn valid_accuracies(&mut self, tasks: &[usize]) -> Result<Vec<f64>> {
+        let ctx = EvalCtx {
+            stream: &self.stream,
+            model: self.model.as_ref(),
+            device: &self.device,
+        };
+        self.algorithm.before_eval(&ctx)?;
+        let accs = tasks
+            .iter()
+            .map(|&j| {
+                let refs: Vec<SampleRef> = self.stream.tasks[j]
+                    .valid
+                    .iter()
+                    .map(|&index| SampleRef {
+                        task: j as u32,
+                        index,
+                    })
+                    .collect();
+                self.evaluate_refs(j, &refs, Split::Train)
+            })
+            .collect();
+        self.algorithm.after_eval(&ctx)?;
+        accs
     }
 
     fn weights_finite(&self) -> Result<bool> {
@@ -523,13 +781,16 @@ impl Trainer {
         let bs = self.cfg.training.batch_size;
         let epochs = self.cfg.training.epochs;
         let total = order.len().div_ceil(bs) * epochs;
+        // Tasks are numbered within the stream (the pre-training task is task 0).
+        let first = self.stream.first();
+        let number = t + 1 - first;
         tracing::info!(
-            task = t + 1,
+            task = number,
             samples = order.len(),
             steps = total,
             "task started"
         );
-        progress.task_start(t, self.stream.len(), total);
+        progress.task_start(t - first, self.stream.len() - first, total);
         let mut buf = GatherBuf::default();
         let log_every = self.cfg.training.log_every;
         let mut step = 0;
@@ -542,8 +803,7 @@ impl Trainer {
                     .is_some_and(|f| f.load(Ordering::Relaxed))
                 {
                     return Err(Error::Stopped(format!(
-                        "interrupted during task {}; the checkpoint of the last finished task is intact",
-                        t + 1
+                        "interrupted during task {number}; the checkpoint of the last finished task is intact"
                     )));
                 }
                 let lr = self.schedule.lr(epoch, step, total);
@@ -552,7 +812,7 @@ impl Trainer {
                 let (value, out) = self.step(t, epoch, step, &batch)?;
                 if log_every > 0 && step % log_every == 0 {
                     log.push(LogRow {
-                        task: t + 1,
+                        task: number,
                         epoch: epoch + 1,
                         step: step + 1,
                         loss: value,
@@ -571,8 +831,14 @@ impl Trainer {
     /// Start task `t`: reset the optimizer if asked, run the algorithm's `before_task` (and create
     /// its memory); returns the samples to train on.
     pub fn begin_task(&mut self, t: usize) -> Result<Vec<SampleRef>> {
-        if t == 0 || self.cfg.optimizer.reset_each_task {
+        if t <= self.stream.first() || self.cfg.optimizer.reset_each_task || self.independent() {
             self.optimizer.reset();
+        }
+        if self.independent() && t > self.stream.first() {
+            // Each later task's order from its own stream, so that a task trains exactly as it
+            // would after any other first task; the first keeps the run's stream, as fine-tuning
+            // on it alone would.
+            self.data_rng = SeededRng::derived(self.cfg.seed, Stream::DataOrder, t as u64);
         }
         let mut ctx = TaskCtx {
             task: t,
@@ -617,7 +883,7 @@ impl Trainer {
                  received to StepCtx::forward",
             )
         })?;
-        let value = finite_loss(&loss, (t + 1, epoch + 1, step + 1))?;
+        let value = finite_loss(&loss, (t + 1 - self.stream.first(), epoch + 1, step + 1))?;
         let forwarded = ctx.forwarded_tasks().to_vec();
         let own = self.algorithm.own_params().cloned();
         let algorithm = &mut self.algorithm;
@@ -670,6 +936,11 @@ impl Trainer {
     /// Accuracy on task `j`'s evaluation split (after [`Algorithm::before_eval`]).
     fn evaluate(&self, j: usize) -> Result<f64> {
         let (refs, split) = self.stream.eval_refs(j);
+        self.evaluate_refs(j, &refs, split)
+    }
+
+    /// Accuracy on samples `refs` of task `j` in `split` (after [`Algorithm::before_eval`]).
+    fn evaluate_refs(&self, j: usize, refs: &[SampleRef], split: Split) -> Result<f64> {
         if refs.is_empty() {
             return Ok(0.0);
         }

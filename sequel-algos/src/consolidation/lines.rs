@@ -53,19 +53,40 @@ pub enum AlphaRule {
     Norm,
 }
 
+/// `gamma:` / `beta:` a number, or `auto`: chosen on validation data after every task from the
+/// grid {0, 0.1, …, 1} by the paper's rule (see [`sequel_core::consolidation::selection_score`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged, expecting = "a number or `auto`")]
+pub enum Coef {
+    Value(f32),
+    Rule(AutoRule),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AutoRule {
+    Auto,
+}
+
+/// The grid of `auto`: {0, 0.1, …, 1} (LiNeS paper, single-task γ).
+pub fn auto_grid() -> Vec<f32> {
+    (0..=10).map(|i| i as f32 / 10.0).collect()
+}
+
 /// LiNeS parameters: `gamma` alone (single-task form), or `beta` with an optional `alpha`
-/// (default `norm`). No default γ: the paper selects it on validation data.
+/// (default `norm`). No default γ: the paper selects it on validation data (`auto`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinesConfig {
-    /// Single-task form: α = γ, β = 1 − γ.
+    /// Single-task form: α = γ, β = 1 − γ; `auto` chooses γ on validation data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gamma: Option<f32>,
+    pub gamma: Option<Coef>,
     /// A number, or `norm` (default when `beta` is given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alpha: Option<Alpha>,
+    /// A number, or `auto` (chosen on validation data).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub beta: Option<f32>,
+    pub beta: Option<Coef>,
     /// `deepest` (default), `keep` or `body`.
     #[serde(default)]
     pub head: HeadPolicy,
@@ -77,6 +98,15 @@ pub struct Lines {
     pub alpha: Alpha,
     pub beta: f32,
     pub head: HeadPolicy,
+    /// Which coefficient `auto` chooses, if any (its value is set by [`Lines::set`]).
+    pub auto: Option<Auto>,
+}
+
+/// The coefficient a LiNeS config leaves to validation data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auto {
+    Gamma,
+    Beta,
 }
 
 /// λ(ℓ) = α + β·(ℓ − 1)/(L − 1); α + β when L ≤ 1.
@@ -101,10 +131,19 @@ impl Lines {
                 ))
             }
         };
+        let mut auto = None;
+        // `auto` starts at 1 (γ: the identity); the trainer sets the chosen value before use.
+        let mut value = |key: &str, c: Coef, which: Auto| match c {
+            Coef::Value(v) => finite(key, v),
+            Coef::Rule(AutoRule::Auto) => {
+                auto = Some(which);
+                Ok(1.0)
+            }
+        };
         let (alpha, beta) =
             match (c.gamma, c.alpha, c.beta) {
                 (Some(g), None, None) => {
-                    let g = finite("gamma", g)?;
+                    let g = value("gamma", g, Auto::Gamma)?;
                     (Alpha::Value(g), 1.0 - g)
                 }
                 (Some(_), _, _) => {
@@ -118,7 +157,7 @@ impl Lines {
                     if let Alpha::Value(a) = alpha {
                         finite("alpha", a)?;
                     }
-                    (alpha, finite("beta", b)?)
+                    (alpha, value("beta", b, Auto::Beta)?)
                 }
                 (None, _, None) => return Err(bad(
                     path,
@@ -131,7 +170,20 @@ impl Lines {
             alpha,
             beta,
             head: c.head,
+            auto,
         })
+    }
+
+    /// Set the coefficient `auto` chooses: γ (α = γ, β = 1 − γ) or β.
+    pub fn set(&mut self, value: f32) {
+        match self.auto {
+            Some(Auto::Gamma) => {
+                self.alpha = Alpha::Value(value);
+                self.beta = 1.0 - value;
+            }
+            Some(Auto::Beta) => self.beta = value,
+            None => {}
+        }
     }
 
     /// α for a merged vector `merged` of the task vectors `vectors`.
@@ -221,7 +273,7 @@ mod tests {
 
     fn cfg(gamma: f32) -> LinesConfig {
         LinesConfig {
-            gamma: Some(gamma),
+            gamma: Some(Coef::Value(gamma)),
             ..Default::default()
         }
     }
@@ -262,7 +314,7 @@ mod tests {
         let at = |head, gamma: f32| {
             let l = Lines::new(
                 LinesConfig {
-                    gamma: Some(gamma),
+                    gamma: Some(Coef::Value(gamma)),
                     head,
                     ..Default::default()
                 },
@@ -285,7 +337,7 @@ mod tests {
         let l = Lines::new(
             LinesConfig {
                 alpha: Some(Alpha::Value(0.1)),
-                beta: Some(0.5),
+                beta: Some(Coef::Value(0.5)),
                 head: HeadPolicy::Keep,
                 ..Default::default()
             },
@@ -312,7 +364,7 @@ mod tests {
     fn norm_rule_gives_one_over_t_for_a_plain_sum() {
         let l = Lines::new(
             LinesConfig {
-                beta: Some(0.5),
+                beta: Some(Coef::Value(0.5)),
                 ..Default::default()
             },
             "c",
@@ -333,8 +385,8 @@ mod tests {
     fn config_needs_gamma_or_beta_and_not_both() {
         assert!(Lines::new(LinesConfig::default(), "c").is_err());
         let both = LinesConfig {
-            gamma: Some(0.5),
-            beta: Some(0.5),
+            gamma: Some(Coef::Value(0.5)),
+            beta: Some(Coef::Value(0.5)),
             ..Default::default()
         };
         assert!(Lines::new(both, "c").is_err());

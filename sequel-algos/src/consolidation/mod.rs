@@ -14,7 +14,7 @@ pub mod magmax;
 pub mod task_arithmetic;
 pub mod ties;
 
-use sequel_core::consolidation::{ConsolidationCtx, TaskVector, Wiring};
+use sequel_core::consolidation::{AutoCoefficient, ConsolidationCtx, TaskVector, Wiring};
 use sequel_core::{Consolidator, Error, Result};
 
 pub use lines::{HeadPolicy, Lines, LinesConfig};
@@ -59,6 +59,22 @@ impl<M: Merge> Consolidator for Scaled<M> {
     }
     fn keeps_task_vectors(&self) -> bool {
         self.merge.keeps_task_vectors()
+    }
+    fn auto_coefficient(&self) -> Option<AutoCoefficient> {
+        let auto = self.lines.as_ref()?.auto?;
+        let key = match auto {
+            lines::Auto::Gamma => "gamma_auto",
+            lines::Auto::Beta => "beta_auto",
+        };
+        Some(AutoCoefficient {
+            key: key.into(),
+            grid: lines::auto_grid(),
+        })
+    }
+    fn set_coefficient(&mut self, value: f32) {
+        if let Some(l) = self.lines.as_mut() {
+            l.set(value);
+        }
     }
     fn consolidate(&mut self, ctx: &mut ConsolidationCtx) -> Result<TaskVector> {
         let mut tau = self.merge.merge(ctx)?;

@@ -180,6 +180,9 @@ pub struct TaskStream {
     pub scenario: Scenario,
     pub task_il_head: TaskIlHead,
     pub tasks: Vec<Task>,
+    /// Whether `tasks[0]` is the pre-training task of `benchmark.base_classes`: trained before
+    /// the stream with the plain step and evaluated after every stream task as a control task.
+    pub control: bool,
     /// Number of output units the model needs.
     pub num_units: usize,
     /// Where each dataset label goes within its task's block of units.
@@ -232,6 +235,16 @@ impl TaskStream {
                     }
                     o
                 };
+                // With `base_classes: n`, the first n classes form the pre-training (control)
+                // task 0 and the stream's `tasks` tasks share the rest.
+                let base = cfg.base_classes.unwrap_or(0);
+                if base > 0 && base >= order.len() {
+                    return Err(bad(format!(
+                        "benchmark.base_classes: {base} base classes leave none of the {} classes of {} for the stream; lower benchmark.base_classes",
+                        order.len(), dataset.name
+                    )));
+                }
+                let (head, order) = order.split_at(base);
                 let k = match cfg.classes_per_task {
                     Some(k) => {
                         if k == 0 || k * t > order.len() {
@@ -248,9 +261,14 @@ impl TaskStream {
                                 .filter(|d| order.len() % d == 0)
                                 .map(|d| d.to_string())
                                 .collect();
+                            let of = if base > 0 {
+                                format!("{} classes left after benchmark.base_classes", order.len())
+                            } else {
+                                format!("{} classes", order.len())
+                            };
                             return Err(bad(format!(
-                                "benchmark.tasks: {t} tasks do not divide the {} classes of {}; use one of {} or set benchmark.classes_per_task",
-                                order.len(), dataset.name, divisors.join(", ")
+                                "benchmark.tasks: {t} tasks do not divide the {of} of {}; use one of {} or set benchmark.classes_per_task",
+                                dataset.name, divisors.join(", ")
                             )));
                         }
                         order.len() / t
@@ -258,16 +276,27 @@ impl TaskStream {
                 };
                 let mut unit_of_class = vec![u16::MAX; nc];
                 let domain = cfg.scenario == Scenario::DomainIl;
-                for (pos, &cls) in order.iter().enumerate().take(t * k) {
+                for (pos, &cls) in head.iter().chain(order).enumerate().take(base + t * k) {
                     unit_of_class[cls as usize] =
                         if domain { (pos % k) as u16 } else { pos as u16 };
                 }
-                let classes: Vec<Vec<u16>> =
-                    (0..t).map(|i| order[i * k..(i + 1) * k].to_vec()).collect();
-                let ranges: Vec<Range<usize>> = (0..t)
-                    .map(|i| if domain { 0..k } else { i * k..(i + 1) * k })
+                let base_task = (base > 0).then(|| head.to_vec());
+                let classes: Vec<Vec<u16>> = base_task
+                    .into_iter()
+                    .chain((0..t).map(|i| order[i * k..(i + 1) * k].to_vec()))
                     .collect();
-                let units = if domain { k } else { t * k };
+                let base_range = (base > 0).then_some(0..base);
+                let ranges: Vec<Range<usize>> = base_range
+                    .into_iter()
+                    .chain((0..t).map(|i| {
+                        if domain {
+                            0..k
+                        } else {
+                            base + i * k..base + (i + 1) * k
+                        }
+                    }))
+                    .collect();
+                let units = if domain { k } else { base + t * k };
                 (classes, unit_of_class, ranges, units)
             }
             StreamKind::Permuted | StreamKind::Rotated => {
@@ -287,7 +316,7 @@ impl TaskStream {
 
         // Transforms.
         let transforms: Vec<Transform> = match kind {
-            StreamKind::Split => vec![Transform::Identity; t],
+            StreamKind::Split => vec![Transform::Identity; task_classes.len()],
             StreamKind::Permuted => (0..t)
                 .map(|i| {
                     if i == 0 && !cfg.permute_first_task {
@@ -415,6 +444,7 @@ impl TaskStream {
         Ok(Self {
             dataset,
             kind,
+            control: cfg.base_classes.is_some_and(|n| n > 0),
             scenario: cfg.scenario,
             task_il_head: cfg.task_il_head,
             tasks,
@@ -461,6 +491,12 @@ impl TaskStream {
 
     pub fn len(&self) -> usize {
         self.tasks.len()
+    }
+
+    /// Index of the stream's first task: 1 when `tasks[0]` is the pre-training (control) task,
+    /// else 0.
+    pub fn first(&self) -> usize {
+        usize::from(self.control)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -1,0 +1,159 @@
+//! LiNeS `gamma: auto`: the trainer picks γ from {0, 0.1, …, 1} on the validation split by the
+//! paper's rule, 2·target_norm + control_norm; checked against the same rule computed here from
+//! runs with each γ fixed.
+
+use std::path::Path;
+
+use candle_core::D;
+use sequel_algos::run::{execute, prepare};
+use sequel_algos::Registry;
+use sequel_core::data::{GatherBuf, SampleRef, Split};
+use sequel_core::trainer::{Silent, Trainer};
+
+/// fmnist-mini: 4 base classes (the control task), then 2 stream tasks of 3 classes; 20 % of
+/// each task's training samples held out for validation.
+fn config(out: &Path, consolidation: &str) -> String {
+    format!(
+        "name: auto\nseed: 1\n\
+         benchmark: {{ dataset: fmnist-mini, kind: split, tasks: 2, scenario: class-il, train_subset: 80, validation_fraction: 0.2, base_classes: 4, base_epochs: 3 }}\n\
+         model: {{ kind: mlp, hidden: [16, 16] }}\n\
+         optimizer: {{ kind: sgd, lr: 0.1 }}\n\
+         training: {{ epochs: 2, batch_size: 10 }}\n\
+         algorithm: naive\n\
+         consolidation: {consolidation}\n\
+         output: {{ dir: {} }}\n",
+        out.display()
+    )
+}
+
+fn trainer(text: &str) -> Trainer {
+    prepare(text, "t.yaml", &[], &Registry::builtin())
+        .unwrap()
+        .trainer()
+        .unwrap()
+}
+
+/// Accuracy of the trainer's current weights on task `j`'s validation split (class-IL: argmax
+/// over every unit).
+fn valid_acc(t: &Trainer, j: usize) -> f64 {
+    let refs: Vec<SampleRef> = t.stream.tasks[j]
+        .valid
+        .iter()
+        .map(|&index| SampleRef {
+            task: j as u32,
+            index,
+        })
+        .collect();
+    assert!(!refs.is_empty());
+    let mut buf = GatherBuf::default();
+    let b = t
+        .stream
+        .gather(&refs, Split::Train, &mut buf, t.device())
+        .unwrap();
+    let out = t.model.forward(&b.x, false).unwrap();
+    let pred: Vec<u32> = out.logits.argmax(D::Minus1).unwrap().to_vec1().unwrap();
+    let ok = pred.iter().zip(&b.units).filter(|(p, y)| p == y).count();
+    ok as f64 / refs.len() as f64
+}
+
+/// (target, control) validation accuracies after stream task 1 with `consolidation`.
+fn after_task_1(text: &str, stop: usize) -> (f64, f64) {
+    let mut t = trainer(text);
+    t.stop_after_task = Some(stop);
+    t.run(&mut Silent).unwrap();
+    (valid_acc(&t, 1), valid_acc(&t, 0))
+}
+
+#[test]
+fn gamma_auto_picks_the_grid_point_of_the_papers_rule() {
+    for (seed, extra) in [(1, ""), (2, ", head: keep"), (3, ", head: body"), (4, "")] {
+        check_auto(seed, extra);
+    }
+}
+
+fn check_auto(seed: u64, extra: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = |out: &Path, c: &str| config(out, c).replace("seed: 1", &format!("seed: {seed}"));
+    let fixed = |g: f32| {
+        config(
+            tmp.path(),
+            &format!("{{ name: lines, gamma: {g}, anchor: initial{extra} }}"),
+        )
+    };
+    // References: the fine-tuned weights on the target (γ = 1 is the identity) and the
+    // pre-trained weights θ₀ on the control task.
+    let (target_ref, _) = after_task_1(&fixed(1.0), 1);
+    let (_, control_ref) = after_task_1(&fixed(1.0), 0);
+    assert!(target_ref > 0.0 && control_ref > 0.0);
+    let mut best = (f32::NAN, f64::NEG_INFINITY);
+    let mut scores = Vec::new();
+    for i in 0..=10 {
+        let g = i as f32 / 10.0;
+        let (target, control) = after_task_1(&fixed(g), 1);
+        let score = 2.0 * target / target_ref + control / control_ref;
+        scores.push((g, score));
+        if score >= best.1 {
+            best = (g, score);
+        }
+    }
+    // The choice matters here: the scores are not all equal.
+    assert!(
+        scores.iter().any(|&(_, s)| (s - best.1).abs() > 1e-9),
+        "{scores:?}"
+    );
+    let text = config(
+        tmp.path(),
+        &format!("{{ name: lines, gamma: auto, anchor: initial{extra} }}"),
+    );
+    let mut t = trainer(&text);
+    t.stop_after_task = Some(1);
+    let out = t.run(&mut Silent).unwrap();
+    assert_eq!(out.chosen.len(), 1);
+    assert_eq!(out.chosen[0] as f32, best.0, "{scores:?}");
+    // And the run continues with the chosen γ's weights.
+    let mut f = trainer(&fixed(best.0));
+    f.stop_after_task = Some(1);
+    f.run(&mut Silent).unwrap();
+    for (a, b) in t.model.params().iter().zip(f.model.params().iter()) {
+        let v = |p: &sequel_core::model::Param| {
+            p.var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert!(v(a) == v(b), "{}", a.name);
+    }
+}
+
+#[test]
+fn the_chosen_gamma_is_a_metrics_column_and_auto_needs_a_validation_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = config(tmp.path(), "{ name: lines, gamma: auto }");
+    let p = prepare(&text, "t.yaml", &[], &Registry::builtin()).unwrap();
+    let dir = execute(p, &mut Silent, None).unwrap().dir;
+    let metrics = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    let header: Vec<&str> = metrics.lines().next().unwrap().split(',').collect();
+    assert_eq!(header.last(), Some(&"gamma_auto"), "{metrics}");
+    for row in metrics.lines().skip(1) {
+        let g: f64 = row.rsplit(',').next().unwrap().parse().unwrap();
+        let on_grid = (0..=10).any(|i| (g - i as f64 / 10.0).abs() < 1e-6);
+        assert!(on_grid, "{row}");
+    }
+    // The resolved config keeps `auto`.
+    let resolved = std::fs::read_to_string(dir.join("config.yaml")).unwrap();
+    assert!(resolved.contains("gamma: auto"), "{resolved}");
+    for c in [
+        "{ name: lines, gamma: auto }",
+        "{ name: ties, lines: { beta: auto } }",
+    ] {
+        let text = config(tmp.path(), c).replace(", validation_fraction: 0.2", "");
+        let e = prepare(&text, "t.yaml", &[], &Registry::builtin())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("validation_fraction"), "{e}");
+        assert!(e.contains("consolidation."), "{e}");
+    }
+}
