@@ -100,11 +100,18 @@ pub fn build_model(
 ) -> Result<Box<dyn Model>> {
     let mut rng = SeededRng::new(seed, Stream::Init);
     Ok(match &cfg.kind {
-        ModelKind::Mlp => Box::new(mlp::Mlp::new(
+        ModelKind::Mlp => Box::new(mlp::Mlp::with_options(
             input.iter().product(),
             &cfg.hidden,
             heads,
             cfg.activation,
+            mlp::MlpOptions {
+                softplus_beta: cfg
+                    .softplus_beta
+                    .unwrap_or(crate::config::DEFAULT_SOFTPLUS_BETA),
+                learn_beta: cfg.learn_beta,
+                dwa: cfg.dwa,
+            },
             layers::Dropout::new(cfg.dropout, SeededRng::new(seed, Stream::Dropout)),
             &mut rng,
             device,
