@@ -245,6 +245,9 @@ pub struct ModelConfig {
     /// Depth-weighted averaging between the MLP's hidden blocks (DenseFormer). Absent = off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dwa: Option<DwaConfig>,
+    /// ResNet-18: γ-Lipschitz batch norms (Srinivas et al., NeurIPS 2022). Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lipschitz_bn: bool,
     /// CNN channels of its conv blocks. Default [32, 64].
     #[serde(default = "default_channels")]
     pub channels: Vec<usize>,
@@ -336,6 +339,7 @@ impl Default for ModelConfig {
             softplus_beta: None,
             learn_beta: false,
             dwa: None,
+            lipschitz_bn: false,
             channels: default_channels(),
             width: default_width(),
             options: serde_yaml::Mapping::new(),
@@ -939,6 +943,15 @@ impl ExperimentConfig {
             ("learn_beta", m.learn_beta),
             ("dwa", m.dwa.is_some()),
         ];
+        if m.lipschitz_bn && m.kind != ModelKind::Resnet18 {
+            return Err(err(
+                "model.lipschitz_bn",
+                format!(
+                    "is built for kind: resnet18 only; {} has no batch norm",
+                    m.kind.name()
+                ),
+            ));
+        }
         if let Some((key, _)) = mlp_only.iter().find(|(_, set)| *set) {
             if m.kind != ModelKind::Mlp {
                 return Err(err(
@@ -1127,7 +1140,7 @@ mod tests {
             .unwrap()
             .resolved_yaml()
             .unwrap();
-        for key in ["softplus_beta", "learn_beta", "dwa"] {
+        for key in ["softplus_beta", "learn_beta", "dwa", "lipschitz_bn"] {
             assert!(!plain.contains(key), "{plain}");
         }
         let ok = |o: &[&str]| {
@@ -1158,6 +1171,7 @@ mod tests {
             "model.activation",
         );
         bad(&["model.kind=resnet18", "model.dwa={}"], "model.dwa");
+        bad(&["model.lipschitz_bn=true"], "model.lipschitz_bn");
         bad(&["model.softplus_beta=2"], "model.softplus_beta");
         bad(
             &[

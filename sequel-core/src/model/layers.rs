@@ -180,6 +180,8 @@ pub struct BatchNorm2d {
     eps: f64,
     /// `model.freeze` on this layer: normalise with the running statistics, never update them.
     frozen: Arc<AtomicBool>,
+    /// γ-Lipschitz mode ([`BatchNorm2d::lipschitz`]): `log γ`, and `gamma` is not used.
+    log_gamma: Option<Var>,
 }
 
 impl BatchNorm2d {
@@ -219,6 +221,57 @@ impl BatchNorm2d {
             momentum: 0.1,
             eps: 1e-5,
             frozen,
+            log_gamma: None,
+        })
+    }
+
+    /// γ-Lipschitz batch normalisation (Srinivas et al., NeurIPS 2022): with the per-channel
+    /// standard deviations `σ_c` (batch or running) and `σ_min = min_c σ_c`,
+    ///
+    /// ```text
+    /// y_c = (x_c − μ_c) · (σ_min / σ_c) · min(1/σ_min, γ) + b_c
+    /// ```
+    ///
+    /// Each channel's factor `σ_min/σ_c ≤ 1` makes the normalisation 1-Lipschitz, and the one
+    /// scalar `min(1/σ_min, γ)` bounds the layer's Lipschitz constant by γ (it is plain batch
+    /// norm without per-channel scales wherever γ ≥ 1/σ_min). γ = exp(`<name>.log_gamma`),
+    /// learned, initially 1; the per-channel `weight` is not a parameter in this mode.
+    pub fn lipschitz(
+        params: &mut ParamSet,
+        name: &str,
+        depth: usize,
+        c: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let frozen = Arc::new(AtomicBool::new(false));
+        let log_gamma = init::constant(1, 0.0, device)?;
+        let beta = init::constant(c, 0.0, device)?;
+        let running_mean = init::constant(c, 0.0, device)?;
+        let running_var = init::constant(c, 1.0, device)?;
+        let tensors = [
+            ("log_gamma", Role::Body, &log_gamma),
+            ("bias", Role::Body, &beta),
+            ("running_mean", Role::NormStat, &running_mean),
+            ("running_var", Role::NormStat, &running_var),
+        ];
+        for (suffix, role, var) in tensors {
+            params.push_with_flag(
+                format!("{name}.{suffix}"),
+                depth,
+                role,
+                var.clone(),
+                frozen.clone(),
+            );
+        }
+        Ok(Self {
+            gamma: init::constant(c, 1.0, device)?,
+            beta,
+            running_mean,
+            running_var,
+            momentum: 0.1,
+            eps: 1e-5,
+            frozen,
+            log_gamma: Some(log_gamma),
         })
     }
 
@@ -237,9 +290,10 @@ impl BatchNorm2d {
                     "batch normalisation needs more than one value per channel in training; raise training.batch_size",
                 ));
             }
-            let fused = [x, self.gamma.as_tensor(), self.beta.as_tensor()]
-                .into_iter()
-                .all(kernels::supported);
+            let fused = self.log_gamma.is_none()
+                && [x, self.gamma.as_tensor(), self.beta.as_tensor()]
+                    .into_iter()
+                    .all(kernels::supported);
             let (y, mean, var) = if fused {
                 let (y, s) = kernels::batch_norm_train(
                     x,
@@ -274,7 +328,15 @@ impl BatchNorm2d {
         };
         let shape = (1, c, 1, 1);
         let inv = (var + self.eps)?.sqrt()?.recip()?;
-        let scale = (inv * self.gamma.as_tensor())?.reshape(shape)?;
+        let scale = match &self.log_gamma {
+            None => (inv * self.gamma.as_tensor())?.reshape(shape)?,
+            Some(log_gamma) => {
+                // 1/σ_min = max_c 1/σ_c; factor σ_min/σ_c · min(1/σ_min, γ).
+                let inv_min = inv.max_keepdim(0)?;
+                let k = inv_min.minimum(&log_gamma.as_tensor().exp()?)?;
+                (inv.broadcast_div(&inv_min)?.broadcast_mul(&k))?.reshape(shape)?
+            }
+        };
         let shift = mean.reshape(shape)?;
         let y = x
             .broadcast_sub(&shift)?
