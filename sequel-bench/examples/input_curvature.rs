@@ -2,7 +2,7 @@
 //! after task T, on the evaluation split of every task of its stream:
 //!
 //! ```text
-//! cargo run --release -p sequel-core --example input_curvature -- RUN_DIR [T] [h]
+//! cargo run --release -p sequel-bench --example input_curvature -- RUN_DIR [T] [h]
 //! ```
 //!
 //! RUN_DIR is a seed folder (it holds `config.yaml` and `checkpoints/task-<T>.safetensors`);
