@@ -29,18 +29,18 @@ fn main() -> sequel_core::Result<()> {
     let text = std::fs::read_to_string(&origin).map_err(|e| Error::io(&origin, e))?;
     let mut cfg = parse_config(&text, &origin.display().to_string(), &[])?;
     let tasks = cfg.benchmark.tasks;
-    let parse = |i: usize, what: &str| -> sequel_core::Result<Option<String>> {
-        Ok(args.get(i).cloned()).and_then(|a| {
-            a.map(|a| {
-                a.parse::<f64>()
-                    .map(|_| a.clone())
-                    .map_err(|_| Error::msg(format!("{what}: not a number: {a}")))
-            })
-            .transpose()
-        })
+    let t: usize = match args.get(1) {
+        Some(a) => a
+            .parse()
+            .map_err(|_| Error::msg(format!("T: not a task number: {a}")))?,
+        None => tasks,
     };
-    let t: usize = parse(1, "T")?.map_or(Ok(tasks), |a| a.parse().map_err(|_| Error::msg("T")))?;
-    let h: f64 = parse(2, "h")?.map_or(0.01, |a| a.parse().unwrap_or(0.01));
+    let h: f64 = match args.get(2) {
+        Some(a) => a
+            .parse()
+            .map_err(|_| Error::msg(format!("h: not a number: {a}")))?,
+        None => 0.01,
+    };
     cfg.model.init_from = Some(dir.join(format!("checkpoints/task-{t}.safetensors")));
     cfg.model.init_head = InitHead::Load;
     let sources = Sources::builtin();
