@@ -135,3 +135,53 @@ fn the_section_finder_finds_what_the_checks_rely_on() {
     assert!(section(text, "z").unwrap().contains("body"));
     assert!(section(text, "w").is_none());
 }
+
+/// Every key of `model:` (the optional ones set, so that they are serialised) has a row in
+/// config.md's `## model` table, and `model.dwa`'s keys a row in its `### model.dwa` section.
+#[test]
+fn config_md_documents_every_model_key() {
+    use sequel_core::config::{ActivationKind, DwaConfig, ModelConfig};
+    let text = doc("docs/config.md");
+    let start = text
+        .find("\n## model\n")
+        .expect("docs/config.md: no `## model` section");
+    let end = text[start + 1..]
+        .find("\n## ")
+        .map_or(text.len(), |e| start + 1 + e);
+    let table = &text[start..end];
+    let m = ModelConfig {
+        activation: ActivationKind::CenteredSoftplus,
+        softplus_beta: Some(5.0),
+        learn_beta: true,
+        dwa: Some(DwaConfig::default()),
+        lipschitz_bn: true,
+        init_from: Some("x".into()),
+        freeze: vec!["fc1".into()],
+        ..ModelConfig::default()
+    };
+    let v = serde_yaml::to_value(&m).unwrap();
+    for (key, _) in v.as_mapping().unwrap() {
+        let key = key.as_str().unwrap();
+        assert!(
+            table.contains(&format!("| `{key}` |")),
+            "docs/config.md, `## model`: key `{key}` is not documented"
+        );
+    }
+    assert!(table.contains("centered-softplus"));
+    let dwa = section(&text, "model.dwa").expect("docs/config.md: no `### model.dwa` section");
+    let d = serde_yaml::to_value(DwaConfig::default()).unwrap();
+    for (key, default) in d.as_mapping().unwrap() {
+        let key = key.as_str().unwrap();
+        // | Key | Type | Default | Allowed values | Meaning |
+        let row = dwa
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{key}` |")))
+            .unwrap_or_else(|| panic!("docs/config.md, model.dwa: key `{key}` not documented"));
+        let cell = row.split('|').nth(3).unwrap().trim().trim_matches('`');
+        let doc_default: Value = serde_yaml::from_str(cell).unwrap();
+        assert!(
+            same(&doc_default, default),
+            "model.dwa.{key}: {doc_default:?} vs {default:?}"
+        );
+    }
+}

@@ -220,6 +220,30 @@ fn lookahead_slow_weights_survive_a_resume() {
     }
 }
 
+/// The MLP's extension parameters (learned softplus β, DWA weights) are model tensors: a run
+/// stopped after task 2 and resumed writes the same files as an uninterrupted one.
+#[test]
+fn mlp_extension_parameters_survive_a_resume() {
+    for model in [
+        "{ kind: mlp, hidden: [16, 16, 16], activation: centered-softplus, learn_beta: true }",
+        "{ kind: mlp, hidden: [16, 16, 16], dwa: { dilation: 1, period: 1 } }",
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let text = config(tmp.path(), "{ name: er, buffer_size: 30 }", "")
+            .replace("{ kind: mlp, hidden: [16] }", model);
+        assert!(text.contains(model));
+        let full = run(&text, "full", &RunOptions::default()).unwrap();
+        stopped_after(&text, "part", 2);
+        let resumed = resume(tmp.path(), "part", &text, None).unwrap();
+        for ((name, x), (_, y)) in results(&full).iter().zip(&results(&resumed)) {
+            if name != "config.yaml" {
+                assert!(x == y, "{model}: {name} differs after resume");
+            }
+        }
+        assert_eq!(log(&full), log(&resumed), "{model}");
+    }
+}
+
 #[test]
 fn a_changed_config_is_refused_naming_the_keys() {
     let tmp = tempfile::tempdir().unwrap();

@@ -222,6 +222,9 @@ pub enum ActivationKind {
     Tanh,
     Sigmoid,
     Gelu,
+    /// `s(x) = (softplus(βx) − ln 2)/β` (Srinivas et al., NeurIPS 2022): `s(0) = 0`,
+    /// `s′(x) = σ(βx)`; β from `model.softplus_beta`, learnable with `model.learn_beta`.
+    CenteredSoftplus,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -239,6 +242,20 @@ pub struct ModelConfig {
     /// Dropout probability after each MLP hidden layer (seeded masks). Default 0.
     #[serde(default)]
     pub dropout: f32,
+    /// β of `activation: centered-softplus` (its initial value with `learn_beta`). Unset = 5,
+    /// the paper's initialisation; only read with that activation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub softplus_beta: Option<f32>,
+    /// Learn β of `centered-softplus`, one per hidden layer, parameterised as log β
+    /// (`fc<i>.log_beta`). Default false (β fixed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub learn_beta: bool,
+    /// Depth-weighted averaging between the MLP's hidden blocks (DenseFormer). Absent = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dwa: Option<DwaConfig>,
+    /// ResNet-18: γ-Lipschitz batch norms (Srinivas et al., NeurIPS 2022). Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lipschitz_bn: bool,
     /// CNN channels of its conv blocks. Default [32, 64].
     #[serde(default = "default_channels")]
     pub channels: Vec<usize>,
@@ -288,6 +305,28 @@ impl WeightInit {
     }
 }
 
+/// `model.dwa`: DenseFormer's depth-weighted averaging (Pagliardini et al., NeurIPS 2024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DwaConfig {
+    /// k: block `i`'s average takes the outputs `j ≤ i` with `j ≡ i (mod k)`. Default 1 (all).
+    pub dilation: usize,
+    /// p: an average after every p-th block only. Default 1 (every block).
+    pub period: usize,
+}
+
+impl Default for DwaConfig {
+    fn default() -> Self {
+        Self {
+            dilation: 1,
+            period: 1,
+        }
+    }
+}
+
+/// The softplus β used when `model.softplus_beta` is unset (Srinivas et al.'s initialisation).
+pub const DEFAULT_SOFTPLUS_BETA: f32 = 5.0;
+
 /// What `model.init_from` does with the file's classifier head.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -328,6 +367,10 @@ impl Default for ModelConfig {
             hidden: default_hidden(),
             activation: default_activation(),
             dropout: 0.0,
+            softplus_beta: None,
+            learn_beta: false,
+            dwa: None,
+            lipschitz_bn: false,
             channels: default_channels(),
             width: default_width(),
             options: serde_yaml::Mapping::new(),
@@ -1040,6 +1083,78 @@ impl ExperimentConfig {
                 format!("every width must be at least 1, found {:?}", m.hidden),
             ));
         }
+        let mlp_only = [
+            (
+                "activation",
+                m.activation == ActivationKind::CenteredSoftplus,
+            ),
+            ("softplus_beta", m.softplus_beta.is_some()),
+            ("learn_beta", m.learn_beta),
+            ("dwa", m.dwa.is_some()),
+        ];
+        if m.lipschitz_bn && m.kind != ModelKind::Resnet18 {
+            return Err(err(
+                "model.lipschitz_bn",
+                format!(
+                    "is built for kind: resnet18 only; {} has no batch norm",
+                    m.kind.name()
+                ),
+            ));
+        }
+        if let Some((key, _)) = mlp_only.iter().find(|(_, set)| *set) {
+            if m.kind != ModelKind::Mlp {
+                return Err(err(
+                    &format!("model.{key}"),
+                    format!(
+                        "is built for kind: mlp only; {} does not read it (docs/EXTENSIONS.md)",
+                        m.kind.name()
+                    ),
+                ));
+            }
+        }
+        if (m.softplus_beta.is_some() || m.learn_beta)
+            && m.activation != ActivationKind::CenteredSoftplus
+        {
+            let key = if m.learn_beta {
+                "learn_beta"
+            } else {
+                "softplus_beta"
+            };
+            return Err(err(
+                &format!("model.{key}"),
+                "is read with `activation: centered-softplus` only".into(),
+            ));
+        }
+        if let Some(b) = m.softplus_beta {
+            if !(b.is_finite() && b > 0.0) {
+                return Err(err(
+                    "model.softplus_beta",
+                    format!("must be a finite number > 0, found {b}"),
+                ));
+            }
+        }
+        if let Some(d) = m.dwa {
+            if d.dilation == 0 || d.period == 0 {
+                let key = if d.dilation == 0 {
+                    "dilation"
+                } else {
+                    "period"
+                };
+                return Err(err(
+                    &format!("model.dwa.{key}"),
+                    "must be at least 1".into(),
+                ));
+            }
+            if m.hidden.windows(2).any(|w| w[0] != w[1]) {
+                return Err(err(
+                    "model.dwa",
+                    format!(
+                        "averages hidden outputs, which needs equal widths; found {:?}",
+                        m.hidden
+                    ),
+                ));
+            }
+        }
         if m.kind == ModelKind::Cnn && (m.channels.is_empty() || m.channels.contains(&0)) {
             return Err(err(
                 "model.channels",
@@ -1164,6 +1279,58 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("optimizer.lr"));
+    }
+
+    /// The extension keys of the MLP: absent from a default config's YAML; refused, in one line
+    /// naming the key, on another backbone, without centered-softplus, or out of range.
+    #[test]
+    fn mlp_extension_keys_are_checked_and_absent_by_default() {
+        let plain = parse_config(MIN, "x", &[])
+            .unwrap()
+            .resolved_yaml()
+            .unwrap();
+        for key in ["softplus_beta", "learn_beta", "dwa", "lipschitz_bn"] {
+            assert!(!plain.contains(key), "{plain}");
+        }
+        let ok = |o: &[&str]| {
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            let c = parse_config(MIN, "x", &o).unwrap();
+            c.validate("x").unwrap();
+            c
+        };
+        let c = ok(&[
+            "model.activation=centered-softplus",
+            "model.learn_beta=true",
+            "model.dwa={}",
+        ]);
+        assert_eq!(c.model.dwa, Some(DwaConfig::default()));
+        assert!(c.resolved_yaml().unwrap().contains("learn_beta: true"));
+        let bad = |o: &[&str], key: &str| {
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            let e = parse_config(MIN, "x", &o)
+                .unwrap()
+                .validate("x")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{o:?}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        };
+        bad(
+            &["model.kind=cnn", "model.activation=centered-softplus"],
+            "model.activation",
+        );
+        bad(&["model.kind=resnet18", "model.dwa={}"], "model.dwa");
+        bad(&["model.lipschitz_bn=true"], "model.lipschitz_bn");
+        bad(&["model.softplus_beta=2"], "model.softplus_beta");
+        bad(
+            &[
+                "model.activation=centered-softplus",
+                "model.softplus_beta=0",
+            ],
+            "model.softplus_beta",
+        );
+        bad(&["model.dwa={dilation: 0}"], "model.dwa.dilation");
+        bad(&["model.hidden=[10, 20]", "model.dwa={}"], "model.dwa");
     }
 
     #[test]

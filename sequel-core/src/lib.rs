@@ -9,6 +9,7 @@ pub mod buffer;
 pub mod checkpoint;
 pub mod config;
 pub mod consolidation;
+pub mod curvature;
 pub mod data;
 pub mod device;
 pub mod error;

@@ -180,6 +180,8 @@ pub struct BatchNorm2d {
     eps: f64,
     /// `model.freeze` on this layer: normalise with the running statistics, never update them.
     frozen: Arc<AtomicBool>,
+    /// γ-Lipschitz mode ([`BatchNorm2d::lipschitz`]): `log γ`, and `gamma` is not used.
+    log_gamma: Option<Var>,
 }
 
 impl BatchNorm2d {
@@ -219,6 +221,57 @@ impl BatchNorm2d {
             momentum: 0.1,
             eps: 1e-5,
             frozen,
+            log_gamma: None,
+        })
+    }
+
+    /// γ-Lipschitz batch normalisation (Srinivas et al., NeurIPS 2022): with the per-channel
+    /// standard deviations `σ_c` (batch or running) and `σ_min = min_c σ_c`,
+    ///
+    /// ```text
+    /// y_c = (x_c − μ_c) · (σ_min / σ_c) · min(1/σ_min, γ) + b_c
+    /// ```
+    ///
+    /// Each channel's factor `σ_min/σ_c ≤ 1` makes the normalisation 1-Lipschitz, and the one
+    /// scalar `min(1/σ_min, γ)` bounds the layer's Lipschitz constant by γ (it is plain batch
+    /// norm without per-channel scales wherever γ ≥ 1/σ_min). γ = exp(`<name>.log_gamma`),
+    /// learned, initially 1; the per-channel `weight` is not a parameter in this mode.
+    pub fn lipschitz(
+        params: &mut ParamSet,
+        name: &str,
+        depth: usize,
+        c: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let frozen = Arc::new(AtomicBool::new(false));
+        let log_gamma = init::constant(1, 0.0, device)?;
+        let beta = init::constant(c, 0.0, device)?;
+        let running_mean = init::constant(c, 0.0, device)?;
+        let running_var = init::constant(c, 1.0, device)?;
+        let tensors = [
+            ("log_gamma", Role::Body, &log_gamma),
+            ("bias", Role::Body, &beta),
+            ("running_mean", Role::NormStat, &running_mean),
+            ("running_var", Role::NormStat, &running_var),
+        ];
+        for (suffix, role, var) in tensors {
+            params.push_with_flag(
+                format!("{name}.{suffix}"),
+                depth,
+                role,
+                var.clone(),
+                frozen.clone(),
+            );
+        }
+        Ok(Self {
+            gamma: init::constant(c, 1.0, device)?,
+            beta,
+            running_mean,
+            running_var,
+            momentum: 0.1,
+            eps: 1e-5,
+            frozen,
+            log_gamma: Some(log_gamma),
         })
     }
 
@@ -237,9 +290,10 @@ impl BatchNorm2d {
                     "batch normalisation needs more than one value per channel in training; raise training.batch_size",
                 ));
             }
-            let fused = [x, self.gamma.as_tensor(), self.beta.as_tensor()]
-                .into_iter()
-                .all(kernels::supported);
+            let fused = self.log_gamma.is_none()
+                && [x, self.gamma.as_tensor(), self.beta.as_tensor()]
+                    .into_iter()
+                    .all(kernels::supported);
             let (y, mean, var) = if fused {
                 let (y, s) = kernels::batch_norm_train(
                     x,
@@ -274,7 +328,15 @@ impl BatchNorm2d {
         };
         let shape = (1, c, 1, 1);
         let inv = (var + self.eps)?.sqrt()?.recip()?;
-        let scale = (inv * self.gamma.as_tensor())?.reshape(shape)?;
+        let scale = match &self.log_gamma {
+            None => (inv * self.gamma.as_tensor())?.reshape(shape)?,
+            Some(log_gamma) => {
+                // 1/σ_min = max_c 1/σ_c; factor σ_min/σ_c · min(1/σ_min, γ).
+                let inv_min = inv.max_keepdim(0)?;
+                let k = inv_min.minimum(&log_gamma.as_tensor().exp()?)?;
+                (inv.broadcast_div(&inv_min)?.broadcast_mul(&k))?.reshape(shape)?
+            }
+        };
         let shift = mean.reshape(shape)?;
         let y = x
             .broadcast_sub(&shift)?
@@ -306,6 +368,40 @@ pub fn activate(x: &Tensor, kind: ActivationKind) -> Result<Tensor> {
         ActivationKind::Tanh => x.tanh()?,
         ActivationKind::Sigmoid => candle_nn::ops::sigmoid(x)?,
         ActivationKind::Gelu => x.gelu_erf()?,
+        ActivationKind::CenteredSoftplus => {
+            centered_softplus(x, &Beta::Fixed(crate::config::DEFAULT_SOFTPLUS_BETA as f64))?
+        }
+    })
+}
+
+/// β of a centered softplus: a constant, or learned as `log β` (a one-element parameter).
+#[derive(Debug, Clone)]
+pub enum Beta {
+    Fixed(f64),
+    Log(Var),
+}
+
+/// Centered softplus (Srinivas, Matoba, Lakkaraju & Fleuret, "Efficient Training of
+/// Low-Curvature Neural Networks", NeurIPS 2022):
+///
+/// ```text
+/// s_β(x) = (softplus(βx) − ln 2) / β,   softplus(z) = max(z, 0) + ln(1 + e^(−|z|))
+/// ```
+///
+/// `s(0) = 0`, `s′(x) = σ(βx)` (1-Lipschitz), `|s″| ≤ β/4`. The softplus form never
+/// exponentiates a positive number, so it is finite for any `βx`; candle's derivatives of `max`
+/// and `|·|` at 0 (both taken as 1) give exactly `s′(0) = 1 − ½ = σ(0)`.
+pub fn centered_softplus(x: &Tensor, beta: &Beta) -> Result<Tensor> {
+    let softplus = |z: &Tensor| -> Result<Tensor> {
+        Ok((z.relu()? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
+    };
+    Ok(match beta {
+        Beta::Fixed(b) => ((softplus(&(x * *b)?)? - std::f64::consts::LN_2)? / *b)?,
+        Beta::Log(log_beta) => {
+            let b = log_beta.as_tensor().exp()?;
+            let sp = softplus(&x.broadcast_mul(&b)?)?;
+            (sp - std::f64::consts::LN_2)?.broadcast_div(&b)?
+        }
     })
 }
 
@@ -399,5 +495,75 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert_eq!(grad, expected_grad);
+    }
+
+    fn sigmoid(z: f64) -> f64 {
+        1.0 / (1.0 + (-z).exp())
+    }
+
+    /// s(0) = 0; the autograd derivative is σ(βx), and so is a central finite difference of the
+    /// forward pass (f64, h = 1e-5), for fixed and learned β, at several β.
+    #[test]
+    fn centered_softplus_is_zero_at_zero_with_derivative_sigmoid_beta_x() {
+        let dev = Device::Cpu;
+        let xs = [-3.0f64, -0.7, -0.01, 0.0, 0.02, 0.5, 2.5];
+        for b in [0.5f64, 1.0, 5.0, 40.0] {
+            let log_beta = Var::from_tensor(&Tensor::new(&[b.ln()], &dev).unwrap()).unwrap();
+            for beta in [Beta::Fixed(b), Beta::Log(log_beta)] {
+                let s = |v: &[f64]| -> Vec<f64> {
+                    let t = Tensor::new(v, &dev).unwrap();
+                    centered_softplus(&t, &beta).unwrap().to_vec1().unwrap()
+                };
+                assert_eq!(s(&[0.0])[0], 0.0, "β {b}");
+                let x = Var::from_tensor(&Tensor::new(&xs, &dev).unwrap()).unwrap();
+                let y = centered_softplus(x.as_tensor(), &beta).unwrap();
+                let g = y.sum_all().unwrap().backward().unwrap();
+                let grad: Vec<f64> = g.get(&x).unwrap().to_vec1().unwrap();
+                let h = 1e-5;
+                let plus: Vec<f64> = xs.iter().map(|x| x + h).collect();
+                let minus: Vec<f64> = xs.iter().map(|x| x - h).collect();
+                let (sp, sm) = (s(&plus), s(&minus));
+                for (k, &x) in xs.iter().enumerate() {
+                    let want = sigmoid(b * x);
+                    assert!((grad[k] - want).abs() < 1e-12, "β {b} x {x}: {}", grad[k]);
+                    let fd = (sp[k] - sm[k]) / (2.0 * h);
+                    assert!((fd - want).abs() < 1e-6, "β {b} x {x}: fd {fd} vs {want}");
+                }
+            }
+        }
+    }
+
+    /// |βx| far beyond exp's range: s(x) = x − ln2/β above, −ln2/β below, derivatives 1 and 0,
+    /// all finite (f32, as models run).
+    #[test]
+    fn centered_softplus_is_stable_for_large_inputs() {
+        let dev = Device::Cpu;
+        let b = 5.0f64;
+        let x = Var::from_tensor(&Tensor::new(&[1e4f32, -1e4], &dev).unwrap()).unwrap();
+        let y = centered_softplus(x.as_tensor(), &Beta::Fixed(b)).unwrap();
+        let v: Vec<f32> = y.to_vec1().unwrap();
+        let c = (std::f64::consts::LN_2 / b) as f32;
+        assert!((v[0] - (1e4 - c)).abs() <= 1e-3 && v[1] == -c, "{v:?}");
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(g.get(&x).unwrap().to_vec1::<f32>().unwrap(), vec![1.0, 0.0]);
+    }
+
+    /// A learned β gets the gradient ∂s/∂log β = β·∂s/∂β = x·σ(βx) − s(x).
+    #[test]
+    fn a_learned_beta_receives_its_gradient() {
+        let dev = Device::Cpu;
+        let b = 5.0f64;
+        let log_beta = Var::from_tensor(&Tensor::new(&[b.ln()], &dev).unwrap()).unwrap();
+        let xs = [-0.4f64, 0.1, 0.8];
+        let x = Tensor::new(&xs, &dev).unwrap();
+        let y = centered_softplus(&x, &Beta::Log(log_beta.clone())).unwrap();
+        let s: Vec<f64> = y.to_vec1().unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let got = g.get(&log_beta).unwrap().to_vec1::<f64>().unwrap()[0];
+        let want: f64 = xs.iter().zip(&s).map(|(x, s)| x * sigmoid(b * x) - s).sum();
+        assert!(
+            want.abs() > 1e-3 && (got - want).abs() < 1e-12,
+            "{got} vs {want}"
+        );
     }
 }

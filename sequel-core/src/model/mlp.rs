@@ -1,11 +1,14 @@
-//! Multi-layer perceptron: `input → [Linear → activation → dropout]* → Linear head`.
+//! Multi-layer perceptron: `input → [Linear → activation → dropout]* → Linear head`, optionally
+//! with a learned centered-softplus β per layer and DenseFormer's depth-weighted averaging
+//! between the hidden blocks ([`MlpOptions`], docs/EXTENSIONS.md).
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 
-use super::layers::{activate, Dropout, Head, Linear};
+use super::init;
+use super::layers::{activate, centered_softplus, Beta, Dropout, Head, Linear};
 use super::params::{ParamSet, Role};
 use super::{DenseForward, DenseTap, Model, ModelOutput};
-use crate::config::ActivationKind;
+use crate::config::{ActivationKind, DwaConfig, DEFAULT_SOFTPLUS_BETA};
 use crate::error::Result;
 use crate::rng::{SeededRng, Stream};
 
@@ -16,8 +19,34 @@ pub struct Mlp {
     hidden: Vec<Linear>,
     head: Head,
     activation: ActivationKind,
+    options: MlpOptions,
+    /// β of each hidden layer's centered softplus (unused by the other activations).
+    betas: Vec<Beta>,
+    /// DWA weights after each hidden block (`None` where the block has no average).
+    alphas: Vec<Option<Var>>,
     dropout: Dropout,
     params: ParamSet,
+}
+
+/// The MLP's optional parts. The default is the plain MLP.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MlpOptions {
+    /// β of `centered-softplus` (its initial value when learned).
+    pub softplus_beta: f32,
+    /// Learn β as `log β`, one per hidden layer (`fc<i>.log_beta`, depth `i`).
+    pub learn_beta: bool,
+    /// Depth-weighted averaging (DenseFormer) between the hidden blocks.
+    pub dwa: Option<DwaConfig>,
+}
+
+impl Default for MlpOptions {
+    fn default() -> Self {
+        Self {
+            softplus_beta: DEFAULT_SOFTPLUS_BETA,
+            learn_beta: false,
+            dwa: None,
+        }
+    }
 }
 
 impl Mlp {
@@ -31,19 +60,80 @@ impl Mlp {
         rng: &mut SeededRng,
         device: &Device,
     ) -> Result<Self> {
+        let options = MlpOptions::default();
+        Self::with_options(
+            input, widths, heads, activation, options, dropout, rng, device,
+        )
+    }
+
+    /// [`Mlp::new`] with its optional parts. Their parameters are constants (log β, and the
+    /// DWA weights at the identity), so the linear layers draw the same initial values as the
+    /// plain MLP of the same seed.
+    ///
+    /// DWA (Pagliardini et al., NeurIPS 2024): with `Xⱼ` the output of hidden block `j`
+    /// (0-based; `X₀`, the first block's output, plays the embeddings' part), block `i ≥ 1`
+    /// with `i mod p = 0` is followed by `Yᵢ = Σ αᵢⱼ Xⱼ` over `j ≤ i`, `j ≡ i (mod k)`, which the
+    /// next block (or the head) reads instead of `Xᵢ`; `αᵢᵢ = 1`, the others 0 at
+    /// initialisation. `α` after block `i` is the tensor `dwa<i+1>.alpha`, at the depth of
+    /// layer `fc<i+1>`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_options(
+        input: usize,
+        widths: &[usize],
+        heads: &[usize],
+        activation: ActivationKind,
+        options: MlpOptions,
+        dropout: Dropout,
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Result<Self> {
         let mut params = ParamSet::new();
         let mut hidden = Vec::with_capacity(widths.len());
+        let mut betas = Vec::with_capacity(widths.len());
+        let mut alphas = Vec::with_capacity(widths.len());
         let mut fan_in = input;
+        let b0 = options.softplus_beta as f64;
         for (i, &w) in widths.iter().enumerate() {
+            let depth = i + 1;
             hidden.push(Linear::new(
                 &mut params,
-                &format!("fc{}", i + 1),
-                i + 1,
+                &format!("fc{depth}"),
+                depth,
                 Role::Body,
                 (fan_in, w),
                 rng,
                 device,
             )?);
+            betas.push(
+                if activation == ActivationKind::CenteredSoftplus && options.learn_beta {
+                    let log_beta = init::constant(1, b0.ln() as f32, device)?;
+                    params.push(
+                        format!("fc{depth}.log_beta"),
+                        depth,
+                        Role::Body,
+                        log_beta.clone(),
+                    );
+                    Beta::Log(log_beta)
+                } else {
+                    Beta::Fixed(b0)
+                },
+            );
+            alphas.push(match options.dwa {
+                Some(d) if i >= 1 && i % d.period == 0 => {
+                    let taken = i / d.dilation + 1; // j = i, i − k, …, ≥ 0
+                    let mut a = vec![0f32; taken];
+                    a[taken - 1] = 1.0; // ascending j: the last is j = i
+                    let alpha = Var::from_tensor(&Tensor::from_vec(a, taken, device)?)?;
+                    params.push(
+                        format!("dwa{depth}.alpha"),
+                        depth,
+                        Role::Body,
+                        alpha.clone(),
+                    );
+                    Some(alpha)
+                }
+                _ => None,
+            });
             fan_in = w;
         }
         let head = Head::new(&mut params, widths.len() + 1, fan_in, heads, rng, device)?;
@@ -53,18 +143,49 @@ impl Mlp {
             hidden,
             head,
             activation,
+            options,
+            betas,
+            alphas,
             dropout,
             params,
         })
+    }
+
+    fn act(&self, i: usize, z: &Tensor) -> Result<Tensor> {
+        match self.activation {
+            ActivationKind::CenteredSoftplus => centered_softplus(z, &self.betas[i]),
+            other => activate(z, other),
+        }
+    }
+
+    /// After hidden block `i`: remember its output `Xᵢ` and return what the next layer reads,
+    /// `Yᵢ = Σⱼ αᵢⱼ Xⱼ` where block `i` has an average, else `Xᵢ`.
+    fn dwa(&self, i: usize, x: Tensor, outputs: &mut Vec<Tensor>) -> Result<Tensor> {
+        let Some(dwa) = self.options.dwa else {
+            return Ok(x);
+        };
+        outputs.push(x);
+        let Some(alpha) = &self.alphas[i] else {
+            return Ok(outputs[i].clone());
+        };
+        let taken: Vec<&Tensor> = (0..=i)
+            .filter(|j| (i - j) % dwa.dilation == 0)
+            .map(|j| &outputs[j])
+            .collect();
+        let stacked = Tensor::stack(&taken, 0)?;
+        let w = alpha.as_tensor().reshape((taken.len(), 1, 1))?;
+        Ok(stacked.broadcast_mul(&w)?.sum(0)?)
     }
 }
 
 impl Model for Mlp {
     fn forward(&self, x: &Tensor, train: bool) -> Result<ModelOutput> {
         let mut h = x.flatten_from(1)?;
-        for layer in &self.hidden {
-            h = activate(&layer.forward(&h)?, self.activation)?;
+        let mut outputs = Vec::new();
+        for (i, layer) in self.hidden.iter().enumerate() {
+            h = self.act(i, &layer.forward(&h)?)?;
             h = self.dropout.forward(&h, train)?;
+            h = self.dwa(i, h, &mut outputs)?;
         }
         let logits = self.head.forward(&h)?;
         Ok(ModelOutput {
@@ -79,6 +200,12 @@ impl Model for Mlp {
 
     fn dense_forward(&self, x: &Tensor) -> Result<Option<DenseForward>> {
         // Evaluation mode: dropout is the identity, so this is `forward(x, false)` with taps.
+        // Learned β and DWA weights are parameters outside the dense layers: no taps then.
+        if self.options.dwa.is_some()
+            || (self.activation == ActivationKind::CenteredSoftplus && self.options.learn_beta)
+        {
+            return Ok(None);
+        }
         let n = x.dim(0)?;
         let mut layers = Vec::with_capacity(self.hidden.len() + 1);
         let mut tapped = |layer: &Linear, a: &Tensor| -> Result<Tensor> {
@@ -93,8 +220,8 @@ impl Model for Mlp {
             Ok(z)
         };
         let mut h = x.flatten_from(1)?;
-        for layer in &self.hidden {
-            h = activate(&tapped(layer, &h)?, self.activation)?;
+        for (i, layer) in self.hidden.iter().enumerate() {
+            h = self.act(i, &tapped(layer, &h)?)?;
         }
         let outs = self
             .head
@@ -112,11 +239,12 @@ impl Model for Mlp {
     fn fork(&self) -> Result<Box<dyn Model>> {
         // Rebuild the architecture (the constructor is the one description of it), then copy
         // every value in; the throwaway init draws are overwritten.
-        let copy = Mlp::new(
+        let copy = Mlp::with_options(
             self.input,
             &self.widths,
             &self.head.sizes(),
             self.activation,
+            self.options,
             self.dropout.fork(),
             &mut SeededRng::new(0, Stream::Init),
             self.head.device(),
@@ -140,5 +268,157 @@ impl Model for Mlp {
                 states.len()
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mlp(activation: ActivationKind, options: MlpOptions, dropout: f32) -> Mlp {
+        Mlp::with_options(
+            6,
+            &[5, 5, 5, 5, 5],
+            &[3],
+            activation,
+            options,
+            Dropout::new(dropout, SeededRng::new(1, Stream::Dropout)),
+            &mut SeededRng::new(2, Stream::Init),
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    fn input() -> Tensor {
+        let mut rng = SeededRng::new(9, Stream::Init);
+        let v: Vec<f32> = (0..4 * 6).map(|_| rng.normal()).collect();
+        Tensor::from_vec(v, (4, 6), &Device::Cpu).unwrap()
+    }
+
+    fn dwa(dilation: usize, period: usize) -> MlpOptions {
+        MlpOptions {
+            dwa: Some(DwaConfig { dilation, period }),
+            ..MlpOptions::default()
+        }
+    }
+
+    /// At initialisation (α = identity) a DWA model computes exactly the plain model: same
+    /// logits bit for bit and features, in evaluation and in training (dropout masks drawn
+    /// alike), for several dilations and periods; its other tensors are the plain model's.
+    #[test]
+    fn dwa_at_initialisation_is_the_plain_model_bit_for_bit() {
+        let x = input();
+        for act in [ActivationKind::Relu, ActivationKind::Tanh] {
+            for (k, p) in [(1, 1), (2, 1), (1, 2), (2, 3)] {
+                for train in [false, true] {
+                    let plain = mlp(act, MlpOptions::default(), 0.3);
+                    let with = mlp(act, dwa(k, p), 0.3);
+                    let (a, b) = (
+                        plain.forward(&x, train).unwrap(),
+                        with.forward(&x, train).unwrap(),
+                    );
+                    assert_eq!(bits(&a.logits), bits(&b.logits), "{act:?} k {k} p {p}");
+                    // Features as numbers: `0·Xⱼ + (−0)` is +0, the only difference IEEE allows.
+                    let f = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    assert_eq!(f(&a.features), f(&b.features));
+                    assert!(with.params().len() > plain.params().len());
+                }
+            }
+        }
+    }
+
+    /// Each α gets a gradient, and a moved α changes the output.
+    #[test]
+    fn dwa_weights_are_trained_and_used() {
+        let m = mlp(ActivationKind::Relu, dwa(1, 1), 0.0);
+        let alphas: Vec<Var> = m.alphas.iter().flatten().cloned().collect();
+        assert_eq!(alphas.len(), 4);
+        assert_eq!(alphas[3].dims(), &[5]); // after block 4: X₀ … X₄
+        let x = input();
+        let out = m.forward(&x, false).unwrap();
+        let g = out
+            .logits
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for a in &alphas {
+            let ga = g.get(a).expect("α has a gradient");
+            assert!(
+                ga.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0
+            );
+        }
+        let a = &alphas[1];
+        a.set(&Tensor::new(&[0.5f32, 0.0, 1.0], &Device::Cpu).unwrap())
+            .unwrap();
+        let moved = m.forward(&x, false).unwrap();
+        assert_ne!(bits(&out.logits), bits(&moved.logits));
+        // Dilation 2 after block 3 averages X₁ and X₃ only; period 2 skips blocks 1 and 3.
+        let m = mlp(ActivationKind::Relu, dwa(2, 2), 0.0);
+        let sizes: Vec<Option<usize>> = m
+            .alphas
+            .iter()
+            .map(|a| a.as_ref().map(|a| a.dim(0).unwrap()))
+            .collect();
+        assert_eq!(sizes, vec![None, None, Some(2), None, Some(3)]);
+    }
+
+    /// With a learned β every hidden layer has `fc<i>.log_beta` at its depth, with a gradient;
+    /// a fork computes the same and the per-layer dense taps are refused (β is outside them).
+    #[test]
+    fn learned_softplus_beta_is_a_parameter_of_each_layer() {
+        let opts = MlpOptions {
+            learn_beta: true,
+            ..MlpOptions::default()
+        };
+        let m = mlp(ActivationKind::CenteredSoftplus, opts, 0.0);
+        let betas: Vec<_> = m
+            .params()
+            .iter()
+            .filter(|p| p.name.ends_with("log_beta"))
+            .collect();
+        assert_eq!(betas.len(), 5);
+        assert_eq!(betas[2].name, "fc3.log_beta");
+        assert_eq!(betas[2].depth, 3);
+        let x = input();
+        let out = m.forward(&x, false).unwrap();
+        let g = out
+            .logits
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for b in &betas {
+            let gb = g.get(&b.var).unwrap().to_vec1::<f32>().unwrap()[0];
+            assert!(gb != 0.0 && gb.is_finite(), "{}", b.name);
+        }
+        let f = m.fork().unwrap();
+        assert_eq!(
+            bits(&out.logits),
+            bits(&f.forward(&x, false).unwrap().logits)
+        );
+        assert!(m.dense_forward(&x).unwrap().is_none());
+        // A fixed β keeps the taps, and they compute the ordinary forward pass.
+        let fixed = mlp(ActivationKind::CenteredSoftplus, MlpOptions::default(), 0.0);
+        let d = fixed.dense_forward(&x).unwrap().unwrap();
+        assert_eq!(
+            bits(&d.logits),
+            bits(&fixed.forward(&x, false).unwrap().logits)
+        );
     }
 }

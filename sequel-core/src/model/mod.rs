@@ -101,11 +101,18 @@ pub fn build_model(
 ) -> Result<Box<dyn Model>> {
     let mut rng = SeededRng::new(seed, Stream::Init);
     Ok(match &cfg.kind {
-        ModelKind::Mlp => Box::new(mlp::Mlp::new(
+        ModelKind::Mlp => Box::new(mlp::Mlp::with_options(
             input.iter().product(),
             &cfg.hidden,
             heads,
             cfg.activation,
+            mlp::MlpOptions {
+                softplus_beta: cfg
+                    .softplus_beta
+                    .unwrap_or(crate::config::DEFAULT_SOFTPLUS_BETA),
+                learn_beta: cfg.learn_beta,
+                dwa: cfg.dwa,
+            },
             layers::Dropout::new(cfg.dropout, SeededRng::new(seed, Stream::Dropout)),
             &mut rng,
             device,
@@ -117,8 +124,13 @@ pub fn build_model(
             &mut rng,
             device,
         )?),
-        ModelKind::Resnet18 => Box::new(resnet::ResNet18::new(
-            input, cfg.width, heads, &mut rng, device,
+        ModelKind::Resnet18 => Box::new(resnet::ResNet18::with_norm(
+            input,
+            cfg.width,
+            heads,
+            cfg.lipschitz_bn,
+            &mut rng,
+            device,
         )?),
         ModelKind::Other(name) => {
             return Err(crate::error::Error::msg(format!(
@@ -301,5 +313,123 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(diff < 1e-5, "{diff}");
+    }
+
+    /// γ-Lipschitz batch norm: ‖y − y′‖ ≤ γ‖x − x′‖ for random pairs, with equality along the
+    /// channel of smallest σ; with γ ≥ 1/σ_min it is plain normalisation (unit scales); log γ
+    /// gets a gradient in training while γ < 1/σ_min. A ResNet-18 with them runs and forks.
+    #[test]
+    fn lipschitz_batchnorm_bound_holds() {
+        let dev = Device::Cpu;
+        let mut ps = ParamSet::new();
+        let bn = layers::BatchNorm2d::lipschitz(&mut ps, "bn", 1, 3, &dev).unwrap();
+        assert!(ps.iter().any(|p| p.name == "bn.log_gamma"));
+        assert!(!ps.iter().any(|p| p.name == "bn.weight"));
+        bn.running_mean
+            .set(&Tensor::new(&[0.5f32, -1.0, 0.0], &dev).unwrap())
+            .unwrap();
+        // σ ≈ 0.1, 1, 2 (ε = 1e-5 aside): 1/σ_min ≈ 10.
+        bn.running_var
+            .set(&Tensor::new(&[0.01f32, 1.0, 4.0], &dev).unwrap())
+            .unwrap();
+        let log_gamma = ps
+            .iter()
+            .find(|p| p.name == "bn.log_gamma")
+            .unwrap()
+            .var
+            .clone();
+        let mut rng = SeededRng::new(5, Stream::Init);
+        let mut draw = |shape: (usize, usize, usize, usize)| {
+            let n = shape.0 * shape.1 * shape.2 * shape.3;
+            let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+            Tensor::from_vec(v, shape, &dev).unwrap()
+        };
+        let norm = |t: &Tensor| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt()
+        };
+        for gamma in [0.5f32, 2.0, 9.0] {
+            log_gamma
+                .set(&Tensor::new(&[gamma.ln()], &dev).unwrap())
+                .unwrap();
+            for _ in 0..20 {
+                let (x, x2) = (draw((2, 3, 4, 4)), draw((2, 3, 4, 4)));
+                let dy =
+                    (bn.forward(&x, false).unwrap() - bn.forward(&x2, false).unwrap()).unwrap();
+                let dx = (&x - &x2).unwrap();
+                assert!(norm(&dy) <= gamma * norm(&dx) * (1.0 + 1e-5), "γ {gamma}");
+            }
+            // A difference in channel 0 only (σ_min) is scaled by exactly γ.
+            let x = Tensor::zeros((1, 3, 1, 1), candle_core::DType::F32, &dev).unwrap();
+            let e = Tensor::new(&[1f32, 0.0, 0.0], &dev)
+                .unwrap()
+                .reshape((1, 3, 1, 1))
+                .unwrap();
+            let dy = (bn.forward(&(&x + &e).unwrap(), false).unwrap()
+                - bn.forward(&x, false).unwrap())
+            .unwrap();
+            assert!(
+                (norm(&dy) - gamma).abs() < 1e-4 * gamma,
+                "γ {gamma}: {}",
+                norm(&dy)
+            );
+        }
+        // γ above 1/σ_min: each channel is divided by its own σ, as plain batch norm with unit
+        // scales and the same bias.
+        log_gamma
+            .set(&Tensor::new(&[100f32.ln()], &dev).unwrap())
+            .unwrap();
+        let mut ps2 = ParamSet::new();
+        let plain = layers::BatchNorm2d::new(&mut ps2, "bn", 1, 3, &dev).unwrap();
+        plain.running_mean.set(bn.running_mean.as_tensor()).unwrap();
+        plain.running_var.set(bn.running_var.as_tensor()).unwrap();
+        let x = draw((2, 3, 4, 4));
+        let d = (bn.forward(&x, false).unwrap() - plain.forward(&x, false).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-4, "{d}");
+        // Training on batch σ ≈ 3 (1/σ_min ≈ 0.33): γ = 0.1 binds, and log γ gets a gradient.
+        log_gamma
+            .set(&Tensor::new(&[0.1f32.ln()], &dev).unwrap())
+            .unwrap();
+        let y = bn
+            .forward(&(draw((4, 3, 4, 4)) * 3.0).unwrap(), true)
+            .unwrap();
+        let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let gl = g.get(&log_gamma).unwrap().to_vec1::<f32>().unwrap()[0];
+        assert!(gl.is_finite() && gl != 0.0, "{gl}");
+        // The whole backbone.
+        let c = ModelConfig {
+            lipschitz_bn: true,
+            ..cfg(ModelKind::Resnet18)
+        };
+        let m = build_model(&c, [3, 8, 8], &[2], 0, &dev).unwrap();
+        assert!(m
+            .params()
+            .iter()
+            .any(|p| p.name == "layer1.0.bn1.log_gamma"));
+        let x = Tensor::ones((2, 3, 8, 8), candle_core::DType::F32, &dev).unwrap();
+        m.forward(&x, true).unwrap();
+        let f = m.fork().unwrap();
+        let l = |m: &dyn Model| {
+            m.forward(&x, false)
+                .unwrap()
+                .logits
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(l(m.as_ref()), l(f.as_ref()));
     }
 }

@@ -13,6 +13,22 @@ use super::layers::{BatchNorm2d, Conv2d, Head};
 use super::params::ParamSet;
 use super::{Model, ModelOutput};
 use crate::error::Result;
+
+/// A batch norm, γ-Lipschitz ([`BatchNorm2d::lipschitz`]) or not.
+fn bn(
+    params: &mut ParamSet,
+    name: &str,
+    depth: usize,
+    c: usize,
+    lipschitz: bool,
+    device: &Device,
+) -> Result<BatchNorm2d> {
+    if lipschitz {
+        BatchNorm2d::lipschitz(params, name, depth, c, device)
+    } else {
+        BatchNorm2d::new(params, name, depth, c, device)
+    }
+}
 use crate::rng::{SeededRng, Stream};
 
 #[derive(Debug)]
@@ -33,6 +49,7 @@ impl Block {
         c_in: usize,
         c_out: usize,
         stride: usize,
+        lipschitz: bool,
         rng: &mut SeededRng,
         device: &Device,
     ) -> Result<Self> {
@@ -47,7 +64,14 @@ impl Block {
             rng,
             device,
         )?;
-        let bn1 = BatchNorm2d::new(params, &format!("{name}.bn1"), depth, c_out, device)?;
+        let bn1 = bn(
+            params,
+            &format!("{name}.bn1"),
+            depth,
+            c_out,
+            lipschitz,
+            device,
+        )?;
         let conv2 = Conv2d::new(
             params,
             &format!("{name}.conv2"),
@@ -59,7 +83,14 @@ impl Block {
             rng,
             device,
         )?;
-        let bn2 = BatchNorm2d::new(params, &format!("{name}.bn2"), depth + 1, c_out, device)?;
+        let bn2 = bn(
+            params,
+            &format!("{name}.bn2"),
+            depth + 1,
+            c_out,
+            lipschitz,
+            device,
+        )?;
         let shortcut = if stride != 1 || c_in != c_out {
             let conv = Conv2d::new(
                 params,
@@ -72,9 +103,15 @@ impl Block {
                 rng,
                 device,
             )?;
-            let bn =
-                BatchNorm2d::new(params, &format!("{name}.shortcut.bn"), depth, c_out, device)?;
-            Some((conv, bn))
+            let sbn = bn(
+                params,
+                &format!("{name}.shortcut.bn"),
+                depth,
+                c_out,
+                lipschitz,
+                device,
+            )?;
+            Some((conv, sbn))
         } else {
             None
         };
@@ -102,6 +139,7 @@ impl Block {
 pub struct ResNet18 {
     input: [usize; 3],
     nf: usize,
+    lipschitz: bool,
     stem: Conv2d,
     stem_bn: BatchNorm2d,
     blocks: Vec<Block>,
@@ -117,6 +155,19 @@ impl ResNet18 {
         rng: &mut SeededRng,
         device: &Device,
     ) -> Result<Self> {
+        Self::with_norm(input, nf, heads, false, rng, device)
+    }
+
+    /// [`ResNet18::new`], with γ-Lipschitz batch norms ([`BatchNorm2d::lipschitz`]) where
+    /// `lipschitz` (`model.lipschitz_bn`). The convolutions draw the same initial values.
+    pub fn with_norm(
+        input: [usize; 3],
+        nf: usize,
+        heads: &[usize],
+        lipschitz: bool,
+        rng: &mut SeededRng,
+        device: &Device,
+    ) -> Result<Self> {
         let mut params = ParamSet::new();
         let stem = Conv2d::new(
             &mut params,
@@ -129,7 +180,7 @@ impl ResNet18 {
             rng,
             device,
         )?;
-        let stem_bn = BatchNorm2d::new(&mut params, "stem.bn", 1, nf, device)?;
+        let stem_bn = bn(&mut params, "stem.bn", 1, nf, lipschitz, device)?;
         let mut blocks = Vec::new();
         let mut c_in = nf;
         let mut depth = 2;
@@ -145,6 +196,7 @@ impl ResNet18 {
                     c_in,
                     c_out,
                     stride,
+                    lipschitz,
                     rng,
                     device,
                 )?);
@@ -156,6 +208,7 @@ impl ResNet18 {
         Ok(Self {
             input,
             nf,
+            lipschitz,
             stem,
             stem_bn,
             blocks,
@@ -184,10 +237,11 @@ impl Model for ResNet18 {
 
     fn fork(&self) -> Result<Box<dyn Model>> {
         // Batch-norm running statistics are part of the snapshot, so the fork evaluates alike.
-        let copy = ResNet18::new(
+        let copy = ResNet18::with_norm(
             self.input,
             self.nf,
             &self.head.sizes(),
+            self.lipschitz,
             &mut SeededRng::new(0, Stream::Init),
             self.head.device(),
         )?;
