@@ -184,6 +184,27 @@ pub struct BatchNorm2d {
     log_gamma: Option<Var>,
 }
 
+/// Register a normalisation layer's four tensors under `name.<suffix>` with one frozen flag for
+/// the layer: freezing any of them by name freezes it all alike.
+fn push_norm(
+    params: &mut ParamSet,
+    name: &str,
+    depth: usize,
+    tensors: [(&str, Role, &Var); 4],
+) -> Arc<AtomicBool> {
+    let frozen = Arc::new(AtomicBool::new(false));
+    for (suffix, role, var) in tensors {
+        params.push_with_flag(
+            format!("{name}.{suffix}"),
+            depth,
+            role,
+            var.clone(),
+            frozen.clone(),
+        );
+    }
+    frozen
+}
+
 impl BatchNorm2d {
     pub fn new(
         params: &mut ParamSet,
@@ -196,23 +217,17 @@ impl BatchNorm2d {
         let beta = init::constant(c, 0.0, device)?;
         let running_mean = init::constant(c, 0.0, device)?;
         let running_var = init::constant(c, 1.0, device)?;
-        // One flag for the layer: freezing any of its tensors by name freezes it all alike.
-        let frozen = Arc::new(AtomicBool::new(false));
-        let tensors = [
-            ("weight", Role::Body, &gamma),
-            ("bias", Role::Body, &beta),
-            ("running_mean", Role::NormStat, &running_mean),
-            ("running_var", Role::NormStat, &running_var),
-        ];
-        for (suffix, role, var) in tensors {
-            params.push_with_flag(
-                format!("{name}.{suffix}"),
-                depth,
-                role,
-                var.clone(),
-                frozen.clone(),
-            );
-        }
+        let frozen = push_norm(
+            params,
+            name,
+            depth,
+            [
+                ("weight", Role::Body, &gamma),
+                ("bias", Role::Body, &beta),
+                ("running_mean", Role::NormStat, &running_mean),
+                ("running_var", Role::NormStat, &running_var),
+            ],
+        );
         Ok(Self {
             gamma,
             beta,
@@ -243,26 +258,21 @@ impl BatchNorm2d {
         c: usize,
         device: &Device,
     ) -> Result<Self> {
-        let frozen = Arc::new(AtomicBool::new(false));
         let log_gamma = init::constant(1, 0.0, device)?;
         let beta = init::constant(c, 0.0, device)?;
         let running_mean = init::constant(c, 0.0, device)?;
         let running_var = init::constant(c, 1.0, device)?;
-        let tensors = [
-            ("log_gamma", Role::Body, &log_gamma),
-            ("bias", Role::Body, &beta),
-            ("running_mean", Role::NormStat, &running_mean),
-            ("running_var", Role::NormStat, &running_var),
-        ];
-        for (suffix, role, var) in tensors {
-            params.push_with_flag(
-                format!("{name}.{suffix}"),
-                depth,
-                role,
-                var.clone(),
-                frozen.clone(),
-            );
-        }
+        let frozen = push_norm(
+            params,
+            name,
+            depth,
+            [
+                ("log_gamma", Role::Body, &log_gamma),
+                ("bias", Role::Body, &beta),
+                ("running_mean", Role::NormStat, &running_mean),
+                ("running_var", Role::NormStat, &running_var),
+            ],
+        );
         Ok(Self {
             gamma: init::constant(c, 1.0, device)?,
             beta,
