@@ -117,6 +117,12 @@ impl Trainer {
         self.cfg.training.mode == crate::config::TrainingMode::Independent
     }
 
+    /// The task vectors τ_t = θ̂_t − θ₀ kept so far by a merging strategy with `anchor: initial`
+    /// (empty otherwise), in stream order.
+    pub fn task_vectors(&self) -> &[TaskVector] {
+        &self.task_vectors
+    }
+
     /// The algorithm as its concrete type (tests and tools inspect it after a run).
     pub fn algorithm<A: Algorithm>(&self) -> Option<&A> {
         (self.algorithm.as_ref() as &dyn std::any::Any).downcast_ref::<A>()
@@ -687,6 +693,9 @@ impl Trainer {
     ) -> Result<f32> {
         let first = self.stream.first();
         let target = r + first;
+        if self.independent() && vectors.len() == r + 1 {
+            return self.choose_multi_task(r, grid, w, vectors);
+        }
         let controls: Vec<usize> = if self.stream.control {
             vec![0]
         } else {
@@ -709,6 +718,53 @@ impl Trainer {
                 .zip(control_ref.iter().copied())
                 .collect();
             let score = selection_score(acc[0], target_ref, &control);
+            if best.is_none_or(|(_, s)| score >= s) {
+                best = Some((v, score));
+            }
+        }
+        self.model.params().restore(w.trained)?;
+        best.map(|(v, _)| v)
+            .ok_or_else(|| Error::msg("the automatic coefficient's grid is empty"))
+    }
+
+    /// [`Self::choose`] for `training.mode: independent` with every task vector kept: the LiNeS
+    /// paper's multi-task rule (§4), the mean over the stream tasks so far of the candidate's
+    /// validation accuracy normalised by the individually fine-tuned model's, θ₀ + τ_j (task j's
+    /// own weights for the task just trained, rebuilt from its task vector for the earlier
+    /// ones). A reference accuracy of 0 leaves the task out. Ties go to the larger value.
+    fn choose_multi_task(
+        &mut self,
+        r: usize,
+        grid: &[f32],
+        w: &Weights,
+        vectors: &[TaskVector],
+    ) -> Result<f32> {
+        let first = self.stream.first();
+        let tasks: Vec<usize> = (first..=r + first).collect();
+        let none = vectors[r].zeros_like();
+        let mut refs = Vec::with_capacity(tasks.len());
+        for (j, tau) in vectors.iter().enumerate() {
+            let own = if j == r {
+                w.trained.clone()
+            } else {
+                apply(self.model.params(), w.anchor, w.anchor, &none, tau)?
+            };
+            self.model.params().restore(&own)?;
+            refs.push(self.valid_accuracies(&[j + first])?[0]);
+        }
+        let mut best: Option<(f32, f64)> = None;
+        for &v in grid {
+            let mut rng = SeededRng::from(self.consolidation_rng.state());
+            let candidate = self.merge(r, Some(v), w, vectors, &mut rng)?;
+            self.model.params().restore(&candidate)?;
+            let acc = self.valid_accuracies(&tasks)?;
+            let norm: Vec<f64> = acc
+                .iter()
+                .zip(&refs)
+                .filter(|(_, &reference)| reference > 0.0)
+                .map(|(a, reference)| a / reference)
+                .collect();
+            let score = norm.iter().sum::<f64>() / norm.len().max(1) as f64;
             if best.is_none_or(|(_, s)| score >= s) {
                 best = Some((v, score));
             }
