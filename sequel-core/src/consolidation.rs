@@ -289,7 +289,9 @@ pub trait Consolidator: Send {
     /// A coefficient the trainer chooses on validation data before each consolidation (LiNeS
     /// `gamma: auto`): its `metrics.csv` column and its grid. The trainer tries every grid value
     /// with [`Consolidator::set_coefficient`], keeps the one with the best selection score
-    /// ([`selection_score`]) and leaves it set for the task's consolidation.
+    /// ([`selection_score`]) and leaves it set for the task's consolidation. `consolidate` is
+    /// then called once per grid value before the real call, so it must not change the
+    /// strategy's state (the built-in strategies keep none).
     fn auto_coefficient(&self) -> Option<AutoCoefficient> {
         None
     }
