@@ -33,7 +33,7 @@ pub enum Error {
     Benchmark(String),
 
     /// Training diverged: the loss stopped being finite.
-    #[error("loss became {value} at task {task}, epoch {epoch}, step {step}; lower optimizer.lr or check the data")]
+    #[error("loss became {value} at {}, epoch {epoch}, step {step}; lower optimizer.lr or check the data", task_label(*task))]
     NonFiniteLoss {
         value: f32,
         task: usize,
@@ -42,7 +42,7 @@ pub enum Error {
     },
 
     /// Training diverged: the weights stopped being finite after a task's last step.
-    #[error("weights became non-finite during task {task}; lower optimizer.lr or check the data")]
+    #[error("weights became non-finite during {}; lower optimizer.lr or check the data", task_label(*task))]
     NonFiniteWeights { task: usize },
 
     /// Training stopped before the last task, on request (`--stop-after-task`, Ctrl-C); the run
@@ -112,3 +112,38 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Stream tasks are numbered from 1 in messages; 0 is the pre-training task of
+/// `benchmark.base_classes`.
+fn task_label(task: usize) -> String {
+    if task == 0 {
+        "pre-training (benchmark.base_classes)".to_string()
+    } else {
+        format!("task {task}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn divergence_messages_name_the_pre_training_task_by_name() {
+        let pre = Error::NonFiniteWeights { task: 0 }.to_string();
+        assert!(
+            pre.contains("during pre-training (benchmark.base_classes)"),
+            "{pre}"
+        );
+        let stream = Error::NonFiniteLoss {
+            value: f32::NAN,
+            task: 2,
+            epoch: 1,
+            step: 3,
+        }
+        .to_string();
+        assert!(
+            stream.starts_with("loss became NaN at task 2, epoch 1"),
+            "{stream}"
+        );
+    }
+}

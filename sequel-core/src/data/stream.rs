@@ -261,14 +261,14 @@ impl TaskStream {
                                 .filter(|d| order.len() % d == 0)
                                 .map(|d| d.to_string())
                                 .collect();
-                            let of = if base > 0 {
-                                format!("{} classes left after benchmark.base_classes", order.len())
+                            let left = if base > 0 {
+                                " left after benchmark.base_classes"
                             } else {
-                                format!("{} classes", order.len())
+                                ""
                             };
                             return Err(bad(format!(
-                                "benchmark.tasks: {t} tasks do not divide the {of} of {}; use one of {} or set benchmark.classes_per_task",
-                                dataset.name, divisors.join(", ")
+                                "benchmark.tasks: {t} tasks do not divide the {} classes of {}{left}; use one of {} or set benchmark.classes_per_task",
+                                order.len(), dataset.name, divisors.join(", ")
                             )));
                         }
                         order.len() / t
