@@ -372,6 +372,9 @@ pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
     Ok(x.reshape((n, c, h2, 2, w2, 2))?.max(5)?.max(3)?)
 }
 
+/// `kind` applied element-wise. `CenteredSoftplus` here has the default β = 5
+/// ([`crate::config::DEFAULT_SOFTPLUS_BETA`]); a layer with another or a learned β calls
+/// [`centered_softplus`] itself, as the MLP does.
 pub fn activate(x: &Tensor, kind: ActivationKind) -> Result<Tensor> {
     Ok(match kind {
         ActivationKind::Relu => x.relu()?,
