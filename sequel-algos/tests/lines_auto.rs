@@ -36,6 +36,16 @@ fn trainer(text: &str) -> Trainer {
 /// Accuracy of the trainer's current weights on task `j`'s validation split (class-IL: argmax
 /// over every unit).
 fn valid_acc(t: &Trainer, j: usize) -> f64 {
+    valid_acc_over(t, j, 0..t.stream.num_units)
+}
+
+/// Accuracy on task `j`'s validation split with the argmax over its own units (task-IL).
+fn valid_acc_within(t: &Trainer, j: usize) -> f64 {
+    valid_acc_over(t, j, t.stream.tasks[j].units.clone())
+}
+
+/// Accuracy on task `j`'s validation split with the argmax over `units`.
+fn valid_acc_over(t: &Trainer, j: usize, units: std::ops::Range<usize>) -> f64 {
     let refs: Vec<SampleRef> = t.stream.tasks[j]
         .valid
         .iter()
@@ -50,28 +60,6 @@ fn valid_acc(t: &Trainer, j: usize) -> f64 {
         .stream
         .gather(&refs, Split::Train, &mut buf, t.device())
         .unwrap();
-    let out = t.model.forward(&b.x, false).unwrap();
-    let pred: Vec<u32> = out.logits.argmax(D::Minus1).unwrap().to_vec1().unwrap();
-    let ok = pred.iter().zip(&b.units).filter(|(p, y)| p == y).count();
-    ok as f64 / refs.len() as f64
-}
-
-/// Accuracy on task `j`'s validation split with the argmax over its own units (task-IL).
-fn valid_acc_within(t: &Trainer, j: usize) -> f64 {
-    let refs: Vec<SampleRef> = t.stream.tasks[j]
-        .valid
-        .iter()
-        .map(|&index| SampleRef {
-            task: j as u32,
-            index,
-        })
-        .collect();
-    let mut buf = GatherBuf::default();
-    let b = t
-        .stream
-        .gather(&refs, Split::Train, &mut buf, t.device())
-        .unwrap();
-    let units = t.stream.tasks[j].units.clone();
     let logits = t.model.forward(&b.x, false).unwrap().logits;
     let own = logits.narrow(1, units.start, units.len()).unwrap();
     let pred: Vec<u32> = own.argmax(D::Minus1).unwrap().to_vec1().unwrap();
