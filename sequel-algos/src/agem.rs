@@ -131,6 +131,7 @@ impl Algorithm for Agem {
             return Ok(());
         }
         let g_ref = flat::loss_gradient(ctx.model, ctx.stream, &drawn.batch)?;
+        ctx.charge(drawn.batch.len(), drawn.batch.len());
         let params = ctx.model.params();
         let g = flat::flatten(params, grads)?;
         self.steps_with_reference += 1;

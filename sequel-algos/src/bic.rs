@@ -273,6 +273,7 @@ impl Algorithm for Bic {
             return Ok(ce);
         };
         let mut zt = teacher.forward(&batch.x, false)?.logits.detach();
+        ctx.charge(batch.len(), 0);
         if let Some(b) = &self.bias {
             zt = correct(&zt, b)?;
         }

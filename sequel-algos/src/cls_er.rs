@@ -191,6 +191,7 @@ impl Algorithm for ClsEr {
         let x = &replay.batch.x;
         let zs = sm.forward(x, false)?.logits.detach();
         let zp = pm.forward(x, false)?.logits.detach();
+        ctx.charge(2 * replay.batch.len(), 0);
         let mask = if s.mask_in_training() {
             Some(unit_mask(&replay.batch, s, s.num_units)?)
         } else {

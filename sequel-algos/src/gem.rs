@@ -185,6 +185,7 @@ impl Gem {
             }
             let drawn = self.memory.batch_of(slots, ctx.stream, ctx.device)?;
             rows.push(flat::loss_gradient(ctx.model, ctx.stream, &drawn.batch)?);
+            ctx.charge(drawn.batch.len(), drawn.batch.len());
         }
         Ok(rows)
     }

@@ -145,6 +145,17 @@ impl BceDistillation {
 
     /// The loss of a batch with training-mode `logits` (see the module documentation).
     pub fn loss(&self, logits: &Tensor, batch: &Batch, stream: &TaskStream) -> Result<Tensor> {
+        Ok(self.loss_and_teacher_rows(logits, batch, stream)?.0)
+    }
+
+    /// [`BceDistillation::loss`] and the rows the teacher forwarded for it (0 or the batch), for
+    /// [`sequel_core::StepCtx::charge`].
+    pub fn loss_and_teacher_rows(
+        &self,
+        logits: &Tensor,
+        batch: &Batch,
+        stream: &TaskStream,
+    ) -> Result<(Tensor, usize)> {
         let units = logits.dim(D::Minus1)?;
         let rows = batch.len();
         let mut cover = vec![0f32; rows * units];
@@ -183,18 +194,19 @@ impl BceDistillation {
         let dev = logits.device();
         let shape = (rows, units);
         let onehot = Tensor::from_vec(onehot, shape, dev)?;
-        let targets = match &self.teacher {
+        let (targets, teacher_rows) = match &self.teacher {
             Some(teacher) if distil.iter().any(|&d| d > 0.0) => {
                 let old = teacher.forward(&batch.x, false)?.logits.detach();
                 let soft = candle_nn::ops::sigmoid(&old)?;
                 let distil = Tensor::from_vec(distil, shape, dev)?;
-                (&onehot + distil.mul(&(soft - &onehot)?)?)?
+                ((&onehot + distil.mul(&(soft - &onehot)?)?)?, rows)
             }
-            _ => onehot,
+            _ => (onehot, 0),
         };
         let cover = Tensor::from_vec(cover, shape, dev)?;
         let z = logits.to_dtype(DType::F32)?;
-        Ok((bce_with_logits(&z, &targets)?.mul(&cover)?.sum_all()? / count as f64)?)
+        let loss = (bce_with_logits(&z, &targets)?.mul(&cover)?.sum_all()? / count as f64)?;
+        Ok((loss, teacher_rows))
     }
 }
 
@@ -279,7 +291,11 @@ impl Algorithm for Icarl {
 
     fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
         let f = ctx.forward(&[batch])?;
-        self.bce_loss(&f.out.logits, batch, ctx.stream)
+        let (loss, teacher_rows) =
+            self.bce
+                .loss_and_teacher_rows(&f.out.logits, batch, ctx.stream)?;
+        ctx.charge(teacher_rows, 0);
+        Ok(loss)
     }
 
     fn after_task(&mut self, ctx: &mut TaskCtx) -> Result<()> {

@@ -459,6 +459,7 @@ impl Algorithm for Lucir {
         if let Some(teacher) = &self.teacher {
             let lambda = self.lambda(ctx.stream, ctx.task);
             let old_feats = teacher.forward(&batch.x, false)?.features;
+            ctx.charge(batch.len(), 0);
             loss = (loss + (less_forget(feats, &old_feats)? * lambda)?)?;
         }
         Ok(loss)

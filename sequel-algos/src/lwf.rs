@@ -173,7 +173,10 @@ impl Algorithm for Lwf {
             return Ok(ce);
         }
         match self.distillation(&f.out.logits, &batch.x)? {
-            Some(d) => Ok((ce + (d * self.alpha)?)?),
+            Some(d) => {
+                ctx.charge(batch.len(), 0);
+                Ok((ce + (d * self.alpha)?)?)
+            }
             None => Ok(ce),
         }
     }

@@ -68,7 +68,11 @@ impl Algorithm for LwfMc {
 
     fn loss(&mut self, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
         let f = ctx.forward(&[batch])?;
-        self.bce.loss(&f.out.logits, batch, ctx.stream)
+        let (loss, teacher_rows) =
+            self.bce
+                .loss_and_teacher_rows(&f.out.logits, batch, ctx.stream)?;
+        ctx.charge(teacher_rows, 0);
+        Ok(loss)
     }
 
     fn after_task(&mut self, _ctx: &mut TaskCtx) -> Result<()> {

@@ -132,6 +132,8 @@ impl Mir {
             return Ok(Retrieval::default());
         }
         let increase = loss_increase(ctx.model, ctx.stream, batch, &drawn.batch, self.virtual_lr)?;
+        // Two scoring passes over the candidates, one virtual step on the incoming batch.
+        ctx.charge(2 * drawn.batch.len() + batch.len(), batch.len());
         let chosen = top_k(&increase, self.replay_batch_size)
             .into_iter()
             .map(|i| drawn.slots[i])

@@ -331,3 +331,40 @@ fn resuming_a_finished_or_unknown_run_says_why() {
         "{e}"
     );
 }
+
+/// `training.realtime`'s per-task records live in the checkpointed results: a resumed run writes
+/// the same online accuracy, batch counts and counted costs as an uninterrupted one.
+#[test]
+fn realtime_evaluation_survives_a_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = config(tmp.path(), "{ name: er, buffer_size: 30 }", "").replace(
+        "log_every: 1 }",
+        "log_every: 1, realtime: { label_delay: 1 } }",
+    );
+    assert!(text.contains("realtime"), "{text}");
+    let full = run(&text, "full", &RunOptions::default()).unwrap();
+    stopped_after(&text, "part", 2);
+    let resumed = resume(tmp.path(), "part", &text, None).unwrap();
+    for ((name, x), (_, y)) in results(&full).iter().zip(&results(&resumed)) {
+        assert!(
+            name == "config.yaml" || x == y,
+            "{name} differs after resume"
+        );
+    }
+    assert_eq!(log(&full), log(&resumed), "train_log.csv");
+    let online = |dir: &Path| -> Vec<Vec<String>> {
+        let text = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+        let mut lines = text.lines().map(|l| l.split(',').collect::<Vec<_>>());
+        let header = lines.next().unwrap();
+        let keep: Vec<usize> = ["online_acc", "batches", "trained", "step_cost"]
+            .iter()
+            .map(|k| header.iter().position(|h| h == k).expect(k))
+            .collect();
+        lines
+            .map(|row| keep.iter().map(|&i| row[i].to_string()).collect())
+            .collect()
+    };
+    let rows = online(&full);
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows, online(&resumed));
+}

@@ -85,6 +85,27 @@ impl Forward {
     }
 }
 
+/// The compute of one training step, counted deterministically in sample passes through the
+/// model: each row forwarded adds 1 to `forward`, each row back-propagated 1 to `backward`. A
+/// naive step on `B` incoming rows costs `(B, B)`. [`StepCtx::forward`] counts its rows
+/// itself (they all enter the step's one backward pass); a hook that forwards or
+/// back-propagates anything else (a teacher, a reference gradient, a virtual update) says so with
+/// [`StepCtx::charge`]. Used by latency-aware evaluation (`training.realtime`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepCost {
+    pub forward: usize,
+    pub backward: usize,
+}
+
+impl StepCost {
+    /// The cost relative to a naive step on `rows` rows, a backward pass counting twice a
+    /// forward (the multiply-adds of a dense or convolutional layer's two backward products):
+    /// `(forward + 2·backward) / (3·rows)`.
+    pub fn relative(&self, rows: usize) -> f64 {
+        (self.forward + 2 * self.backward) as f64 / (3 * rows.max(1)) as f64
+    }
+}
+
 /// What hooks at step granularity see.
 pub struct StepCtx<'a> {
     pub task: usize,
@@ -101,6 +122,7 @@ pub struct StepCtx<'a> {
     present: Vec<bool>,
     /// The samples of every part forwarded in this step, in order (for logs and tests).
     parts: Vec<Vec<SampleRef>>,
+    cost: StepCost,
 }
 
 impl<'a> StepCtx<'a> {
@@ -128,6 +150,7 @@ impl<'a> StepCtx<'a> {
             incoming_out: None,
             present: vec![false; stream.len()],
             parts: Vec::new(),
+            cost: StepCost::default(),
         }
     }
 
@@ -168,6 +191,8 @@ impl<'a> StepCtx<'a> {
             }
         }
         self.parts.extend(parts.iter().map(|p| p.refs.clone()));
+        self.cost.forward += batch.len();
+        self.cost.backward += batch.len();
         let f = Forward { out, batch, ranges };
         if self.incoming_out.is_none() {
             if let Some(i) = parts.iter().position(|p| std::ptr::eq(*p, self.incoming)) {
@@ -197,6 +222,19 @@ impl<'a> StepCtx<'a> {
     /// The samples of every part forwarded so far in this step, in order.
     pub fn forwarded_parts(&self) -> &[Vec<SampleRef>] {
         &self.parts
+    }
+
+    /// Count model passes made outside [`StepCtx::forward`]: `forward` rows forwarded (a
+    /// teacher's logits) and `backward` rows back-propagated (a reference gradient). See
+    /// [`StepCost`].
+    pub fn charge(&mut self, forward: usize, backward: usize) {
+        self.cost.forward += forward;
+        self.cost.backward += backward;
+    }
+
+    /// The passes counted so far in this step.
+    pub fn cost(&self) -> StepCost {
+        self.cost
     }
 
     /// The incoming batch's output, once `loss` has forwarded it.

@@ -567,6 +567,48 @@ pub struct TrainingConfig {
     /// (the LiNeS / task-arithmetic multi-task protocol).
     #[serde(default, skip_serializing_if = "TrainingMode::is_sequential")]
     pub mode: TrainingMode,
+    /// Latency-aware ("real-time") online evaluation of a one-pass stream. Absent = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realtime: Option<RealTimeConfig>,
+}
+
+/// `training.realtime`: the stream does not wait for training (Ghunaim et al., "Real-Time
+/// Evaluation in Online Continual Learning: A New Hope", CVPR 2023; FLAME, Courdier & Fleuret
+/// 2020). One incoming batch arrives per unit of time, a naive step's compute. Every batch is
+/// first predicted with the current weights (online accuracy); a step costing `C` units keeps the
+/// learner busy, so it trains on a batch only when it is free: with a constant `C`, on one of every
+/// ⌈C⌉ batches. With a label delay `Δ` the batch trained on at arrival `i` is batch `i − Δ`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RealTimeConfig {
+    /// A step's cost `C` relative to a naive step: `counted` (default), the step's own sample
+    /// passes ([`crate::StepCost::relative`]), or a fixed number ≥ 1.
+    pub cost: StepCostRule,
+    /// `Δ`, in batches. Default 0.
+    pub label_delay: usize,
+}
+
+impl Default for RealTimeConfig {
+    fn default() -> Self {
+        Self {
+            cost: StepCostRule::Rule(CostCounted::Counted),
+            label_delay: 0,
+        }
+    }
+}
+
+/// `training.realtime.cost`: a number, or `counted`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged, expecting = "a number ≥ 1 or `counted`")]
+pub enum StepCostRule {
+    Fixed(f64),
+    Rule(CostCounted),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CostCounted {
+    Counted,
 }
 
 /// How tasks follow each other, see [`TrainingConfig::mode`].
@@ -606,6 +648,7 @@ impl Default for TrainingConfig {
             log_every: default_log_every(),
             clip_grad_norm: None,
             mode: TrainingMode::Sequential,
+            realtime: None,
         }
     }
 }
@@ -893,6 +936,34 @@ impl ExperimentConfig {
                 return Err(err(
                     "training.mode",
                     "`independent` merges the task vectors: it needs a `consolidation` strategy with `anchor: initial`".into(),
+                ));
+            }
+        }
+        if let Some(rt) = &self.training.realtime {
+            if self.training.epochs != 1 {
+                return Err(err(
+                    "training.realtime",
+                    format!(
+                        "evaluates a one-pass stream: it needs training.epochs: 1, found {}",
+                        self.training.epochs
+                    ),
+                ));
+            }
+            if let StepCostRule::Fixed(c) = rt.cost {
+                if !(c.is_finite() && c >= 1.0) {
+                    return Err(err(
+                        "training.realtime.cost",
+                        format!(
+                            "must be `counted` or a number ≥ 1 (a naive step costs 1), found {c}"
+                        ),
+                    ));
+                }
+            }
+            if self.training.mode == TrainingMode::Independent {
+                return Err(err(
+                    "training.realtime",
+                    "evaluates one sequential stream; remove it or training.mode: independent"
+                        .into(),
                 ));
             }
         }

@@ -29,7 +29,7 @@ pub mod step;
 pub mod sweep;
 pub mod trainer;
 
-pub use algorithm::{Algorithm, AlgorithmConfig, EvalCtx, Forward, StepCtx, TaskCtx};
+pub use algorithm::{Algorithm, AlgorithmConfig, EvalCtx, Forward, StepCost, StepCtx, TaskCtx};
 pub use buffer::MemoryConfig;
 pub use config::ExperimentConfig;
 pub use consolidation::{Consolidation, ConsolidationCtx, Consolidator, TaskVector, Wiring};

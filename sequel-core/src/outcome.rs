@@ -50,6 +50,52 @@ pub struct Results {
     /// `training.mode: independent`: metrics.csv and summary.json add the normalised accuracy.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub independent: bool,
+    /// `training.realtime`: one entry per finished task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub realtime: Vec<RealTimeTask>,
+}
+
+/// Latency-aware evaluation of one task's stream (`training.realtime`).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct RealTimeTask {
+    /// Incoming samples, and those the weights current at their arrival predicted right.
+    pub samples: usize,
+    pub correct: usize,
+    /// Incoming batches, and those trained on.
+    pub batches: usize,
+    pub trained: usize,
+    /// Sum over the trained steps of their relative cost `C` (counted, or the fixed value).
+    pub cost_sum: f64,
+    /// Sum over the trained steps of their wall-clock seconds (not deterministic).
+    pub step_s: f64,
+}
+
+impl RealTimeTask {
+    /// Online accuracy: the fraction of incoming samples predicted right on arrival.
+    pub fn online_acc(&self) -> f64 {
+        self.correct as f64 / self.samples.max(1) as f64
+    }
+
+    /// Mean relative cost of a trained step.
+    pub fn mean_cost(&self) -> Option<f64> {
+        (self.trained > 0).then(|| self.cost_sum / self.trained as f64)
+    }
+
+    /// Mean wall-clock milliseconds of a trained step.
+    pub fn mean_step_ms(&self) -> Option<f64> {
+        (self.trained > 0).then(|| 1e3 * self.step_s / self.trained as f64)
+    }
+}
+
+impl Results {
+    /// `training.realtime`: online accuracy over every incoming sample of the first `i` tasks.
+    pub fn online_acc(&self, i: usize) -> Option<f64> {
+        let tasks = self.realtime.get(..i)?;
+        let (c, n) = tasks
+            .iter()
+            .fold((0, 0), |(c, n), t| (c + t.correct, n + t.samples));
+        (n > 0).then(|| c as f64 / n as f64)
+    }
 }
 
 impl Results {

@@ -361,6 +361,10 @@ pub fn metrics_csv(outcome: &RunOutcome) -> String {
     if outcome.independent {
         s.push_str(",normalized_acc");
     }
+    let realtime = !outcome.realtime.is_empty();
+    if realtime {
+        s.push_str(",online_acc,batches,trained,step_cost,step_ms");
+    }
     s.push('\n');
     for (i, t) in outcome.times.iter().enumerate() {
         let m = outcome.matrix.metrics_after(i + 1);
@@ -401,6 +405,20 @@ pub fn metrics_csv(outcome: &RunOutcome) -> String {
         }
         if outcome.independent {
             let _ = write!(s, ",{}", opt(outcome.normalized_acc(i + 1)));
+        }
+        if realtime {
+            let r = outcome.realtime.get(i).copied().unwrap_or_default();
+            let _ = write!(
+                s,
+                ",{:.6},{},{},{},{}",
+                r.online_acc(),
+                r.batches,
+                r.trained,
+                opt(r.mean_cost()),
+                r.mean_step_ms()
+                    .map(|v| format!("{v:.3}"))
+                    .unwrap_or_default()
+            );
         }
         s.push('\n');
     }
@@ -468,6 +486,21 @@ pub fn summary_json(outcome: &RunOutcome, info: &RunInfo) -> serde_json::Value {
             json!({
                 "acc": (done > 0).then(|| outcome.normalized_acc(done)),
                 "per_task": (done > 0).then(|| outcome.normalized_after(done)),
+            }),
+        );
+    }
+    if let (false, Some(map)) = (outcome.realtime.is_empty(), v.as_object_mut()) {
+        let r = &outcome.realtime;
+        let sum = |f: fn(&crate::outcome::RealTimeTask) -> f64| r.iter().map(f).sum::<f64>();
+        let trained = r.iter().map(|t| t.trained).sum::<usize>();
+        map.insert(
+            "realtime".into(),
+            json!({
+                "online_acc": outcome.online_acc(r.len()),
+                "batches": r.iter().map(|t| t.batches).sum::<usize>(),
+                "trained": trained,
+                "step_cost": (trained > 0).then(|| sum(|t| t.cost_sum) / trained as f64),
+                "step_ms": (trained > 0).then(|| 1e3 * sum(|t| t.step_s) / trained as f64),
             }),
         );
     }

@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor, D};
 
-use crate::algorithm::{Algorithm, EvalCtx, StepCtx, TaskCtx};
+use crate::algorithm::{Algorithm, EvalCtx, StepCost, StepCtx, TaskCtx};
 use crate::checkpoint::{self, Checkpoint, Meta, FORMAT_VERSION};
-use crate::config::{EvaluateWith, ExperimentConfig};
+use crate::config::{EvaluateWith, ExperimentConfig, StepCostRule};
 use crate::consolidation::{
     apply, selection_score, Anchor, Consolidation, ConsolidationCtx, ContinueFrom, Evaluate,
     TaskVector,
@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::metrics::{peak_rss_mb, AccuracyMatrix};
 use crate::model::{Model, ModelOutput, Snapshot};
 use crate::optim::{build_optimizer, LrSchedule, Optimizer};
-use crate::outcome::{Control, LogRow, Results, RunOutcome, TaskTimes};
+use crate::outcome::{Control, LogRow, RealTimeTask, Results, RunOutcome, TaskTimes};
 use crate::rng::{SeededRng, Stream};
 use crate::state::{put_prefixed, take_prefixed, StateDict, StateIo};
 use crate::step::{finite_loss, optimize, optimize_with};
@@ -62,6 +62,8 @@ pub struct Trainer {
     pub stop_after_task: Option<usize>,
     /// When it becomes true, training stops at the next step; the last checkpoint is intact.
     pub interrupt: Option<Arc<AtomicBool>>,
+    /// The sample passes of the last [`Trainer::step`].
+    last_cost: StepCost,
 }
 
 /// The weights a consolidation of one task works with.
@@ -109,6 +111,7 @@ impl Trainer {
             config_hash: String::new(),
             stop_after_task: None,
             interrupt: None,
+            last_cost: StepCost::default(),
         }
     }
 
@@ -200,7 +203,7 @@ impl Trainer {
     fn task(&mut self, t: usize, progress: &mut dyn Progress, results: &mut Results) -> Result<()> {
         let r = t - self.stream.first();
         let start = Instant::now();
-        let steps = self.train_task(t, progress, &mut results.log)?;
+        let (steps, realtime) = self.train_task(t, progress, &mut results.log)?;
         // The loss is checked before each step; the weights after the last one are not, and
         // NaN logits would be scored as "class 0" by argmax.
         if !self.weights_finite()? {
@@ -285,6 +288,7 @@ impl Trainer {
             }
         }
         results.times.push(times);
+        results.realtime.extend(realtime);
         Ok(())
     }
 
@@ -346,6 +350,7 @@ impl Trainer {
                 chosen: Vec::new(),
                 chosen_key: None,
                 independent: self.independent(),
+                realtime: Vec::new(),
             },
             failure: None,
         };
@@ -389,55 +394,89 @@ impl Trainer {
     fn pretrain(&mut self, log: &mut Vec<LogRow>) -> Result<usize> {
         self.optimizer.reset();
         let mut order = crate::algorithm::task_samples(&self.stream, 0);
-        let bs = self.cfg.training.batch_size;
         let epochs = self
             .cfg
             .benchmark
             .base_epochs
             .unwrap_or(self.cfg.training.epochs);
-        let total = order.len().div_ceil(bs) * epochs;
+        let total = order.len().div_ceil(self.cfg.training.batch_size) * epochs;
         tracing::info!(samples = order.len(), steps = total, "pre-training started");
-        let mut buf = GatherBuf::default();
-        let log_every = self.cfg.training.log_every;
         let mut forwarded = vec![false; self.stream.len()];
         forwarded[0] = true;
+        let stopped = || "interrupted during pre-training; nothing was checkpointed".to_string();
+        self.epochs(
+            &mut order,
+            epochs,
+            (0, &stopped),
+            &mut Silent,
+            log,
+            |s, epoch, step, batch| {
+                let out = s.model.forward(&batch.x, true)?;
+                let loss = crate::loss::task_loss(&out.logits, &batch, &s.stream)?;
+                let value = finite_loss(&loss, (0, epoch + 1, step + 1))?;
+                optimize(
+                    &loss,
+                    s.model.as_ref(),
+                    &s.stream,
+                    &forwarded,
+                    s.cfg.training.clip_grad_norm,
+                    s.optimizer.as_mut(),
+                    |_| Ok(()),
+                )?;
+                Ok(Some((value, out, batch)))
+            },
+        )
+    }
+
+    /// The epoch loop of pre-training and of every stream task: shuffle `order` with the data
+    /// stream, cut it into batches, stop at an interrupt (with the message of `stop.1`), set the
+    /// scheduled learning rate, and hand each batch to `each`. `each` returns the loss, output
+    /// and batch of the step it took, or `None` when it trained on nothing; sampled steps are
+    /// logged as task `stop.0`. Returns the number of batches.
+    fn epochs(
+        &mut self,
+        order: &mut [SampleRef],
+        epochs: usize,
+        stop: (usize, &dyn Fn() -> String),
+        progress: &mut dyn Progress,
+        log: &mut Vec<LogRow>,
+        mut each: impl FnMut(
+            &mut Self,
+            usize,
+            usize,
+            Batch,
+        ) -> Result<Option<(f32, ModelOutput, Batch)>>,
+    ) -> Result<usize> {
+        let bs = self.cfg.training.batch_size;
+        let total = order.len().div_ceil(bs) * epochs;
+        let mut buf = GatherBuf::default();
+        let log_every = self.cfg.training.log_every;
         let mut step = 0;
         for epoch in 0..epochs {
-            self.data_rng.shuffle(&mut order);
+            self.data_rng.shuffle(order);
             for chunk in order.chunks(bs) {
                 if self
                     .interrupt
                     .as_ref()
                     .is_some_and(|f| f.load(Ordering::Relaxed))
                 {
-                    return Err(Error::Stopped(
-                        "interrupted during pre-training; nothing was checkpointed".into(),
-                    ));
+                    return Err(Error::Stopped(stop.1()));
                 }
                 let lr = self.schedule.lr(epoch, step, total);
                 self.optimizer.set_learning_rate(lr);
                 let batch = self.stream.gather_train(chunk, &mut buf, &self.device)?;
-                let out = self.model.forward(&batch.x, true)?;
-                let loss = crate::loss::task_loss(&out.logits, &batch, &self.stream)?;
-                let value = finite_loss(&loss, (0, epoch + 1, step + 1))?;
-                optimize(
-                    &loss,
-                    self.model.as_ref(),
-                    &self.stream,
-                    &forwarded,
-                    self.cfg.training.clip_grad_norm,
-                    self.optimizer.as_mut(),
-                    |_| Ok(()),
-                )?;
-                if log_every > 0 && step % log_every == 0 {
-                    log.push(LogRow {
-                        task: 0,
-                        epoch: epoch + 1,
-                        step: step + 1,
-                        loss: value,
-                        batch_acc: self.batch_accuracy(&out.logits, &batch)?,
-                        lr,
-                    });
+                if let Some((value, out, trained)) = each(self, epoch, step, batch)? {
+                    if log_every > 0 && step % log_every == 0 {
+                        log.push(LogRow {
+                            task: stop.0,
+                            epoch: epoch + 1,
+                            step: step + 1,
+                            loss: value,
+                            batch_acc: self.batch_accuracy(&out.logits, &trained)?,
+                            lr,
+                        });
+                    }
+                    progress.step(step, value);
                 }
                 step += 1;
             }
@@ -826,17 +865,17 @@ impl Trainer {
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
     }
 
-    /// Train on task `t`; returns the number of optimizer steps.
+    /// Train on task `t`; returns the number of optimizer steps and, with `training.realtime`,
+    /// the task's latency-aware evaluation.
     fn train_task(
         &mut self,
         t: usize,
         progress: &mut dyn Progress,
         log: &mut Vec<LogRow>,
-    ) -> Result<usize> {
+    ) -> Result<(usize, Option<RealTimeTask>)> {
         let mut order = self.begin_task(t)?;
-        let bs = self.cfg.training.batch_size;
         let epochs = self.cfg.training.epochs;
-        let total = order.len().div_ceil(bs) * epochs;
+        let total = order.len().div_ceil(self.cfg.training.batch_size) * epochs;
         // Tasks are numbered within the stream (the pre-training task is task 0).
         let first = self.stream.first();
         let number = t + 1 - first;
@@ -847,41 +886,81 @@ impl Trainer {
             "task started"
         );
         progress.task_start(t - first, self.stream.len() - first, total);
-        let mut buf = GatherBuf::default();
-        let log_every = self.cfg.training.log_every;
-        let mut step = 0;
-        for epoch in 0..epochs {
-            self.data_rng.shuffle(&mut order);
-            for chunk in order.chunks(bs) {
-                if self
-                    .interrupt
-                    .as_ref()
-                    .is_some_and(|f| f.load(Ordering::Relaxed))
-                {
-                    return Err(Error::Stopped(format!(
-                        "interrupted during task {number}; the checkpoint of the last finished task is intact"
-                    )));
-                }
-                let lr = self.schedule.lr(epoch, step, total);
-                self.optimizer.set_learning_rate(lr);
-                let batch = self.stream.gather_train(chunk, &mut buf, &self.device)?;
-                let (value, out) = self.step(t, epoch, step, &batch)?;
-                if log_every > 0 && step % log_every == 0 {
-                    log.push(LogRow {
-                        task: number,
-                        epoch: epoch + 1,
-                        step: step + 1,
-                        loss: value,
-                        batch_acc: self.batch_accuracy(&out.logits, &batch)?,
-                        lr,
-                    });
-                }
-                progress.step(step, value);
-                step += 1;
+        let stopped = || {
+            format!("interrupted during task {number}; the checkpoint of the last finished task is intact")
+        };
+        let stop = (number, &stopped as &dyn Fn() -> String);
+        let (steps, realtime) = match self.cfg.training.realtime.clone() {
+            None => {
+                let steps =
+                    self.epochs(&mut order, epochs, stop, progress, log, |s, e, i, b| {
+                        let (value, out) = s.step(t, e, i, &b)?;
+                        Ok(Some((value, out, b)))
+                    })?;
+                (steps, None)
             }
-        }
+            Some(rt) => {
+                let mut task = RealTimeTask::default();
+                // Arrived batches whose labels are not yet used: batch i − Δ … i.
+                let mut queue = std::collections::VecDeque::new();
+                let mut busy_until = 0.0;
+                self.epochs(&mut order, epochs, stop, progress, log, |s, e, i, b| {
+                    task.batches += 1;
+                    task.samples += b.incoming;
+                    task.correct += s.online_correct(t, &b)?;
+                    queue.push_back(b);
+                    if queue.len() > rt.label_delay + 1 {
+                        queue.pop_front();
+                    }
+                    if (i as f64) < busy_until || queue.len() <= rt.label_delay {
+                        return Ok(None);
+                    }
+                    let Some(b) = queue.pop_front() else {
+                        return Ok(None);
+                    };
+                    let start = Instant::now();
+                    let (value, out) = s.step(t, e, i, &b)?;
+                    task.step_s += start.elapsed().as_secs_f64();
+                    let c = match rt.cost {
+                        StepCostRule::Fixed(c) => c,
+                        StepCostRule::Rule(_) => s.last_cost.relative(b.len()),
+                    };
+                    task.cost_sum += c;
+                    task.trained += 1;
+                    busy_until = i as f64 + c;
+                    Ok(Some((value, out, b)))
+                })?;
+                (task.trained, Some(task))
+            }
+        };
         self.end_task(t)?;
-        Ok(step)
+        Ok((steps, realtime))
+    }
+
+    /// How many of `batch`'s incoming samples the current weights predict right, from the
+    /// evaluation-mode logits (over task `t`'s units where evaluation masks them) on the
+    /// inputs without augmentation. The algorithm's own `predict` is not used: it may need
+    /// `before_eval`'s work over the whole memory (class means), which an online prediction
+    /// cannot wait for.
+    fn online_correct(&self, t: usize, batch: &Batch) -> Result<usize> {
+        let plain;
+        let batch = if self.stream.augment_state().is_some() {
+            let mut buf = GatherBuf::default();
+            plain = self
+                .stream
+                .gather(&batch.refs, Split::Train, &mut buf, &self.device)?;
+            &plain
+        } else {
+            batch
+        };
+        let logits = self.model.forward(&batch.x, false)?.logits;
+        let pred = self.predicted(&logits, t)?;
+        Ok(pred
+            .iter()
+            .zip(&batch.units)
+            .take(batch.incoming)
+            .filter(|(p, y)| p == y)
+            .count())
     }
 
     /// Start task `t`: reset the optimizer if asked, run the algorithm's `before_task` (and create
@@ -954,10 +1033,16 @@ impl Trainer {
             |grads| algorithm.edit_gradients(grads, &mut ctx),
         )?;
         self.algorithm.after_step(batch, &out, &mut ctx)?;
+        self.last_cost = ctx.cost();
         if let Some(m) = self.algorithm.memory() {
             m.after_step(batch, &out)?;
         }
         Ok((value, out))
+    }
+
+    /// The sample passes of the last [`Trainer::step`] ([`StepCost`]).
+    pub fn last_step_cost(&self) -> StepCost {
+        self.last_cost
     }
 
     /// End task `t`: fill the memory (task-end insertion), then the algorithm's `after_task`.
@@ -1014,16 +1099,7 @@ impl Trainer {
                 Some(s) => s,
                 None => out.logits,
             };
-            let pred = if self.stream.mask_in_eval() {
-                let r = &self.stream.tasks[j].units;
-                let p: Vec<u32> = scores
-                    .narrow(1, r.start, r.len())?
-                    .argmax(D::Minus1)?
-                    .to_vec1()?;
-                p.into_iter().map(|u| u + r.start as u32).collect()
-            } else {
-                scores.argmax(D::Minus1)?.to_vec1::<u32>()?
-            };
+            let pred = self.predicted(&scores, j)?;
             correct += pred
                 .iter()
                 .zip(&batch.units)
@@ -1048,6 +1124,21 @@ fn snapshot_finite(s: &Snapshot) -> Result<bool> {
 }
 
 impl Trainer {
+    /// The predicted unit of each row of `scores` (`N × U`) for task `j`: the argmax over task
+    /// `j`'s units where evaluation masks them, else over every unit.
+    fn predicted(&self, scores: &Tensor, j: usize) -> Result<Vec<u32>> {
+        Ok(if self.stream.mask_in_eval() {
+            let r = &self.stream.tasks[j].units;
+            let p: Vec<u32> = scores
+                .narrow(1, r.start, r.len())?
+                .argmax(D::Minus1)?
+                .to_vec1()?;
+            p.into_iter().map(|u| u + r.start as u32).collect()
+        } else {
+            scores.argmax(D::Minus1)?.to_vec1::<u32>()?
+        })
+    }
+
     /// Training accuracy of a batch's incoming samples under the training mask (per sample in
     /// multi-head task-IL).
     fn batch_accuracy(&self, logits: &Tensor, batch: &crate::data::Batch) -> Result<f64> {
