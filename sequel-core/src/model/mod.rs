@@ -124,11 +124,14 @@ pub fn build_model(
             &mut rng,
             device,
         )?),
-        ModelKind::Resnet18 => Box::new(resnet::ResNet18::with_norm(
+        ModelKind::Resnet18 => Box::new(resnet::ResNet18::with_options(
             input,
             cfg.width,
             heads,
-            cfg.lipschitz_bn,
+            resnet::ResNetOptions {
+                lipschitz_bn: cfg.lipschitz_bn,
+                dwa: cfg.dwa,
+            },
             &mut rng,
             device,
         )?),
