@@ -282,7 +282,10 @@ mod tests {
         let dev = Device::Cpu;
         let mut ps = ParamSet::new();
         let bn = layers::BatchNorm2d::new(&mut ps, "bn", 1, 3, &dev).unwrap();
-        bn.gamma
+        let layers::BnScale::Affine(gamma) = &bn.scale else {
+            panic!("BatchNorm2d::new is affine")
+        };
+        gamma
             .set(&Tensor::new(&[1.5f32, 0.5, 2.0], &dev).unwrap())
             .unwrap();
         bn.beta
