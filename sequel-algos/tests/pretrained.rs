@@ -326,3 +326,77 @@ fn a_bad_freeze_or_init_from_writes_nothing() {
         );
     }
 }
+
+/// `model.lipschitz_bn` with a file of plain batch norms (here torchvision-named) is refused in
+/// one line naming the option and the fix, before a run folder exists; the other way round
+/// too. A sequel-rs file trained with the option loads into it bit for bit.
+#[test]
+fn lipschitz_norms_load_only_from_lipschitz_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = tmp.path().join("plain.safetensors");
+    let torchvision = |name: &str| -> String {
+        name.replace("stem.conv.", "conv1.")
+            .replace("stem.bn.", "bn1.")
+            .replace(".shortcut.conv.", ".downsample.0.")
+            .replace(".shortcut.bn.", ".downsample.1.")
+            .replacen("head.", "fc.", 1)
+    };
+    let ours = model("{kind: resnet18, width: 2}", 5, &[10]).unwrap();
+    save(ours.as_ref(), &plain, torchvision);
+    let yaml = format!(
+        "{{kind: resnet18, width: 2, lipschitz_bn: true, init_from: '{}'}}",
+        plain.display()
+    );
+    let e = model(&yaml, 0, &[10]).err().unwrap().to_string();
+    assert!(e.starts_with("t.yaml: model.lipschitz_bn:"), "{e}");
+    // The file's names are shown mapped to ours (`bn1.weight` is `stem.bn.weight`).
+    assert!(
+        e.contains("`stem.bn.weight` in place of `stem.bn.log_gamma`"),
+        "{e}"
+    );
+    assert!(e.contains("leave out `model.lipschitz_bn`"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+
+    let lip = tmp.path().join("lipschitz.safetensors");
+    let trained = model("{kind: resnet18, width: 2, lipschitz_bn: true}", 7, &[10]).unwrap();
+    let log_gamma = trained
+        .params()
+        .iter()
+        .find(|p| p.name == "layer2.0.bn1.log_gamma")
+        .unwrap()
+        .var
+        .clone();
+    log_gamma
+        .set(&Tensor::new(&[0.25f32], &Device::Cpu).unwrap())
+        .unwrap();
+    save(trained.as_ref(), &lip, str::to_string);
+    let yaml = format!(
+        "{{kind: resnet18, width: 2, lipschitz_bn: true, init_from: '{}', init_head: load}}",
+        lip.display()
+    );
+    let loaded = model(&yaml, 0, &[10]).unwrap();
+    assert_eq!(values(loaded.as_ref()), values(trained.as_ref()));
+    let yaml = format!(
+        "{{kind: resnet18, width: 2, init_from: '{}'}}",
+        lip.display()
+    );
+    let e = model(&yaml, 0, &[10]).err().unwrap().to_string();
+    assert!(
+        e.starts_with("t.yaml: model.lipschitz_bn:")
+            && e.contains("set `model.lipschitz_bn: true`"),
+        "{e}"
+    );
+
+    // Through a whole run: refused before the run folder is created.
+    let text = run_config(
+        tmp.path(),
+        &format!(
+            "{{kind: resnet18, width: 2, lipschitz_bn: true, init_from: '{}'}}",
+            plain.display()
+        ),
+    );
+    let p = prepare(&text, "t.yaml", &[], &Registry::builtin()).unwrap();
+    let e = execute(p, &mut Silent, None).err().unwrap().to_string();
+    assert!(e.starts_with("t.yaml: model.lipschitz_bn:"), "{e}");
+    assert!(!tmp.path().join("frozen").exists());
+}

@@ -39,12 +39,58 @@ pub fn apply(model: &dyn Model, cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
+/// `e` as an error of the key `path`, unless it already names its key.
 fn at(path: &str, e: Error) -> Error {
-    Error::Config {
-        file: String::new(),
-        path: path.into(),
-        message: e.to_string(),
+    match e {
+        Error::Config { .. } => e,
+        other => Error::Config {
+            file: String::new(),
+            path: path.into(),
+            message: other.to_string(),
+        },
     }
+}
+
+/// `model.lipschitz_bn` replaces each batch norm's per-channel `weight` by one `log_gamma`, so
+/// the two kinds of norm do not load into each other. Said in one line naming the option,
+/// before the per-tensor checks would name a missing tensor instead.
+fn check_norms(model: &dyn Model, file: &HashMap<String, Tensor>, shown: &str) -> Result<()> {
+    let params = model.params();
+    let has = |name: &str| params.iter().any(|p| p.name == name);
+    for p in params.iter() {
+        let Some(bn) = p.name.strip_suffix(".running_var") else {
+            continue;
+        };
+        let (gamma, log_gamma) = (format!("{bn}.weight"), format!("{bn}.log_gamma"));
+        let (ours, theirs, kind, fix) = if has(&log_gamma) {
+            (
+                log_gamma,
+                gamma,
+                "γ-Lipschitz batch norms (one `log_gamma` each, no per-channel `weight`)",
+                "a torchvision, timm or Mammoth ResNet-18, or a run without the option, cannot \
+                 start them; leave out `model.lipschitz_bn`, or give `model.init_from` a \
+                 sequel-rs file trained with `lipschitz_bn: true`",
+            )
+        } else {
+            (
+                gamma,
+                log_gamma,
+                "plain batch norms (a per-channel `weight` each)",
+                "set `model.lipschitz_bn: true` to load it",
+            )
+        };
+        if !file.contains_key(&ours) && file.contains_key(&theirs) {
+            return Err(Error::Config {
+                file: String::new(),
+                path: "model.lipschitz_bn".into(),
+                message: format!(
+                    "this backbone has {kind}, but `model.init_from` `{shown}` has `{theirs}` \
+                     in place of `{ours}`: {fix}"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn load(model: &dyn Model, cfg: &ModelConfig, path: &Path) -> Result<()> {
@@ -57,6 +103,7 @@ fn load(model: &dyn Model, cfg: &ModelConfig, path: &Path) -> Result<()> {
     let raw = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
         .map_err(|e| Error::msg(format!("`{shown}` is not a safetensors file: {e}")))?;
     let file = canonical_names(raw, &cfg.kind);
+    check_norms(model, &file, &shown.to_string())?;
     let params = model.params();
     let is_head = |role: Role, head: Option<usize>| role == Role::Head || head.is_some();
     let mut staged = Vec::new();
