@@ -13,7 +13,10 @@
 //!
 //! Every body tensor of the model must be in the file with its shape, and every tensor of the
 //! file must be used (a head the model does not load is skipped), so a wrong architecture never
-//! half-loads: nothing is written until everything has been checked.
+//! half-loads: nothing is written until everything has been checked. One exception: a file with
+//! no DWA weights (`dwa<i>.alpha`) loads into a model with `model.dwa`, whose weights stay at
+//! the identity (DenseFormer's point that DWA can be inserted into a trained network); a file
+//! with some DWA weights must have them all.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -108,9 +111,12 @@ fn load(model: &dyn Model, cfg: &ModelConfig, path: &Path) -> Result<()> {
     let is_head = |role: Role, head: Option<usize>| role == Role::Head || head.is_some();
     let mut staged = Vec::new();
     let mut used = std::collections::HashSet::new();
+    // A file without DWA weights (a plain network) leaves the model's at their identity
+    // initialisation, with which the model computes the file's network.
+    let file_has_dwa = file.keys().any(|k| is_dwa(k));
     for p in params.iter() {
         let head = is_head(p.role, p.head);
-        if head && cfg.init_head == InitHead::Fresh {
+        if (head && cfg.init_head == InitHead::Fresh) || (is_dwa(&p.name) && !file_has_dwa) {
             continue;
         }
         let t = file.get(&p.name).ok_or_else(|| {
@@ -167,6 +173,13 @@ fn load(model: &dyn Model, cfg: &ModelConfig, path: &Path) -> Result<()> {
         p.var.set(&t)?;
     }
     Ok(())
+}
+
+/// Whether `name` is a DWA weight of the MLP or the ResNet-18 (`dwa<i>.alpha`).
+fn is_dwa(name: &str) -> bool {
+    name.strip_prefix("dwa")
+        .and_then(|rest| rest.strip_suffix(".alpha"))
+        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Whether `name` is a classifier-head tensor, of this model or of a file saved with another
