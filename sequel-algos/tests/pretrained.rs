@@ -326,3 +326,145 @@ fn a_bad_freeze_or_init_from_writes_nothing() {
         );
     }
 }
+
+/// `model.lipschitz_bn` with a file of plain batch norms (here torchvision-named) is refused in
+/// one line naming the option and the fix, before a run folder exists; the other way round
+/// too. A sequel-rs file trained with the option loads into it bit for bit.
+#[test]
+fn lipschitz_norms_load_only_from_lipschitz_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = tmp.path().join("plain.safetensors");
+    let torchvision = |name: &str| -> String {
+        name.replace("stem.conv.", "conv1.")
+            .replace("stem.bn.", "bn1.")
+            .replace(".shortcut.conv.", ".downsample.0.")
+            .replace(".shortcut.bn.", ".downsample.1.")
+            .replacen("head.", "fc.", 1)
+    };
+    let ours = model("{kind: resnet18, width: 2}", 5, &[10]).unwrap();
+    save(ours.as_ref(), &plain, torchvision);
+    let yaml = format!(
+        "{{kind: resnet18, width: 2, lipschitz_bn: true, init_from: '{}'}}",
+        plain.display()
+    );
+    let e = model(&yaml, 0, &[10]).err().unwrap().to_string();
+    assert!(e.starts_with("t.yaml: model.lipschitz_bn:"), "{e}");
+    // The file's names are shown mapped to ours (`bn1.weight` is `stem.bn.weight`).
+    assert!(
+        e.contains("`stem.bn.weight` in place of `stem.bn.log_gamma`"),
+        "{e}"
+    );
+    assert!(e.contains("leave out `model.lipschitz_bn`"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+
+    let lip = tmp.path().join("lipschitz.safetensors");
+    let trained = model("{kind: resnet18, width: 2, lipschitz_bn: true}", 7, &[10]).unwrap();
+    let log_gamma = trained
+        .params()
+        .iter()
+        .find(|p| p.name == "layer2.0.bn1.log_gamma")
+        .unwrap()
+        .var
+        .clone();
+    log_gamma
+        .set(&Tensor::new(&[0.25f32], &Device::Cpu).unwrap())
+        .unwrap();
+    save(trained.as_ref(), &lip, str::to_string);
+    let yaml = format!(
+        "{{kind: resnet18, width: 2, lipschitz_bn: true, init_from: '{}', init_head: load}}",
+        lip.display()
+    );
+    let loaded = model(&yaml, 0, &[10]).unwrap();
+    assert_eq!(values(loaded.as_ref()), values(trained.as_ref()));
+    let yaml = format!(
+        "{{kind: resnet18, width: 2, init_from: '{}'}}",
+        lip.display()
+    );
+    let e = model(&yaml, 0, &[10]).err().unwrap().to_string();
+    assert!(
+        e.starts_with("t.yaml: model.lipschitz_bn:")
+            && e.contains("set `model.lipschitz_bn: true`"),
+        "{e}"
+    );
+
+    // Through a whole run: refused before the run folder is created.
+    let text = run_config(
+        tmp.path(),
+        &format!(
+            "{{kind: resnet18, width: 2, lipschitz_bn: true, init_from: '{}'}}",
+            plain.display()
+        ),
+    );
+    let p = prepare(&text, "t.yaml", &[], &Registry::builtin()).unwrap();
+    let e = execute(p, &mut Silent, None).err().unwrap().to_string();
+    assert!(e.starts_with("t.yaml: model.lipschitz_bn:"), "{e}");
+    assert!(!tmp.path().join("frozen").exists());
+}
+
+/// A network without DWA (here a torchvision-named ResNet-18) loads into a DWA model, whose α
+/// stay at the identity: it computes the file's network bit for bit. A DWA file loads its α.
+#[test]
+fn a_plain_file_loads_into_a_dwa_model_at_the_identity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = tmp.path().join("plain.safetensors");
+    let theirs = |name: &str| -> String {
+        name.replace("stem.conv.", "conv1.")
+            .replace("stem.bn.", "bn1.")
+            .replace(".shortcut.conv.", ".downsample.0.")
+            .replace(".shortcut.bn.", ".downsample.1.")
+            .replacen("head.", "fc.", 1)
+    };
+    let trained = model("{kind: resnet18, width: 2}", 5, &[10]).unwrap();
+    save(trained.as_ref(), &plain, theirs);
+    let yaml = |dwa: &str, f: &Path| {
+        format!(
+            "{{kind: resnet18, width: 2, {dwa}init_from: '{}', init_head: load}}",
+            f.display()
+        )
+    };
+    let plain_loaded = model(&yaml("", &plain), 0, &[10]).unwrap();
+    let with = model(&yaml("dwa: {}, ", &plain), 0, &[10]).unwrap();
+    let (got, want) = (values(with.as_ref()), values(trained.as_ref()));
+    for p in with.params().iter() {
+        if p.name.starts_with("dwa") {
+            let a: Vec<f32> = p.var.to_vec1().unwrap();
+            assert_eq!(a.last(), Some(&1.0), "{}", p.name);
+            assert!(a[..a.len() - 1].iter().all(|&x| x == 0.0), "{}", p.name);
+        } else {
+            assert_eq!(got[&p.name], want[&p.name], "{}", p.name);
+        }
+    }
+    let mut rng = sequel_core::rng::SeededRng::new(1, sequel_core::rng::Stream::Init);
+    let v: Vec<f32> = (0..2 * 3 * 8 * 8).map(|_| rng.normal()).collect();
+    let x = Tensor::from_vec(v, (2, 3, 8, 8), &Device::Cpu).unwrap();
+    let logits = |m: &dyn Model| -> Vec<u32> {
+        let l = m.forward(&x, false).unwrap().logits.flatten_all().unwrap();
+        l.to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    };
+    assert_eq!(logits(with.as_ref()), logits(plain_loaded.as_ref()));
+
+    // A DWA file: its α load (moved ones included); a plain model refuses it.
+    let dwa_file = tmp.path().join("dwa.safetensors");
+    let dwa = model("{kind: resnet18, width: 2, dwa: {}}", 3, &[10]).unwrap();
+    let alpha = dwa
+        .params()
+        .iter()
+        .find(|p| p.name == "dwa2.alpha")
+        .unwrap();
+    alpha
+        .var
+        .set(&Tensor::new(&[0.5f32, -0.25, 1.5], &Device::Cpu).unwrap())
+        .unwrap();
+    save(dwa.as_ref(), &dwa_file, str::to_string);
+    let loaded = model(&yaml("dwa: {}, ", &dwa_file), 0, &[10]).unwrap();
+    assert_eq!(values(loaded.as_ref()), values(dwa.as_ref()));
+    let e = model(&yaml("", &dwa_file), 0, &[10])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("`dwa"), "{e}");
+}

@@ -250,7 +250,8 @@ pub struct ModelConfig {
     /// (`fc<i>.log_beta`). Default false (β fixed).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub learn_beta: bool,
-    /// Depth-weighted averaging between the MLP's hidden blocks (DenseFormer). Absent = off.
+    /// Depth-weighted averaging (DenseFormer) between the MLP's hidden blocks or within the
+    /// ResNet-18's stages. Absent = off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dwa: Option<DwaConfig>,
     /// ResNet-18: γ-Lipschitz batch norms (Srinivas et al., NeurIPS 2022). Default false.
@@ -1161,7 +1162,6 @@ impl ExperimentConfig {
             ),
             ("softplus_beta", m.softplus_beta.is_some()),
             ("learn_beta", m.learn_beta),
-            ("dwa", m.dwa.is_some()),
         ];
         if m.lipschitz_bn && m.kind != ModelKind::Resnet18 {
             return Err(err(
@@ -1182,6 +1182,16 @@ impl ExperimentConfig {
                     ),
                 ));
             }
+        }
+        if m.dwa.is_some() && !matches!(m.kind, ModelKind::Mlp | ModelKind::Resnet18) {
+            return Err(err(
+                "model.dwa",
+                format!(
+                    "is built for kind: mlp and resnet18 only; {} does not read it \
+                     (docs/EXTENSIONS.md)",
+                    m.kind.name()
+                ),
+            ));
         }
         if (m.softplus_beta.is_some() || m.learn_beta)
             && m.activation != ActivationKind::CenteredSoftplus
@@ -1216,7 +1226,7 @@ impl ExperimentConfig {
                     "must be at least 1".into(),
                 ));
             }
-            if m.hidden.windows(2).any(|w| w[0] != w[1]) {
+            if m.kind == ModelKind::Mlp && m.hidden.windows(2).any(|w| w[0] != w[1]) {
                 return Err(err(
                     "model.dwa",
                     format!(
@@ -1390,7 +1400,17 @@ mod tests {
             &["model.kind=cnn", "model.activation=centered-softplus"],
             "model.activation",
         );
-        bad(&["model.kind=resnet18", "model.dwa={}"], "model.dwa");
+        bad(&["model.kind=cnn", "model.dwa={}"], "model.dwa");
+        // The ResNet-18 averages within its stages, whatever `hidden` (an MLP key) says.
+        ok(&[
+            "model.kind=resnet18",
+            "model.hidden=[10, 20]",
+            "model.dwa={}",
+        ]);
+        bad(
+            &["model.kind=resnet18", "model.dwa={period: 0}"],
+            "model.dwa.period",
+        );
         bad(&["model.lipschitz_bn=true"], "model.lipschitz_bn");
         bad(&["model.softplus_beta=2"], "model.softplus_beta");
         bad(

@@ -172,7 +172,7 @@ impl Conv2d {
 /// running variance, ε = 1e-5, as PyTorch).
 #[derive(Debug, Clone)]
 pub struct BatchNorm2d {
-    pub gamma: Var,
+    pub scale: BnScale,
     pub beta: Var,
     pub running_mean: Var,
     pub running_var: Var,
@@ -180,8 +180,15 @@ pub struct BatchNorm2d {
     eps: f64,
     /// `model.freeze` on this layer: normalise with the running statistics, never update them.
     frozen: Arc<AtomicBool>,
-    /// γ-Lipschitz mode ([`BatchNorm2d::lipschitz`]): `log γ`, and `gamma` is not used.
-    log_gamma: Option<Var>,
+}
+
+/// How a [`BatchNorm2d`] scales the normalised channels.
+#[derive(Debug, Clone)]
+pub enum BnScale {
+    /// A learned per-channel γ (`<name>.weight`, initially 1): PyTorch's affine batch norm.
+    Affine(Var),
+    /// γ-Lipschitz mode ([`BatchNorm2d::lipschitz`]): one learned `log γ` (`<name>.log_gamma`).
+    Lipschitz(Var),
 }
 
 /// Register a normalisation layer's four tensors under `name.<suffix>` with one frozen flag for
@@ -229,14 +236,13 @@ impl BatchNorm2d {
             ],
         );
         Ok(Self {
-            gamma,
+            scale: BnScale::Affine(gamma),
             beta,
             running_mean,
             running_var,
             momentum: 0.1,
             eps: 1e-5,
             frozen,
-            log_gamma: None,
         })
     }
 
@@ -274,14 +280,13 @@ impl BatchNorm2d {
             ],
         );
         Ok(Self {
-            gamma: init::constant(c, 1.0, device)?,
+            scale: BnScale::Lipschitz(log_gamma),
             beta,
             running_mean,
             running_var,
             momentum: 0.1,
             eps: 1e-5,
             frozen,
-            log_gamma: Some(log_gamma),
         })
     }
 
@@ -292,7 +297,7 @@ impl BatchNorm2d {
     /// [`Self::forward`], followed by a ReLU if `relu` (fused into one kernel in CPU training).
     pub fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let train = train && !self.frozen.load(Ordering::Relaxed);
-        let c = self.gamma.dim(0)?;
+        let c = self.beta.dim(0)?;
         let (mean, var) = if train {
             let n = x.elem_count() / c;
             if n < 2 {
@@ -300,14 +305,17 @@ impl BatchNorm2d {
                     "batch normalisation needs more than one value per channel in training; raise training.batch_size",
                 ));
             }
-            let fused = self.log_gamma.is_none()
-                && [x, self.gamma.as_tensor(), self.beta.as_tensor()]
+            let fused = match &self.scale {
+                BnScale::Affine(gamma) => [x, gamma.as_tensor(), self.beta.as_tensor()]
                     .into_iter()
-                    .all(kernels::supported);
-            let (y, mean, var) = if fused {
+                    .all(kernels::supported)
+                    .then_some(gamma),
+                BnScale::Lipschitz(_) => None,
+            };
+            let (y, mean, var) = if let Some(gamma) = fused {
                 let (y, s) = kernels::batch_norm_train(
                     x,
-                    self.gamma.as_tensor(),
+                    gamma.as_tensor(),
                     self.beta.as_tensor(),
                     self.eps,
                     relu,
@@ -338,9 +346,9 @@ impl BatchNorm2d {
         };
         let shape = (1, c, 1, 1);
         let inv = (var + self.eps)?.sqrt()?.recip()?;
-        let scale = match &self.log_gamma {
-            None => (inv * self.gamma.as_tensor())?.reshape(shape)?,
-            Some(log_gamma) => {
+        let scale = match &self.scale {
+            BnScale::Affine(gamma) => (inv * gamma.as_tensor())?.reshape(shape)?,
+            BnScale::Lipschitz(log_gamma) => {
                 // 1/σ_min = max_c 1/σ_c; factor σ_min/σ_c · min(1/σ_min, γ).
                 let inv_min = inv.max_keepdim(0)?;
                 let k = inv_min.minimum(&log_gamma.as_tensor().exp()?)?;

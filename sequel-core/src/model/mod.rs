@@ -124,11 +124,14 @@ pub fn build_model(
             &mut rng,
             device,
         )?),
-        ModelKind::Resnet18 => Box::new(resnet::ResNet18::with_norm(
+        ModelKind::Resnet18 => Box::new(resnet::ResNet18::with_options(
             input,
             cfg.width,
             heads,
-            cfg.lipschitz_bn,
+            resnet::ResNetOptions {
+                lipschitz_bn: cfg.lipschitz_bn,
+                dwa: cfg.dwa,
+            },
             &mut rng,
             device,
         )?),
@@ -279,7 +282,10 @@ mod tests {
         let dev = Device::Cpu;
         let mut ps = ParamSet::new();
         let bn = layers::BatchNorm2d::new(&mut ps, "bn", 1, 3, &dev).unwrap();
-        bn.gamma
+        let layers::BnScale::Affine(gamma) = &bn.scale else {
+            panic!("BatchNorm2d::new is affine")
+        };
+        gamma
             .set(&Tensor::new(&[1.5f32, 0.5, 2.0], &dev).unwrap())
             .unwrap();
         bn.beta

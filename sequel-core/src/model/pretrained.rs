@@ -13,7 +13,10 @@
 //!
 //! Every body tensor of the model must be in the file with its shape, and every tensor of the
 //! file must be used (a head the model does not load is skipped), so a wrong architecture never
-//! half-loads: nothing is written until everything has been checked.
+//! half-loads: nothing is written until everything has been checked. One exception: a file with
+//! no DWA weights (`dwa<i>.alpha`) loads into a model with `model.dwa`, whose weights stay at
+//! the identity (DenseFormer's point that DWA can be inserted into a trained network); a file
+//! with some DWA weights must have them all.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -39,12 +42,58 @@ pub fn apply(model: &dyn Model, cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
+/// `e` as an error of the key `path`, unless it already names its key.
 fn at(path: &str, e: Error) -> Error {
-    Error::Config {
-        file: String::new(),
-        path: path.into(),
-        message: e.to_string(),
+    match e {
+        Error::Config { .. } => e,
+        other => Error::Config {
+            file: String::new(),
+            path: path.into(),
+            message: other.to_string(),
+        },
     }
+}
+
+/// `model.lipschitz_bn` replaces each batch norm's per-channel `weight` by one `log_gamma`, so
+/// the two kinds of norm do not load into each other. Said in one line naming the option,
+/// before the per-tensor checks would name a missing tensor instead.
+fn check_norms(model: &dyn Model, file: &HashMap<String, Tensor>, shown: &str) -> Result<()> {
+    let params = model.params();
+    let has = |name: &str| params.iter().any(|p| p.name == name);
+    for p in params.iter() {
+        let Some(bn) = p.name.strip_suffix(".running_var") else {
+            continue;
+        };
+        let (gamma, log_gamma) = (format!("{bn}.weight"), format!("{bn}.log_gamma"));
+        let (ours, theirs, kind, fix) = if has(&log_gamma) {
+            (
+                log_gamma,
+                gamma,
+                "γ-Lipschitz batch norms (one `log_gamma` each, no per-channel `weight`)",
+                "a torchvision, timm or Mammoth ResNet-18, or a run without the option, cannot \
+                 start them; leave out `model.lipschitz_bn`, or give `model.init_from` a \
+                 sequel-rs file trained with `lipschitz_bn: true`",
+            )
+        } else {
+            (
+                gamma,
+                log_gamma,
+                "plain batch norms (a per-channel `weight` each)",
+                "set `model.lipschitz_bn: true` to load it",
+            )
+        };
+        if !file.contains_key(&ours) && file.contains_key(&theirs) {
+            return Err(Error::Config {
+                file: String::new(),
+                path: "model.lipschitz_bn".into(),
+                message: format!(
+                    "this backbone has {kind}, but `model.init_from` `{shown}` has `{theirs}` \
+                     in place of `{ours}`: {fix}"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn load(model: &dyn Model, cfg: &ModelConfig, path: &Path) -> Result<()> {
@@ -57,13 +106,17 @@ fn load(model: &dyn Model, cfg: &ModelConfig, path: &Path) -> Result<()> {
     let raw = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
         .map_err(|e| Error::msg(format!("`{shown}` is not a safetensors file: {e}")))?;
     let file = canonical_names(raw, &cfg.kind);
+    check_norms(model, &file, &shown.to_string())?;
     let params = model.params();
     let is_head = |role: Role, head: Option<usize>| role == Role::Head || head.is_some();
     let mut staged = Vec::new();
     let mut used = std::collections::HashSet::new();
+    // A file without DWA weights (a plain network) leaves the model's at their identity
+    // initialisation, with which the model computes the file's network.
+    let file_has_dwa = file.keys().any(|k| is_dwa(k));
     for p in params.iter() {
         let head = is_head(p.role, p.head);
-        if head && cfg.init_head == InitHead::Fresh {
+        if (head && cfg.init_head == InitHead::Fresh) || (is_dwa(&p.name) && !file_has_dwa) {
             continue;
         }
         let t = file.get(&p.name).ok_or_else(|| {
@@ -120,6 +173,13 @@ fn load(model: &dyn Model, cfg: &ModelConfig, path: &Path) -> Result<()> {
         p.var.set(&t)?;
     }
     Ok(())
+}
+
+/// Whether `name` is a DWA weight of the MLP or the ResNet-18 (`dwa<i>.alpha`).
+fn is_dwa(name: &str) -> bool {
+    name.strip_prefix("dwa")
+        .and_then(|rest| rest.strip_suffix(".alpha"))
+        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Whether `name` is a classifier-head tensor, of this model or of a file saved with another
