@@ -468,3 +468,80 @@ fn a_plain_file_loads_into_a_dwa_model_at_the_identity() {
         .to_string();
     assert!(e.contains("`dwa"), "{e}");
 }
+
+#[test]
+fn file_sha256_is_the_standard_digest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("abc");
+    std::fs::write(&p, b"abc").unwrap();
+    // FIPS 180-2, appendix B.1.
+    assert_eq!(
+        sequel_core::model::pretrained::file_sha256(&p).unwrap(),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+}
+
+/// summary.json names the `init_from` file by its digest, and a resume refuses a different file
+/// under the same path (the weights the run started from would silently change), then accepts
+/// the original again.
+#[test]
+fn init_from_is_recorded_by_its_sha256_and_a_resume_refuses_another_file() {
+    use sequel_algos::run::execute_with;
+    use sequel_core::experiment::{ResumeFrom, RunOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("init.safetensors");
+    let other = tmp.path().join("other.safetensors");
+    save(
+        model("{kind: mlp, hidden: [16]}", 5, &[10])
+            .unwrap()
+            .as_ref(),
+        &file,
+        str::to_string,
+    );
+    save(
+        model("{kind: mlp, hidden: [16]}", 6, &[10])
+            .unwrap()
+            .as_ref(),
+        &other,
+        str::to_string,
+    );
+    let original = std::fs::read(&file).unwrap();
+    let text = run_config(
+        tmp.path(),
+        &format!("{{kind: mlp, hidden: [16], init_from: {}}}", file.display()),
+    )
+    .replace("tasks: 2", "tasks: 5");
+    let run = |opts: &RunOptions| {
+        let p = prepare(&text, "t.yaml", &[], &Registry::builtin()).unwrap();
+        execute_with(p, &mut Silent, None, opts)
+    };
+    let full = run(&RunOptions::default()).unwrap().dir;
+    // JSON is YAML.
+    let summary: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(full.join("summary.json")).unwrap()).unwrap();
+    let sha = sequel_core::model::pretrained::file_sha256(&file).unwrap();
+    assert_eq!(summary["protocol"]["init_from"]["sha256"], sha.as_str());
+    assert_ne!(
+        sha,
+        sequel_core::model::pretrained::file_sha256(&other).unwrap()
+    );
+    std::fs::remove_dir_all(&full).unwrap();
+    let stop = RunOptions {
+        stop_after_task: Some(1),
+        ..RunOptions::default()
+    };
+    assert!(run(&stop).is_err());
+    let resume = RunOptions {
+        resume: Some(ResumeFrom {
+            dir: tmp.path().join("frozen/.seed-0.partial"),
+            task: None,
+        }),
+        ..RunOptions::default()
+    };
+    std::fs::copy(&other, &file).unwrap();
+    let e = run(&resume).err().unwrap().to_string();
+    assert!(e.contains("model.init_from: the file differs"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    std::fs::write(&file, original).unwrap();
+    run(&resume).unwrap();
+}

@@ -51,6 +51,9 @@ pub struct Meta {
     pub has_initial: bool,
     pub has_previous: bool,
     pub results: Results,
+    /// SHA-256 of the `model.init_from` file the run started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from_sha256: Option<String>,
 }
 
 /// A loaded checkpoint.

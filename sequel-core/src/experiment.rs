@@ -330,6 +330,11 @@ pub fn run_experiment(
     // output folder is still reported before any training.
     let mut trainer = p.trainer()?;
     trainer.config_hash = config_fingerprint(resolved_yaml)?;
+    let init_sha = match &cfg.model.init_from {
+        Some(path) => Some(crate::model::pretrained::file_sha256(path)?),
+        None => None,
+    };
+    trainer.init_from_sha256 = init_sha.clone();
     trainer.stop_after_task = opts.stop_after_task;
     trainer.interrupt = opts.interrupt.clone();
     let dir = match &opts.resume {
@@ -399,7 +404,7 @@ pub fn run_experiment(
             }),
         device: cfg.device,
         wall_s: start.elapsed().as_secs_f64(),
-        protocol: protocol_facts(cfg),
+        protocol: protocol_facts(cfg, init_sha.as_deref()),
     };
     write_results(&dir, resolved_yaml, &outcome, &info)?;
     let failure = outcome.failure.take();
@@ -481,7 +486,7 @@ fn check_same_config(dir: &RunDir, resolved_yaml: &str) -> Result<()> {
 }
 
 /// The protocol choices that change numbers between libraries (protocols.md §4), spelled out.
-fn protocol_facts(cfg: &ExperimentConfig) -> serde_json::Value {
+fn protocol_facts(cfg: &ExperimentConfig, init_sha: Option<&str>) -> serde_json::Value {
     let b = &cfg.benchmark;
     let kebab = |v: &dyn erased::Ser| v.yaml();
     let mut facts = serde_json::json!({
@@ -496,6 +501,15 @@ fn protocol_facts(cfg: &ExperimentConfig) -> serde_json::Value {
         "eval_on": kebab(&b.eval_on),
         "normalize": b.normalize,
     });
+    // Stated only when set, so that runs without it record what they always did.
+    if let (Some(path), Some(sha), Some(m)) =
+        (&cfg.model.init_from, init_sha, facts.as_object_mut())
+    {
+        m.insert(
+            "init_from".into(),
+            serde_json::json!({ "path": path.display().to_string(), "sha256": sha }),
+        );
+    }
     // Stated only when on, so that runs without it record what they always did.
     if !cfg.augmentation.is_off() {
         // Through YAML, so that f32 values keep their short spelling (0.4914, not 0.49140000343).

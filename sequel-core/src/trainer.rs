@@ -57,6 +57,9 @@ pub struct Trainer {
     resumed: Option<Results>,
     /// Fingerprint of the resolved config, recorded in checkpoints.
     pub config_hash: String,
+    /// SHA-256 of the `model.init_from` file, recorded in checkpoints: a resume refuses another
+    /// file under the same path, so that summary.json names the file the run started from.
+    pub init_from_sha256: Option<String>,
     /// Stop (with [`Error::Stopped`] in `RunOutcome::failure`) once this many tasks are done and
     /// checkpointed.
     pub stop_after_task: Option<usize>,
@@ -109,6 +112,7 @@ impl Trainer {
             previous: None,
             resumed: None,
             config_hash: String::new(),
+            init_from_sha256: None,
             stop_after_task: None,
             interrupt: None,
             last_cost: StepCost::default(),
@@ -528,6 +532,7 @@ impl Trainer {
             version: FORMAT_VERSION,
             tasks_done: outcome.matrix.rows.len(),
             config_hash: self.config_hash.clone(),
+            init_from_sha256: self.init_from_sha256.clone(),
             tensors_crc32: 0,
             data_rng: self.data_rng.state(),
             algo_rng: self.algo_rng.state(),
@@ -557,6 +562,14 @@ impl Trainer {
                 "the checkpoint was written by a different config (hash mismatch); resume with \
                  `sequel run --resume DIR` alone (it uses the run's own config.yaml), or start a new run",
             ));
+        }
+        if meta.init_from_sha256 != self.init_from_sha256 {
+            let sha = |s: &Option<String>| s.clone().unwrap_or_else(|| "none".into());
+            return Err(Error::msg(format!(
+                "model.init_from: the file differs from the one the run started from (sha256 {}                  then, {} now); put the original file back or start a new run",
+                sha(&meta.init_from_sha256),
+                sha(&self.init_from_sha256)
+            )));
         }
         let missing = |k: &str| Error::msg(format!("checkpoint lacks `{k}`"));
         let params = self.model.params();

@@ -27,6 +27,23 @@ use crate::config::{InitHead, ModelConfig, ModelKind};
 use crate::error::{Error, Result};
 use crate::model::{Model, Role};
 
+/// SHA-256 of the file at `path`, lower-case hex: the identity of a `model.init_from` file,
+/// recorded in summary.json and checked on resume.
+///
+/// # Errors
+/// The file cannot be read.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(path, e))?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 /// Load `cfg.init_from` into `model` (if set), then freeze `cfg.freeze`. Errors name the key and,
 /// for a tensor, the tensor.
 pub fn apply(model: &dyn Model, cfg: &ModelConfig) -> Result<()> {
