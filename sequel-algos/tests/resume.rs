@@ -220,13 +220,16 @@ fn lookahead_slow_weights_survive_a_resume() {
     }
 }
 
-/// The MLP's extension parameters (learned softplus β, DWA weights) are model tensors: a run
+/// The MLP's extension parameters (learned softplus β, DWA weights, PaLoRA adapters, also with
+/// the backbone frozen after task 1) are model tensors: a run
 /// stopped after task 2 and resumed writes the same files as an uninterrupted one.
 #[test]
 fn mlp_extension_parameters_survive_a_resume() {
     for model in [
         "{ kind: mlp, hidden: [16, 16, 16], activation: centered-softplus, learn_beta: true }",
         "{ kind: mlp, hidden: [16, 16, 16], dwa: { dilation: 1, period: 1 } }",
+        "{ kind: mlp, hidden: [16, 16], lora: { rank: 2 } }",
+        "{ kind: mlp, hidden: [16, 16], lora: { freeze_backbone_after: 1 } }",
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let text = config(tmp.path(), "{ name: er, buffer_size: 30 }", "")
