@@ -238,6 +238,33 @@ impl Adapters {
     }
 }
 
+/// PaLoRA's preference-annealing schedule: the grid point `p` (on the simplex) becomes the ray
+/// `p^{mul·τ} / Σ p^{mul·τ}` (elementwise power), with `τ = (step + 1) / total` the training
+/// progress. At `τ → 0` every ray is the centre (shared training); as `τ → 1` the rays move
+/// towards the simplex's vertices and the adapters specialise. The paper uses `mul = 5`.
+/// Not yet wired into training (docs/EXTENSIONS.md).
+pub fn annealed_preference(p: &[f32], step: usize, total: usize, mul: f32) -> Vec<f32> {
+    let tau = (step + 1) as f64 / total.max(1) as f64;
+    let powered: Vec<f64> = p
+        .iter()
+        .map(|&x| f64::from(x).powf(f64::from(mul) * tau))
+        .collect();
+    let sum: f64 = powered.iter().sum();
+    powered.iter().map(|x| (x / sum) as f32).collect()
+}
+
+/// The two-objective grid of the annealing sampler: `n` points `(a, 1 − a)` with `a` evenly
+/// spaced over `[ε, 1 − ε]` (the paper's ε = 0.01); `n ≥ 2`.
+pub fn preference_grid(n: usize, eps: f32) -> Vec<[f32; 2]> {
+    let n = n.max(2);
+    (0..n)
+        .map(|i| {
+            let a = eps + (1.0 - 2.0 * eps) * i as f32 / (n - 1) as f32;
+            [a, 1.0 - a]
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +281,37 @@ mod tests {
         let x: Vec<u32> = (0..4).map(|_| side.next_u32()).collect();
         let y: Vec<u32> = (0..4).map(|_| b.next_u32()).collect();
         assert_ne!(x, y);
+    }
+
+    /// The annealing schedule: the centre at the start, the paper's (0.7, 0.3) → ≈ (0.986, 0.014)
+    /// at the end (0.7⁵ / (0.7⁵ + 0.3⁵)), on the simplex, moving monotonically to the vertex.
+    #[test]
+    fn annealed_preferences_go_from_the_centre_to_the_vertices() {
+        let p = [0.7f32, 0.3];
+        let start = annealed_preference(&p, 0, 1_000_000, 5.0);
+        assert!((start[0] - 0.5).abs() < 1e-4, "{start:?}");
+        let end = annealed_preference(&p, 99, 100, 5.0);
+        let hand = 0.7f64.powi(5) / (0.7f64.powi(5) + 0.3f64.powi(5));
+        assert!((f64::from(end[0]) - hand).abs() < 1e-6, "{end:?}");
+        assert!((end[0] - 0.986).abs() < 1e-3 && (end[1] - 0.014).abs() < 1e-3);
+        let mut last = 0.0;
+        for step in 0..100 {
+            let r = annealed_preference(&p, step, 100, 5.0);
+            assert!((r[0] + r[1] - 1.0).abs() < 1e-6);
+            assert!(r[0] > last);
+            last = r[0];
+        }
+        // The centre of the grid stays the centre; three objectives work alike.
+        assert_eq!(
+            annealed_preference(&[0.5, 0.5], 99, 100, 5.0),
+            vec![0.5, 0.5]
+        );
+        let r = annealed_preference(&[0.2, 0.3, 0.5], 9, 10, 5.0);
+        assert!(r[2] > 0.5 && r[0] < r[1] && (r.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        let g = preference_grid(3, 0.01);
+        assert_eq!(g.len(), 3);
+        assert!((g[0][0] - 0.01).abs() < 1e-7 && (g[2][0] - 0.99).abs() < 1e-6);
+        assert!((g[1][0] - 0.5).abs() < 1e-6 && (g[1][1] - 0.5).abs() < 1e-6);
     }
 
     #[test]
