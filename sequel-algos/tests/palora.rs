@@ -1,10 +1,17 @@
 //! PaLoRA adapters (`model.lora`) in the trainer: task `t` trains adapter `t` alone, a frozen
-//! backbone stays bit-identical, task-IL evaluates each task through its own adapter.
+//! backbone stays bit-identical, task-IL evaluates each task through its own adapter and
+//! class-IL through the merge.
 
+use std::sync::Mutex;
+
+use candle_core::Tensor;
 use sequel_algos::naive::Naive;
 use sequel_algos::testing::mini_trainer;
+use sequel_core::algorithm::{Algorithm, EvalCtx};
 use sequel_core::data::GatherBuf;
+use sequel_core::model::ModelOutput;
 use sequel_core::trainer::{Silent, Trainer};
+use sequel_core::Result;
 
 /// Every tensor of the model by name, as bits.
 fn tensors(t: &Trainer) -> Vec<(String, Vec<u32>)> {
@@ -92,13 +99,62 @@ fn a_frozen_backbone_stays_bit_identical_and_only_the_task_adapter_trains() {
     }
 }
 
-/// Task-IL evaluates task `j` through adapter `j`: with the backbone frozen after task 1 and
-/// separate heads, naive fine-tuning cannot change what any earlier task sees, so every column
-/// of the accuracy matrix is constant below its diagonal (a shared adapter or a merged `λ`
-/// would change it). Class-IL evaluates the merge: the preference left after evaluation is
-/// uniform over the trained tasks.
+/// Naive fine-tuning that records the adapters' preference `λ` each time a batch of task `j`
+/// is scored.
+#[derive(Default)]
+struct Spy {
+    seen: Mutex<Vec<(usize, Vec<f32>)>>,
+}
+
+impl Algorithm for Spy {
+    fn predict(&self, _out: &ModelOutput, task: usize, ctx: &EvalCtx) -> Result<Option<Tensor>> {
+        let lambda = ctx.model.adapters().expect("adapters").preference();
+        self.seen.lock().unwrap().push((task, lambda));
+        Ok(None)
+    }
+}
+
+fn preferences(t: &Trainer) -> Vec<(usize, Vec<f32>)> {
+    t.algorithm::<Spy>().unwrap().seen.lock().unwrap().clone()
+}
+
+/// The trainer scores task `j` through adapter `j` in task-IL, and through the average of the
+/// adapters trained so far in class-IL (none before the first task).
 #[test]
-fn task_il_evaluates_each_task_through_its_adapter_and_class_il_the_merge() {
+fn evaluation_uses_one_hot_in_task_il_and_the_merge_in_class_il() {
+    let mut t = mini_trainer(
+        Box::new(Spy::default()),
+        &["model.lora={}", "benchmark.scenario=task-il"],
+    );
+    t.run(&mut Silent).unwrap();
+    let seen = preferences(&t);
+    assert!(seen.len() >= 6 * 5, "{}", seen.len());
+    for (j, lambda) in seen {
+        let mut one_hot = vec![0.0f32; 5];
+        one_hot[j] = 1.0;
+        assert_eq!(lambda, one_hot, "task {j}");
+    }
+    let mut c = mini_trainer(Box::new(Spy::default()), &["model.lora={}"]);
+    c.run(&mut Silent).unwrap();
+    let seen = preferences(&c);
+    // Evaluations of all 5 tasks before training and after each task, in order.
+    let per_row = seen.len() / 6;
+    assert_eq!(seen.len(), per_row * 6);
+    for (row, chunk) in seen.chunks(per_row).enumerate() {
+        let expected: Vec<f32> = (0..5)
+            .map(|u| if u < row { 1.0 / row as f32 } else { 0.0 })
+            .collect();
+        for (_, lambda) in chunk {
+            assert_eq!(lambda, &expected, "after {row} tasks");
+        }
+    }
+}
+
+/// With the backbone frozen after task 1 and separate heads, naive fine-tuning cannot change
+/// what any earlier task sees through its own adapter, so every column of the accuracy matrix
+/// is constant below its diagonal.
+#[test]
+fn a_frozen_backbone_with_separate_heads_keeps_earlier_task_il_accuracies() {
     let mut t = mini_trainer(
         Box::new(Naive),
         &[
@@ -125,8 +181,4 @@ fn task_il_evaluates_each_task_through_its_adapter_and_class_il_the_merge() {
     }
     let diagonal = (0..5).map(|j| rows[j][j]).sum::<f64>() / 5.0;
     assert!(diagonal > 0.6, "{rows:?}");
-
-    let mut c = mini_trainer(Box::new(Naive), &["model.lora={}"]);
-    c.run(&mut Silent).unwrap();
-    assert_eq!(c.model.adapters().unwrap().preference(), vec![0.2f32; 5]);
 }
