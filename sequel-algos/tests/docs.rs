@@ -140,7 +140,7 @@ fn the_section_finder_finds_what_the_checks_rely_on() {
 /// config.md's `## model` table, and `model.dwa`'s keys a row in its `### model.dwa` section.
 #[test]
 fn config_md_documents_every_model_key() {
-    use sequel_core::config::{ActivationKind, DwaConfig, ModelConfig};
+    use sequel_core::config::{ActivationKind, DwaConfig, LoraConfig, ModelConfig};
     let text = doc("docs/config.md");
     let start = text
         .find("\n## model\n")
@@ -154,6 +154,10 @@ fn config_md_documents_every_model_key() {
         softplus_beta: Some(5.0),
         learn_beta: true,
         dwa: Some(DwaConfig::default()),
+        lora: Some(LoraConfig {
+            freeze_backbone_after: Some(1),
+            ..LoraConfig::default()
+        }),
         lipschitz_bn: true,
         init_from: Some("x".into()),
         freeze: vec!["fc1".into()],
@@ -168,20 +172,42 @@ fn config_md_documents_every_model_key() {
         );
     }
     assert!(table.contains("centered-softplus"));
-    let dwa = section(&text, "model.dwa").expect("docs/config.md: no `### model.dwa` section");
-    let d = serde_yaml::to_value(DwaConfig::default()).unwrap();
-    for (key, default) in d.as_mapping().unwrap() {
-        let key = key.as_str().unwrap();
-        // | Key | Type | Default | Allowed values | Meaning |
-        let row = dwa
-            .lines()
-            .find(|l| l.starts_with(&format!("| `{key}` |")))
-            .unwrap_or_else(|| panic!("docs/config.md, model.dwa: key `{key}` not documented"));
-        let cell = row.split('|').nth(3).unwrap().trim().trim_matches('`');
-        let doc_default: Value = serde_yaml::from_str(cell).unwrap();
-        assert!(
-            same(&doc_default, default),
-            "model.dwa.{key}: {doc_default:?} vs {default:?}"
-        );
+    let lora = LoraConfig {
+        freeze_backbone_after: Some(1),
+        ..LoraConfig::default()
+    };
+    for (name, value, defaults) in [
+        (
+            "model.dwa",
+            serde_yaml::to_value(DwaConfig::default()).unwrap(),
+            serde_yaml::to_value(DwaConfig::default()).unwrap(),
+        ),
+        (
+            "model.lora",
+            serde_yaml::to_value(lora).unwrap(),
+            serde_yaml::to_value(LoraConfig::default()).unwrap(),
+        ),
+    ] {
+        let sec = section(&text, name)
+            .unwrap_or_else(|| panic!("docs/config.md: no `### {name}` section"));
+        for (key, _) in value.as_mapping().unwrap() {
+            let key = key.as_str().unwrap();
+            // | Key | Type | Default | Allowed values | Meaning |
+            let row = sec
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{key}` |")))
+                .unwrap_or_else(|| panic!("docs/config.md, {name}: key `{key}` not documented"));
+            // Keys absent by default are documented as such; the others with their value.
+            let Some(default) = defaults.get(key) else {
+                assert!(row.contains("absent"), "{name}.{key}: say it is absent");
+                continue;
+            };
+            let cell = row.split('|').nth(3).unwrap().trim().trim_matches('`');
+            let doc_default: Value = serde_yaml::from_str(cell).unwrap();
+            assert!(
+                same(&doc_default, default),
+                "{name}.{key}: {doc_default:?} vs {default:?}"
+            );
+        }
     }
 }

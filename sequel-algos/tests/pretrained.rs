@@ -24,6 +24,7 @@ fn model(yaml: &str, seed: u64, heads: &[usize]) -> sequel_core::Result<Box<dyn 
     let spec = BackboneSpec {
         input,
         heads,
+        tasks: heads.len(),
         seed,
         device: &Device::Cpu,
     };

@@ -220,15 +220,17 @@ fn lookahead_slow_weights_survive_a_resume() {
     }
 }
 
-/// The backbones' extension parameters (the MLP's learned softplus β, the MLP's and the
-/// ResNet-18's DWA weights) are model tensors: a run stopped after task 2 and resumed writes the
-/// same files as an uninterrupted one.
+/// The backbones' extension parameters (the MLP's learned softplus β and PaLoRA adapters, also
+/// with the backbone frozen after task 1; the MLP's and the ResNet-18's DWA weights) are model
+/// tensors: a run stopped after task 2 and resumed writes the same files as an uninterrupted one.
 #[test]
 fn model_extension_parameters_survive_a_resume() {
     for model in [
         "{ kind: mlp, hidden: [16, 16, 16], activation: centered-softplus, learn_beta: true }",
         "{ kind: mlp, hidden: [16, 16, 16], dwa: { dilation: 1, period: 1 } }",
         "{ kind: resnet18, width: 2, dwa: {} }",
+        "{ kind: mlp, hidden: [16, 16], lora: { rank: 2 } }",
+        "{ kind: mlp, hidden: [16, 16], lora: { freeze_backbone_after: 1 } }",
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let text = config(tmp.path(), "{ name: er, buffer_size: 30 }", "")

@@ -53,6 +53,7 @@ fn main() -> sequel_core::Result<()> {
     let spec = BackboneSpec {
         input: stream.input_shape(),
         heads: &heads,
+        tasks: stream.len(),
         seed: cfg.seed,
         device: &device,
     };

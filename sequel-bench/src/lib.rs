@@ -456,6 +456,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
                 let spec = sequel_core::BackboneSpec {
                     input: shape,
                     heads: &[units],
+                    tasks: 1,
                     seed: 0,
                     device: &dev,
                 };
@@ -491,8 +492,15 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
             // Load the data and build the stream and model too: that is where a missing file,
             // an unknown dataset or tasks that do not divide the classes show up.
             let trainer = p.trainer()?;
+            // PaLoRA: the memory one task adds (docs/EXTENSIONS.md).
+            let adapters = trainer.model.adapters().map_or(String::new(), |a| {
+                format!(
+                    ", of which {} per task in PaLoRA adapters",
+                    a.params_per_task()
+                )
+            });
             say!(
-                "{origin}: ok ({}: {} {} {}, {} tasks, {} output units, {} with {} parameters)",
+                "{origin}: ok ({}: {} {} {}, {} tasks, {} output units, {} with {} parameters{adapters})",
                 c.name,
                 yaml_name(&c.benchmark.kind),
                 c.benchmark.dataset,
@@ -672,6 +680,7 @@ fn bench_algorithm(
         let spec = sequel_core::BackboneSpec {
             input: stream.input_shape(),
             heads: &heads,
+            tasks: stream.len(),
             seed: c.seed,
             device: &device,
         };

@@ -254,6 +254,10 @@ pub struct ModelConfig {
     /// ResNet-18's stages. Absent = off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dwa: Option<DwaConfig>,
+    /// PaLoRA low-rank adapters on the MLP's hidden layers, one per task (Dimitriadis et al.,
+    /// ICLR 2025). Absent = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
     /// ResNet-18: γ-Lipschitz batch norms (Srinivas et al., NeurIPS 2022). Default false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub lipschitz_bn: bool,
@@ -325,6 +329,33 @@ impl Default for DwaConfig {
     }
 }
 
+/// `model.lora`: PaLoRA's low-rank adapters (Dimitriadis, Frossard & Fleuret, ICLR 2025).
+/// Every hidden linear layer of the MLP carries one adapter `(Aₜ, Bₜ)` per task of the stream,
+/// `W(λ) = W + s·Σₜ λₜ BₜAₜ` with `s = lora_alpha / rank` (docs/EXTENSIONS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraConfig {
+    /// r: the adapters' rank. Default 1 (the paper's MultiMNIST setting).
+    pub rank: usize,
+    /// `lora_alpha`: the scale is `s = lora_alpha / r`. Default 1.
+    pub lora_alpha: f32,
+    /// After this many stream tasks the backbone (every body tensor that is not an adapter)
+    /// gets no gradient: pure parameter-efficient fine-tuning of the adapters and heads.
+    /// Absent (default): the backbone trains throughout, as in the paper.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub freeze_backbone_after: Option<usize>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 1,
+            lora_alpha: 1.0,
+            freeze_backbone_after: None,
+        }
+    }
+}
+
 /// The softplus β used when `model.softplus_beta` is unset (Srinivas et al.'s initialisation).
 pub const DEFAULT_SOFTPLUS_BETA: f32 = 5.0;
 
@@ -371,6 +402,7 @@ impl Default for ModelConfig {
             softplus_beta: None,
             learn_beta: false,
             dwa: None,
+            lora: None,
             lipschitz_bn: false,
             channels: default_channels(),
             width: default_width(),
@@ -1162,6 +1194,7 @@ impl ExperimentConfig {
             ),
             ("softplus_beta", m.softplus_beta.is_some()),
             ("learn_beta", m.learn_beta),
+            ("lora", m.lora.is_some()),
         ];
         if m.lipschitz_bn && m.kind != ModelKind::Resnet18 {
             return Err(err(
@@ -1233,6 +1266,31 @@ impl ExperimentConfig {
                         "averages hidden outputs, which needs equal widths; found {:?}",
                         m.hidden
                     ),
+                ));
+            }
+        }
+        if let Some(l) = m.lora {
+            if l.rank == 0 {
+                return Err(err("model.lora.rank", "must be at least 1".into()));
+            }
+            if !(l.lora_alpha.is_finite() && l.lora_alpha > 0.0) {
+                return Err(err(
+                    "model.lora.lora_alpha",
+                    format!("must be a finite number > 0, found {}", l.lora_alpha),
+                ));
+            }
+            if l.freeze_backbone_after == Some(0) {
+                return Err(err(
+                    "model.lora.freeze_backbone_after",
+                    "must be at least 1 (a number of tasks); leave it out to train the backbone \
+                     throughout"
+                        .into(),
+                ));
+            }
+            if m.hidden.is_empty() {
+                return Err(err(
+                    "model.lora",
+                    "adapts the hidden layers, and `model.hidden` is empty".into(),
                 ));
             }
         }
@@ -1422,6 +1480,30 @@ mod tests {
         );
         bad(&["model.dwa={dilation: 0}"], "model.dwa.dilation");
         bad(&["model.hidden=[10, 20]", "model.dwa={}"], "model.dwa");
+        // PaLoRA adapters.
+        assert!(!plain.contains("lora"), "{plain}");
+        let c = ok(&["model.lora={}"]);
+        assert_eq!(c.model.lora, Some(LoraConfig::default()));
+        let y = c.resolved_yaml().unwrap();
+        assert!(
+            y.contains("rank: 1") && !y.contains("freeze_backbone_after"),
+            "{y}"
+        );
+        let c = ok(&["model.lora={rank: 4, lora_alpha: 8, freeze_backbone_after: 1}"]);
+        assert_eq!(c.model.lora.map(|l| l.freeze_backbone_after), Some(Some(1)));
+        bad(&["model.kind=cnn", "model.lora={}"], "model.lora");
+        bad(&["model.kind=resnet18", "model.lora={}"], "model.lora");
+        bad(&["model.lora={rank: 0}"], "model.lora.rank");
+        bad(&["model.lora={lora_alpha: 0}"], "model.lora.lora_alpha");
+        bad(
+            &["model.lora={freeze_backbone_after: 0}"],
+            "model.lora.freeze_backbone_after",
+        );
+        bad(&["model.hidden=[]", "model.lora={}"], "model.lora");
+        let e = parse_config(MIN, "x", &["model.lora={ranks: 2}".to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ranks"), "{e}");
     }
 
     #[test]

@@ -242,6 +242,7 @@ pub fn build_trainer_with(
     let spec = BackboneSpec {
         input: stream.input_shape(),
         heads: &heads,
+        tasks: stream.len(),
         seed: cfg.seed,
         device: &device,
     };

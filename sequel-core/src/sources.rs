@@ -17,7 +17,7 @@ use serde_yaml::{Mapping, Value};
 use crate::config::{closest, from_value, ExperimentConfig, ModelConfig};
 use crate::data::{discovery, Dataset};
 use crate::error::{Error, Result};
-use crate::model::{build_model, Model};
+use crate::model::{build_model_for, Model};
 use crate::rng::{SeededRng, Stream};
 
 /// What a backbone is built for.
@@ -28,6 +28,9 @@ pub struct BackboneSpec<'a> {
     /// Output units of each head: one entry for a shared head, one per task for multi-head
     /// task-IL ([`crate::data::TaskStream::head_sizes`]).
     pub heads: &'a [usize],
+    /// The stream's tasks (with a pre-training task, it counts too): `model.lora` gives each
+    /// hidden layer one adapter per task.
+    pub tasks: usize,
     /// The experiment seed: draw anything random at forward time (dropout) from a stream of it.
     pub seed: u64,
     pub device: &'a Device,
@@ -127,7 +130,14 @@ impl Sources {
                 name: name.into(),
                 summary: summary.into(),
                 make: Arc::new(|cfg, spec, _init, _origin| {
-                    build_model(cfg, spec.input, spec.heads, spec.seed, spec.device)
+                    build_model_for(
+                        cfg,
+                        spec.input,
+                        spec.heads,
+                        spec.tasks,
+                        spec.seed,
+                        spec.device,
+                    )
                 }),
                 resolve: None,
             });
@@ -342,7 +352,7 @@ mod tests {
                 hidden: vec![self.width],
                 ..ModelConfig::default()
             };
-            build_model(&c, spec.input, spec.heads, spec.seed, spec.device)
+            crate::model::build_model(&c, spec.input, spec.heads, spec.seed, spec.device)
         }
     }
 
@@ -385,6 +395,7 @@ mod tests {
         let spec = BackboneSpec {
             input: [1, 2, 2],
             heads: &[3],
+            tasks: 1,
             seed: 0,
             device: &dev,
         };
@@ -410,6 +421,7 @@ mod tests {
             let spec = BackboneSpec {
                 input,
                 heads: &[10],
+                tasks: 1,
                 seed,
                 device: &dev,
             };

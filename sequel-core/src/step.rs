@@ -28,7 +28,8 @@ pub fn finite_loss(loss: &Tensor, at: At) -> Result<f32> {
 
 /// Backward of `loss` and the update, in this order: in multi-head task-IL the heads of tasks
 /// with no forwarded row (`forwarded[t]` false) lose their gradient — not a zero one, so weight
-/// decay and momentum leave them alone, as with separate heads; global-norm clipping at `clip`;
+/// decay and momentum leave them alone, as with separate heads; likewise the backbone's while
+/// PaLoRA adapters freeze it ([`crate::model::Adapters::backbone_frozen`]); global-norm clipping at `clip`;
 /// `edit` (an algorithm's projection); the optimizer's step.
 pub fn optimize(
     loss: &Tensor,
@@ -63,6 +64,14 @@ pub fn optimize_with(
             if p.head
                 .is_some_and(|h| !forwarded.get(h).copied().unwrap_or(false))
             {
+                grads.remove(p.var.as_tensor());
+            }
+        }
+    }
+    if model.adapters().is_some_and(|a| a.backbone_frozen()) {
+        // PaLoRA with a frozen backbone: only adapters and heads move.
+        for p in model.params().iter() {
+            if p.role == crate::model::Role::Body && p.adapter.is_none() {
                 grads.remove(p.var.as_tensor());
             }
         }

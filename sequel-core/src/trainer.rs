@@ -53,6 +53,8 @@ pub struct Trainer {
     /// θ₀ and θ̄_{t−1}, kept only with a consolidator.
     initial: Option<Snapshot>,
     previous: Option<Snapshot>,
+    /// Stream tasks trained so far, counting the one in training (PaLoRA's class-IL merge).
+    seen: usize,
     /// Set by [`Trainer::restore`]: the results of the tasks finished before the resume.
     resumed: Option<Results>,
     /// Fingerprint of the resolved config, recorded in checkpoints.
@@ -110,6 +112,7 @@ impl Trainer {
             task_vectors: Vec::new(),
             initial: None,
             previous: None,
+            seen: 0,
             resumed: None,
             config_hash: String::new(),
             init_from_sha256: None,
@@ -397,6 +400,7 @@ impl Trainer {
     /// before and after. Its log rows are task 0. Returns the number of optimizer steps.
     fn pretrain(&mut self, log: &mut Vec<LogRow>) -> Result<usize> {
         self.optimizer.reset();
+        self.adapt_for_training(0)?;
         let mut order = crate::algorithm::task_samples(&self.stream, 0);
         let epochs = self
             .cfg
@@ -979,6 +983,7 @@ impl Trainer {
     /// Start task `t`: reset the optimizer if asked, run the algorithm's `before_task` (and create
     /// its memory); returns the samples to train on.
     pub fn begin_task(&mut self, t: usize) -> Result<Vec<SampleRef>> {
+        self.adapt_for_training(t)?;
         if t <= self.stream.first() || self.cfg.optimizer.reset_each_task || self.independent() {
             self.optimizer.reset();
         }
@@ -1105,6 +1110,7 @@ impl Trainer {
             model: self.model.as_ref(),
             device: &self.device,
         };
+        self.adapt_for_evaluation(j)?;
         for chunk in refs.chunks(self.cfg.training.eval_batch_size) {
             let batch = self.stream.gather(chunk, split, &mut buf, &self.device)?;
             let out = self.model.forward(&batch.x, false)?;
@@ -1120,6 +1126,39 @@ impl Trainer {
                 .count();
         }
         Ok(correct as f64 / refs.len() as f64)
+    }
+}
+
+impl Trainer {
+    /// PaLoRA (`model.lora`): train stream task `t` through its own adapter, `λ = one-hot(t)`,
+    /// with the backbone frozen once `freeze_backbone_after` stream tasks are done. Every
+    /// forward pass of the task uses this `λ`, replayed samples included. Stateless (a function
+    /// of `t`), so a resumed run sets the same. No-op without adapters.
+    fn adapt_for_training(&mut self, t: usize) -> Result<()> {
+        self.seen = t + 1;
+        let Some(a) = self.model.adapters() else {
+            return Ok(());
+        };
+        a.select(t)?;
+        let done = t.saturating_sub(self.stream.first());
+        let frozen =
+            t >= self.stream.first() && a.config().freeze_backbone_after.is_some_and(|n| done >= n);
+        a.set_backbone_frozen(frozen);
+        Ok(())
+    }
+
+    /// PaLoRA: evaluate task `j` through its adapter where the scenario gives the task at test
+    /// time (task-IL), else through the merge of the adapters trained so far
+    /// ([`crate::model::Adapters::merged`]). No-op without adapters.
+    fn adapt_for_evaluation(&self, j: usize) -> Result<()> {
+        let Some(a) = self.model.adapters() else {
+            return Ok(());
+        };
+        if self.stream.mask_in_eval() {
+            a.select(j)
+        } else {
+            a.merged(self.seen)
+        }
     }
 }
 

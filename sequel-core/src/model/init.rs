@@ -29,7 +29,8 @@ pub fn constant(shape: impl Into<Shape>, value: f32, device: &Device) -> Result<
 /// layers drew already). `xavier`: every weight tensor of rank ≥ 2 (linear `[out, in]`, conv
 /// `[out, in, k, k]`) from U(±√(6/(fan_in + fan_out))) with fan = channels × receptive field
 /// (Glorot & Bengio 2010, eq. 16), in parameter order from `rng`; the bias of the same layer set
-/// to 0. Batch-norm scales, shifts and statistics keep their values.
+/// to 0. Batch-norm scales, shifts and statistics keep their values, and so do the PaLoRA
+/// adapters.
 pub fn redraw(
     params: &crate::model::ParamSet,
     init: crate::config::WeightInit,
@@ -38,7 +39,11 @@ pub fn redraw(
     if init == crate::config::WeightInit::Pytorch {
         return Ok(());
     }
-    for p in params.iter().filter(|p| p.var.rank() >= 2) {
+    // PaLoRA adapters keep their own initialisation (A Kaiming-uniform, B = 0).
+    for p in params
+        .iter()
+        .filter(|p| p.var.rank() >= 2 && p.adapter.is_none())
+    {
         let dims = p.var.dims();
         let field: usize = dims[2..].iter().product();
         let (fan_in, fan_out) = (dims[1] * field, dims[0] * field);

@@ -1,14 +1,16 @@
 //! Multi-layer perceptron: `input → [Linear → activation → dropout]* → Linear head`, optionally
 //! with a learned centered-softplus β per layer and DenseFormer's depth-weighted averaging
-//! between the hidden blocks ([`MlpOptions`], docs/EXTENSIONS.md).
+//! between the hidden blocks, and PaLoRA's per-task low-rank adapters on the hidden layers
+//! ([`MlpOptions`], docs/EXTENSIONS.md).
 
 use candle_core::{Device, Tensor, Var};
 
 use super::init;
 use super::layers::{activate, centered_softplus, Beta, Dropout, Head, Linear};
+use super::lora::{adapter_stream, Adapters};
 use super::params::{ParamSet, Role};
 use super::{DenseForward, DenseTap, Model, ModelOutput};
-use crate::config::{ActivationKind, DwaConfig, DEFAULT_SOFTPLUS_BETA};
+use crate::config::{ActivationKind, DwaConfig, LoraConfig, DEFAULT_SOFTPLUS_BETA};
 use crate::error::Result;
 use crate::rng::{SeededRng, Stream};
 
@@ -24,6 +26,8 @@ pub struct Mlp {
     betas: Vec<Beta>,
     /// DWA weights after each hidden block (`None` where the block has no average).
     alphas: Vec<Option<Var>>,
+    /// PaLoRA adapters of the hidden layers (layer `i` is adapter layer `i`).
+    lora: Option<Adapters>,
     dropout: Dropout,
     params: ParamSet,
 }
@@ -37,6 +41,10 @@ pub struct MlpOptions {
     pub learn_beta: bool,
     /// Depth-weighted averaging (DenseFormer) between the hidden blocks.
     pub dwa: Option<DwaConfig>,
+    /// PaLoRA adapters on every hidden layer, `tasks` of them per layer.
+    pub lora: Option<LoraConfig>,
+    /// `T`, the adapters per layer (the stream's tasks); read with `lora` only.
+    pub tasks: usize,
 }
 
 impl Default for MlpOptions {
@@ -45,6 +53,8 @@ impl Default for MlpOptions {
             softplus_beta: DEFAULT_SOFTPLUS_BETA,
             learn_beta: false,
             dwa: None,
+            lora: None,
+            tasks: 1,
         }
     }
 }
@@ -76,6 +86,10 @@ impl Mlp {
     /// next block (or the head) reads instead of `Xᵢ`; `αᵢᵢ = 1`, the others 0 at
     /// initialisation. `α` after block `i` is the tensor `dwa<i+1>.alpha`, at the depth of
     /// layer `fc<i+1>`.
+    ///
+    /// PaLoRA ([`super::lora`]): hidden layer `fc<i>` carries `tasks` adapters, registered after
+    /// its bias (and `log β`) as `fc<i>.lora_a.<t>`, `fc<i>.lora_b.<t>` at depth `i`. `A` is
+    /// drawn from [`adapter_stream`] of `rng`, so the backbone's values are the plain MLP's.
     #[allow(clippy::too_many_arguments)]
     pub fn with_options(
         input: usize,
@@ -93,6 +107,8 @@ impl Mlp {
         let mut alphas = Vec::with_capacity(widths.len());
         let mut fan_in = input;
         let b0 = options.softplus_beta as f64;
+        let mut lora = options.lora.map(|c| Adapters::new(c, options.tasks));
+        let mut lora_rng = adapter_stream(rng);
         for (i, &w) in widths.iter().enumerate() {
             let depth = i + 1;
             hidden.push(Linear::new(
@@ -118,6 +134,16 @@ impl Mlp {
                     Beta::Fixed(b0)
                 },
             );
+            if let Some(l) = lora.as_mut() {
+                l.add_layer(
+                    &mut params,
+                    &format!("fc{depth}"),
+                    depth,
+                    (fan_in, w),
+                    &mut lora_rng,
+                    device,
+                )?;
+            }
             alphas.push(match options.dwa {
                 Some(d) if i >= 1 && i % d.period == 0 => {
                     let taken = i / d.dilation + 1; // j = i, i − k, …, ≥ 0
@@ -146,6 +172,7 @@ impl Mlp {
             options,
             betas,
             alphas,
+            lora,
             dropout,
             params,
         })
@@ -183,7 +210,11 @@ impl Model for Mlp {
         let mut h = x.flatten_from(1)?;
         let mut outputs = Vec::new();
         for (i, layer) in self.hidden.iter().enumerate() {
-            h = self.act(i, &layer.forward(&h)?)?;
+            let mut z = layer.forward(&h)?;
+            if let Some(l) = &self.lora {
+                z = l.forward(i, &h, z)?;
+            }
+            h = self.act(i, &z)?;
             h = self.dropout.forward(&h, train)?;
             h = self.dwa(i, h, &mut outputs)?;
         }
@@ -200,8 +231,10 @@ impl Model for Mlp {
 
     fn dense_forward(&self, x: &Tensor) -> Result<Option<DenseForward>> {
         // Evaluation mode: dropout is the identity, so this is `forward(x, false)` with taps.
-        // Learned β and DWA weights are parameters outside the dense layers: no taps then.
+        // Learned β, DWA weights and adapters are parameters outside the dense layers: no taps
+        // then.
         if self.options.dwa.is_some()
+            || self.lora.is_some()
             || (self.activation == ActivationKind::CenteredSoftplus && self.options.learn_beta)
         {
             return Ok(None);
@@ -250,7 +283,14 @@ impl Model for Mlp {
             self.head.device(),
         )?;
         copy.params.restore(&self.params.snapshot()?)?;
+        if let (Some(to), Some(from)) = (&copy.lora, &self.lora) {
+            to.copy_state(from)?;
+        }
         Ok(Box::new(copy))
+    }
+
+    fn adapters(&self) -> Option<&Adapters> {
+        self.lora.as_ref()
     }
 
     fn rng_states(&self) -> Vec<crate::rng::RngState> {
@@ -374,6 +414,226 @@ mod tests {
             .map(|a| a.as_ref().map(|a| a.dim(0).unwrap()))
             .collect();
         assert_eq!(sizes, vec![None, None, Some(2), None, Some(3)]);
+    }
+
+    fn lora(tasks: usize, rank: usize) -> MlpOptions {
+        MlpOptions {
+            lora: Some(LoraConfig {
+                rank,
+                lora_alpha: 1.5,
+                ..LoraConfig::default()
+            }),
+            tasks,
+            ..MlpOptions::default()
+        }
+    }
+
+    /// Give every `B` seeded random values (a trained adapter).
+    fn train_b(m: &Mlp) {
+        let mut rng = SeededRng::new(11, Stream::Init);
+        for p in m.params().iter().filter(|p| p.name.contains(".lora_b.")) {
+            let v: Vec<f32> = (0..p.var.elem_count()).map(|_| rng.normal()).collect();
+            p.var
+                .set(&Tensor::from_vec(v, p.var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+
+    fn host(t: &Tensor) -> Vec<Vec<f32>> {
+        t.to_vec2::<f32>().unwrap()
+    }
+
+    /// With `B = 0` the adapters leave the model's output unchanged bit for bit, whatever `λ`,
+    /// in evaluation and training (dropout masks drawn alike), and drawing `A` shifts no draw:
+    /// the shared tensors equal the plain model's of the same seed. Adapter tensors are named,
+    /// depth-tagged, tagged with their task, and `A ~ U(±1/√in)`.
+    #[test]
+    fn zero_adapters_are_the_plain_model_bit_for_bit() {
+        let x = input();
+        for (tasks, rank) in [(1, 1), (3, 2)] {
+            for train in [false, true] {
+                let plain = mlp(ActivationKind::Relu, MlpOptions::default(), 0.3);
+                let with = mlp(ActivationKind::Relu, lora(tasks, rank), 0.3);
+                for (p, q) in plain
+                    .params()
+                    .iter()
+                    .zip(with.params().iter().filter(|q| q.adapter.is_none()))
+                {
+                    assert_eq!(p.name, q.name);
+                    assert_eq!(bits(p.var.as_tensor()), bits(q.var.as_tensor()));
+                }
+                let a = with.adapters().unwrap();
+                assert_eq!(with.params().len(), plain.params().len() + 5 * 2 * tasks);
+                for lambda in [vec![1.0; tasks], vec![0.5; tasks]] {
+                    a.set_preference(&lambda).unwrap();
+                    let (o, p) = (
+                        plain.forward(&x, train).unwrap(),
+                        with.forward(&x, train).unwrap(),
+                    );
+                    assert_eq!(bits(&o.logits), bits(&p.logits), "T {tasks} r {rank}");
+                }
+            }
+        }
+        let m = mlp(ActivationKind::Relu, lora(3, 2), 0.0);
+        let p = m.params();
+        let a = p.iter().find(|p| p.name == "fc2.lora_a.1").unwrap();
+        let b = p.iter().find(|p| p.name == "fc2.lora_b.1").unwrap();
+        assert_eq!(
+            (a.depth, a.adapter, a.var.dims()),
+            (2, Some(1), &[2, 5][..])
+        );
+        assert_eq!(
+            (b.depth, b.adapter, b.var.dims()),
+            (2, Some(1), &[5, 2][..])
+        );
+        let bound = 1.0 / 5f32.sqrt();
+        let va = a.var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(va.iter().all(|v| v.abs() <= bound) && va.iter().any(|v| *v != 0.0));
+        let first = p.iter().find(|p| p.name == "fc1.lora_a.0").unwrap();
+        assert_eq!(first.var.dims(), &[2, 6]);
+        // Every adapter pair differs from the others (one draw each).
+        assert_ne!(bits(a.var.as_tensor()), bits(first.var.as_tensor()));
+        assert_eq!(
+            m.adapters().unwrap().params_per_task(),
+            2 * (6 + 5) + 4 * 2 * (5 + 5)
+        );
+    }
+
+    /// `λ = one-hot(t)` computes exactly the MLP with weights `W + s·BₜAₜ` (computed here on the
+    /// host), the other adapters contribute nothing (their values do not matter, bit for bit)
+    /// and get no gradient; a preference mixes them linearly.
+    #[test]
+    fn a_one_hot_preference_selects_exactly_one_adapter() {
+        let x = input();
+        let m = mlp(ActivationKind::Tanh, lora(3, 2), 0.0);
+        train_b(&m);
+        let a = m.adapters().unwrap();
+        let s = 1.5 / 2.0;
+        let find = |name: &str| {
+            m.params()
+                .iter()
+                .find(|p| p.name == name)
+                .unwrap()
+                .var
+                .clone()
+        };
+        for t in 0..3 {
+            a.select(t).unwrap();
+            let out = m.forward(&x, false).unwrap();
+            // The plain model of the same seed with W ← W + s·BₜAₜ in every hidden layer.
+            let plain = mlp(ActivationKind::Tanh, MlpOptions::default(), 0.0);
+            for i in 1..=5 {
+                let w = host(find(&format!("fc{i}.weight")).as_tensor());
+                let at = host(find(&format!("fc{i}.lora_a.{t}")).as_tensor());
+                let bt = host(find(&format!("fc{i}.lora_b.{t}")).as_tensor());
+                let merged: Vec<f32> = (0..w.len())
+                    .flat_map(|o| {
+                        let (w, at, bt) = (&w, &at, &bt);
+                        (0..w[0].len()).map(move |k| {
+                            w[o][k] + s * (0..2).map(|j| bt[o][j] * at[j][k]).sum::<f32>()
+                        })
+                    })
+                    .collect();
+                let p = plain
+                    .params()
+                    .iter()
+                    .find(|p| p.name == format!("fc{i}.weight"))
+                    .unwrap()
+                    .var
+                    .clone();
+                p.set(&Tensor::from_vec(merged, p.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+            let by_hand = plain.forward(&x, false).unwrap().logits;
+            let d = (&out.logits - &by_hand)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "adapter {t}: {d}");
+            // The other adapters: no gradient, and changing them changes nothing.
+            let g = out
+                .logits
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for p in m.params().iter().filter(|p| p.adapter.is_some()) {
+                let reached = g.get(p.var.as_tensor()).is_some();
+                assert_eq!(reached, p.adapter == Some(t), "{}", p.name);
+            }
+            let other = find(&format!("fc3.lora_b.{}", (t + 1) % 3));
+            let saved = other.as_tensor().copy().unwrap();
+            other.set(&(&saved * 7.0).unwrap()).unwrap();
+            assert_eq!(
+                bits(&out.logits),
+                bits(&m.forward(&x, false).unwrap().logits)
+            );
+            other.set(&saved).unwrap();
+        }
+        // λ = (½, ½, 0) on one layer is the mean of the two one-hot layer outputs.
+        let m = mlp(ActivationKind::Relu, lora(3, 2), 0.0);
+        train_b(&m);
+        let a = m.adapters().unwrap();
+        let layer = &m.hidden[0];
+        let z = |l: &[f32]| {
+            a.set_preference(l).unwrap();
+            a.forward(0, &x, layer.forward(&x).unwrap()).unwrap()
+        };
+        let mix = z(&[0.5, 0.5, 0.0]);
+        let mean = ((z(&[1.0, 0.0, 0.0]) + z(&[0.0, 1.0, 0.0])).unwrap() * 0.5).unwrap();
+        let d = (mix - mean).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+    }
+
+    /// Adapter `t` as a task vector: added to the backbone's weights (adapter off), it gives a
+    /// model whose output equals the adapted model's with `λ = one-hot(t)`; it is zero outside
+    /// the adapted weights, and a fork keeps `λ`.
+    #[test]
+    fn an_adapter_task_vector_merged_back_equals_the_adapted_model() {
+        let x = input();
+        let m = mlp(ActivationKind::Relu, lora(2, 1), 0.0);
+        train_b(&m);
+        let a = m.adapters().unwrap();
+        for t in 0..2 {
+            a.select(t).unwrap();
+            let adapted = m.forward(&x, false).unwrap().logits;
+            let tv = a.task_vector(m.params(), t).unwrap();
+            assert_eq!(tv.values.len(), m.params().len());
+            let f = m.fork().unwrap();
+            assert_eq!(bits(&adapted), bits(&f.forward(&x, false).unwrap().logits));
+            for (p, v) in f.params().iter().zip(&tv.values) {
+                let v = v.as_ref().unwrap();
+                if p.name.ends_with(".weight") && p.name.starts_with("fc") {
+                    assert!(v.iter().any(|x| *x != 0.0), "{}", p.name);
+                    let w = (p.var.as_tensor()
+                        + Tensor::from_vec(v.clone(), p.var.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+                    p.var.set(&w).unwrap();
+                } else {
+                    assert!(v.iter().all(|x| *x == 0.0), "{}", p.name);
+                }
+            }
+            // Adapters off: the merged backbone alone.
+            f.adapters().unwrap().merged(0).unwrap();
+            let merged = f.forward(&x, false).unwrap().logits;
+            let d = (&merged - &adapted)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "adapter {t}: {d}");
+        }
+        assert!(a.task_vector(m.params(), 2).is_err());
+        assert!(m.dense_forward(&x).unwrap().is_none());
     }
 
     /// With a learned β every hidden layer has `fc<i>.log_beta` at its depth, with a gradient;

@@ -7,6 +7,7 @@ pub mod cnn;
 mod init;
 pub mod kernels;
 pub mod layers;
+pub mod lora;
 pub mod mlp;
 pub mod params;
 pub mod pretrained;
@@ -15,6 +16,7 @@ pub mod resnet;
 use candle_core::{Device, Tensor, Var};
 
 pub use init::redraw;
+pub use lora::Adapters;
 pub use params::{Param, ParamSet, Role, Snapshot};
 
 use crate::config::{ModelConfig, ModelKind};
@@ -72,6 +74,13 @@ pub trait Model: Send + Sync {
             "this backbone does not implement `Model::fork`, which distillation methods need",
         ))
     }
+    /// The model's PaLoRA adapters ([`lora`]), if it has any: the trainer sets their preference
+    /// `λ` before training and evaluating a task (`one-hot(t)`, or the merge without task
+    /// identity) and freezes the backbone where `model.lora.freeze_backbone_after` says; the
+    /// step drops the backbone's gradients while it is frozen. Default: none.
+    fn adapters(&self) -> Option<&Adapters> {
+        None
+    }
     /// Positions of the model's own random streams (dropout masks), for checkpoints. Default:
     /// none (a deterministic backbone).
     fn rng_states(&self) -> Vec<crate::rng::RngState> {
@@ -91,11 +100,24 @@ pub trait Model: Send + Sync {
 
 /// Build the configured backbone with parameters drawn from the `init` stream of `seed`.
 /// `heads` lists the output units of each head: one entry for a shared head, one per task for
-/// multi-head task-IL (see [`crate::data::TaskStream::head_sizes`]).
+/// multi-head task-IL (see [`crate::data::TaskStream::head_sizes`]). With `model.lora` there is
+/// one adapter per head; [`build_model_for`] gives the stream's task count instead.
 pub fn build_model(
     cfg: &ModelConfig,
     input: [usize; 3],
     heads: &[usize],
+    seed: u64,
+    device: &Device,
+) -> Result<Box<dyn Model>> {
+    build_model_for(cfg, input, heads, heads.len(), seed, device)
+}
+
+/// [`build_model`] for a stream of `tasks` tasks (the PaLoRA adapters per layer).
+pub fn build_model_for(
+    cfg: &ModelConfig,
+    input: [usize; 3],
+    heads: &[usize],
+    tasks: usize,
     seed: u64,
     device: &Device,
 ) -> Result<Box<dyn Model>> {
@@ -112,6 +134,8 @@ pub fn build_model(
                     .unwrap_or(crate::config::DEFAULT_SOFTPLUS_BETA),
                 learn_beta: cfg.learn_beta,
                 dwa: cfg.dwa,
+                lora: cfg.lora,
+                tasks,
             },
             layers::Dropout::new(cfg.dropout, SeededRng::new(seed, Stream::Dropout)),
             &mut rng,

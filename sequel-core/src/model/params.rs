@@ -33,6 +33,8 @@ pub struct Param {
     pub role: Role,
     /// For a multi-head model: the task whose head this tensor belongs to.
     pub head: Option<usize>,
+    /// For a PaLoRA adapter tensor (`Aₜ` or `Bₜ`, see [`crate::model::lora`]): its task `t`.
+    pub adapter: Option<usize>,
     pub var: Var,
     /// Set by `model.freeze`: the tensor is not trained. Shared with the layer that owns the
     /// tensor where the layer must know (a frozen batch norm keeps its running statistics).
@@ -88,6 +90,7 @@ impl ParamSet {
             depth,
             role,
             head: None,
+            adapter: None,
             var,
             frozen,
         });
@@ -137,6 +140,14 @@ impl ParamSet {
         let n = self.params.len();
         for p in &mut self.params[n.saturating_sub(count)..] {
             p.head = Some(head);
+        }
+    }
+
+    /// Mark the last `count` tensors pushed as adapter tensors of task `t`.
+    pub fn tag_last_as_adapter(&mut self, count: usize, t: usize) {
+        let n = self.params.len();
+        for p in &mut self.params[n.saturating_sub(count)..] {
+            p.adapter = Some(t);
         }
     }
 

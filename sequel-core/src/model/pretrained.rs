@@ -136,6 +136,10 @@ fn load(model: &dyn Model, cfg: &ModelConfig, path: &Path) -> Result<()> {
         if (head && cfg.init_head == InitHead::Fresh) || (is_dwa(&p.name) && !file_has_dwa) {
             continue;
         }
+        // A backbone pre-trained without PaLoRA adapters gets fresh ones (B = 0: unchanged).
+        if p.adapter.is_some() && !file.contains_key(&p.name) {
+            continue;
+        }
         let t = file.get(&p.name).ok_or_else(|| {
             Error::msg(format!(
                 "`{shown}` has no tensor `{}` (shape {:?}) of this {} backbone{}",

@@ -1,0 +1,184 @@
+//! PaLoRA adapters (`model.lora`) in the trainer: task `t` trains adapter `t` alone, a frozen
+//! backbone stays bit-identical, task-IL evaluates each task through its own adapter and
+//! class-IL through the merge.
+
+use std::sync::Mutex;
+
+use candle_core::Tensor;
+use sequel_algos::naive::Naive;
+use sequel_algos::testing::mini_trainer;
+use sequel_core::algorithm::{Algorithm, EvalCtx};
+use sequel_core::data::GatherBuf;
+use sequel_core::model::ModelOutput;
+use sequel_core::trainer::{Silent, Trainer};
+use sequel_core::Result;
+
+/// Every tensor of the model by name, as bits.
+fn tensors(t: &Trainer) -> Vec<(String, Vec<u32>)> {
+    t.model
+        .params()
+        .iter()
+        .map(|p| {
+            let v: Vec<f32> = p.var.flatten_all().unwrap().to_vec1().unwrap();
+            (p.name.clone(), v.iter().map(|x| x.to_bits()).collect())
+        })
+        .collect()
+}
+
+/// Train stream task `t` as the trainer's loop does (one epoch).
+fn train(trainer: &mut Trainer, t: usize) {
+    let order = trainer.begin_task(t).unwrap();
+    let mut buf = GatherBuf::default();
+    let device = trainer.device().clone();
+    for (step, chunk) in order.chunks(10).enumerate() {
+        let batch = trainer
+            .stream
+            .gather_train(chunk, &mut buf, &device)
+            .unwrap();
+        trainer.step(t, 0, step, &batch).unwrap();
+    }
+    trainer.end_task(t).unwrap();
+}
+
+/// With `freeze_backbone_after: 1` (SGD with momentum and weight decay, so a zero gradient
+/// would still move a tensor): after task 1 every backbone tensor and every other task's
+/// adapter stays bit-identical while task 2 trains; task 2's adapter and head move. Without
+/// the freeze the backbone moves, so the check is not vacuous. During task 1 only adapter 0
+/// (with the backbone and head 1) moves.
+#[test]
+fn a_frozen_backbone_stays_bit_identical_and_only_the_task_adapter_trains() {
+    for freeze in [true, false] {
+        let lora = if freeze {
+            "model.lora={ freeze_backbone_after: 1 }"
+        } else {
+            "model.lora={}"
+        };
+        let mut t = mini_trainer(
+            Box::new(Naive),
+            &[
+                lora,
+                "benchmark.scenario=task-il",
+                "benchmark.task_il_head=multi",
+                "optimizer.momentum=0.9",
+                "optimizer.weight_decay=0.01",
+                "optimizer.reset_each_task=false",
+            ],
+        );
+        assert_eq!(t.model.adapters().unwrap().tasks(), 5);
+        let start = tensors(&t);
+        train(&mut t, 0);
+        let after1 = tensors(&t);
+        train(&mut t, 1);
+        let after2 = tensors(&t);
+        let changed = |a: &[(String, Vec<u32>)], b: &[(String, Vec<u32>)], name: &str| {
+            let i = a.iter().position(|(n, _)| n == name).unwrap();
+            a[i].1 != b[i].1
+        };
+        for (name, _) in &start {
+            let adapter = name.contains(".lora_");
+            let head = name.starts_with("head");
+            if adapter {
+                let task: usize = name.rsplit('.').next().unwrap().parse().unwrap();
+                // Only the task's own adapter is reached (B starts at 0, so A's first gradients
+                // are zero, but weight decay moves it).
+                assert_eq!(changed(&start, &after1, name), task == 0, "{name}");
+                assert_eq!(changed(&after1, &after2, name), task == 1, "{name}");
+            } else if head {
+                let task: usize = name.split('.').nth(1).unwrap().parse().unwrap();
+                assert_eq!(changed(&after1, &after2, name), task == 1, "{name}");
+            } else {
+                assert!(changed(&start, &after1, name), "{name}: trained in task 1");
+                assert_eq!(
+                    changed(&after1, &after2, name),
+                    !freeze,
+                    "{name}, freeze {freeze}"
+                );
+            }
+        }
+        assert_eq!(t.model.adapters().unwrap().backbone_frozen(), freeze);
+    }
+}
+
+/// Naive fine-tuning that records the adapters' preference `λ` each time a batch of task `j`
+/// is scored.
+#[derive(Default)]
+struct Spy {
+    seen: Mutex<Vec<(usize, Vec<f32>)>>,
+}
+
+impl Algorithm for Spy {
+    fn predict(&self, _out: &ModelOutput, task: usize, ctx: &EvalCtx) -> Result<Option<Tensor>> {
+        let lambda = ctx.model.adapters().expect("adapters").preference();
+        self.seen.lock().unwrap().push((task, lambda));
+        Ok(None)
+    }
+}
+
+fn preferences(t: &Trainer) -> Vec<(usize, Vec<f32>)> {
+    t.algorithm::<Spy>().unwrap().seen.lock().unwrap().clone()
+}
+
+/// The trainer scores task `j` through adapter `j` in task-IL, and through the average of the
+/// adapters trained so far in class-IL (none before the first task).
+#[test]
+fn evaluation_uses_one_hot_in_task_il_and_the_merge_in_class_il() {
+    let mut t = mini_trainer(
+        Box::new(Spy::default()),
+        &["model.lora={}", "benchmark.scenario=task-il"],
+    );
+    t.run(&mut Silent).unwrap();
+    let seen = preferences(&t);
+    assert!(seen.len() >= 6 * 5, "{}", seen.len());
+    for (j, lambda) in seen {
+        let mut one_hot = vec![0.0f32; 5];
+        one_hot[j] = 1.0;
+        assert_eq!(lambda, one_hot, "task {j}");
+    }
+    let mut c = mini_trainer(Box::new(Spy::default()), &["model.lora={}"]);
+    c.run(&mut Silent).unwrap();
+    let seen = preferences(&c);
+    // Evaluations of all 5 tasks before training and after each task, in order.
+    let per_row = seen.len() / 6;
+    assert_eq!(seen.len(), per_row * 6);
+    for (row, chunk) in seen.chunks(per_row).enumerate() {
+        let expected: Vec<f32> = (0..5)
+            .map(|u| if u < row { 1.0 / row as f32 } else { 0.0 })
+            .collect();
+        for (_, lambda) in chunk {
+            assert_eq!(lambda, &expected, "after {row} tasks");
+        }
+    }
+}
+
+/// With the backbone frozen after task 1 and separate heads, naive fine-tuning cannot change
+/// what any earlier task sees through its own adapter, so every column of the accuracy matrix
+/// is constant below its diagonal.
+#[test]
+fn a_frozen_backbone_with_separate_heads_keeps_earlier_task_il_accuracies() {
+    let mut t = mini_trainer(
+        Box::new(Naive),
+        &[
+            "model.lora={ rank: 2, freeze_backbone_after: 1 }",
+            "benchmark.scenario=task-il",
+            "benchmark.task_il_head=multi",
+            "training.epochs=4",
+            "optimizer.lr=0.1",
+        ],
+    );
+    let out = t.run(&mut Silent).unwrap();
+    assert!(out.failure.is_none());
+    let rows = &out.matrix.rows;
+    assert_eq!(rows.len(), 5);
+    for j in 0..5 {
+        for r in j + 1..5 {
+            assert_eq!(rows[r][j], rows[j][j], "task {j} after task {r}: {rows:?}");
+        }
+    }
+    // Not vacuous: every task's training changed its accuracy (through its adapter and head, the
+    // backbone being frozen from task 2 on), and on average above chance (0.5).
+    for j in 0..5 {
+        assert_ne!(rows[j][j], out.matrix.init[j], "task {j}: {rows:?}");
+    }
+    let diagonal = (0..5).map(|j| rows[j][j]).sum::<f64>() / 5.0;
+    assert!(diagonal > 0.6, "{rows:?}");
+}
