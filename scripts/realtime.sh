@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/realtime}
 JOBS=${JOBS:-1}
 SEEDS=${SEEDS:-0 1 2}
-PRESETS=${PRESETS:-naive ewc ewc-online si rwalk mas lwf lwf-mc er-200 der-200 derpp-200 xder-200 er-ace-200 er-aml-200 mir-200 agem-200 gem-200 icarl-200 lucir-200 bic-200 cls-er-200 gdumb-200}
+PRESETS=${PRESETS:-naive ewc ewc-online si rwalk mas lwf lwf-mc er-200 der-200 derpp-200 xder-200 er-ace-200 er-aml-200 mir-200 agem-200 gem-200 cls-er-200}
 cargo build -q --release -p sequel-bench
 SEQUEL=${CARGO_TARGET_DIR:-target}/release/sequel
 for p in $PRESETS; do

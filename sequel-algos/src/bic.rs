@@ -221,6 +221,10 @@ impl Algorithm for Bic {
         Ok(())
     }
 
+    fn trains_on_the_stream(&self) -> bool {
+        false
+    }
+
     fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
         self.val.clear();
         let own = task_samples(ctx.stream, ctx.task);

@@ -229,6 +229,10 @@ impl Algorithm for Gdumb {
         Ok(())
     }
 
+    fn trains_on_the_stream(&self) -> bool {
+        false
+    }
+
     fn training_samples(&mut self, _ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
         Ok(Vec::new())
     }

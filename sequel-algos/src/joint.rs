@@ -25,6 +25,10 @@ impl AlgorithmConfig for JointConfig {
 pub struct Joint;
 
 impl Algorithm for Joint {
+    fn trains_on_the_stream(&self) -> bool {
+        false
+    }
+
     fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
         Ok((0..=ctx.task)
             .flat_map(|t| task_samples(ctx.stream, t))

@@ -439,6 +439,10 @@ impl Algorithm for Lucir {
         Ok(())
     }
 
+    fn trains_on_the_stream(&self) -> bool {
+        false
+    }
+
     fn training_samples(&mut self, ctx: &mut TaskCtx) -> Result<Vec<SampleRef>> {
         Ok(crate::exemplars::task_and_exemplars(
             ctx.stream,

@@ -149,6 +149,9 @@ impl<A: Algorithm, O: Observer<A>> Algorithm for Probe<A, O> {
     fn own_params(&self) -> Option<&sequel_core::model::ParamSet> {
         self.algo.own_params()
     }
+    fn trains_on_the_stream(&self) -> bool {
+        self.algo.trains_on_the_stream()
+    }
 }
 
 /// Run `algo` wrapped in a [`Probe`] on [`mini_trainer`] with `overrides`; returns the trainer

@@ -254,3 +254,84 @@ fn bad_realtime_settings_are_one_line_naming_the_key_before_a_run_folder_exists(
         assert!(!tmp.path().join("rt").exists(), "a run folder was created");
     }
 }
+
+/// Predicts, inside each trained step and before the update, the step's batch and the next
+/// arrival (which under C = 2 comes while the step still runs): what the stale weights predict.
+struct StaleWeights {
+    arrivals: Vec<Vec<Vec<SampleRef>>>,
+    correct: Vec<usize>,
+}
+
+impl StaleWeights {
+    fn count(&self, refs: &[SampleRef], ctx: &StepCtx) -> Result<usize> {
+        let b = ctx
+            .stream
+            .gather(refs, Split::Train, &mut GatherBuf::default(), ctx.device)?;
+        let pred: Vec<u32> = ctx
+            .model
+            .forward(&b.x, false)?
+            .logits
+            .argmax(1)?
+            .to_vec1()?;
+        Ok(pred.iter().zip(&b.units).filter(|(p, y)| p == y).count())
+    }
+}
+
+impl Observer<Naive> for StaleWeights {
+    fn loss(&mut self, algo: &mut Naive, batch: &Batch, ctx: &mut StepCtx) -> Result<Tensor> {
+        let arrivals = &self.arrivals[ctx.task];
+        let i = arrivals.iter().position(|a| a == &batch.refs).unwrap();
+        let mut n = self.count(&batch.refs, ctx)?;
+        if let Some(next) = arrivals.get(i + 1) {
+            n += self.count(next, ctx)?;
+        }
+        if self.correct.len() <= ctx.task {
+            self.correct.resize(ctx.task + 1, 0);
+        }
+        self.correct[ctx.task] += n;
+        sequel_core::Algorithm::loss(algo, batch, ctx)
+    }
+}
+
+#[test]
+fn arrivals_while_a_step_runs_are_predicted_with_the_weights_from_before_it() {
+    let (all, _) = probe_run(Naive, &args(&realtime("1", 0)));
+    let arrivals = (0..5)
+        .map(|t| trained(&probed::<Naive>(&all).steps, t))
+        .collect();
+    let observer = StaleWeights {
+        arrivals,
+        correct: Vec::new(),
+    };
+    let (t, out) = observe_run(Naive, observer, &args(&realtime("2", 0)));
+    let expected = &sequel_algos::testing::observed::<Naive, StaleWeights>(&t)
+        .observer
+        .correct;
+    let got: Vec<usize> = out.realtime.iter().map(|r| r.correct).collect();
+    assert_eq!(&got, expected);
+}
+
+/// A method that trains on its own sample list rather than the stream is refused in one line.
+#[test]
+fn methods_that_do_not_train_on_the_stream_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    for algo in ["icarl", "lucir", "bic", "gdumb", "joint"] {
+        let text = format!(
+            "name: rt\nseed: 0\n\
+             benchmark: {{ dataset: fmnist-mini, kind: split, tasks: 2, classes_per_task: 2, scenario: class-il, train_subset: 20 }}\n\
+             model: {{ kind: mlp, hidden: [8] }}\n\
+             training: {{ realtime: {{}} }}\n\
+             algorithm: {algo}\n\
+             output: {{ dir: {} }}\n",
+            tmp.path().display()
+        );
+        let p = sequel_algos::run::prepare(&text, "t.yaml", &[], &Registry::builtin()).unwrap();
+        let e = sequel_algos::run::execute(p, &mut sequel_core::trainer::Silent, None)
+            .err()
+            .unwrap_or_else(|| panic!("{algo} was accepted"))
+            .to_string();
+        assert!(e.starts_with("t.yaml: training.realtime"), "{algo}: {e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(!tmp.path().join("rt").exists(), "a run folder was created");
+    }
+}

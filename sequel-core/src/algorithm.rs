@@ -262,6 +262,14 @@ pub trait Algorithm: std::any::Any + Send {
         Ok(())
     }
 
+    /// Whether [`Algorithm::training_samples`] is the task's own stream. A method that mixes
+    /// exemplars into it (iCaRL, LUCIR, BiC), trains on the tasks seen so far (joint) or on
+    /// nothing (GDumb) returns `false`, and latency-aware evaluation (`training.realtime`), whose
+    /// arrivals are the stream's batches, refuses it before a run folder exists. Default: `true`.
+    fn trains_on_the_stream(&self) -> bool {
+        true
+    }
+
     /// H0: before training on a task (snapshot a teacher, swap the data, ...).
     fn before_task(&mut self, _ctx: &mut TaskCtx) -> Result<()> {
         Ok(())

@@ -82,6 +82,14 @@ pub fn preflight(
             ),
         }));
     }
+    if cfg.training.realtime.is_some() && !algorithm.trains_on_the_stream() {
+        return Err(in_file(Error::Config {
+            file: String::new(),
+            path: "training.realtime".into(),
+            message: "this algorithm trains on its own sample list (exemplars mixed in, the tasks                       seen so far, or a re-fit), not on the stream's batches as they arrive;                       remove training.realtime or choose a method that learns from the stream"
+                .into(),
+        }));
+    }
     algorithm.check_stream(stream).map_err(&in_file)?;
     if let Some(m) = algorithm.memory() {
         m.check(stream).map_err(&in_file)?;

@@ -71,9 +71,10 @@ pub struct RealTimeTask {
 }
 
 impl RealTimeTask {
-    /// Online accuracy: the fraction of incoming samples predicted right on arrival.
-    pub fn online_acc(&self) -> f64 {
-        self.correct as f64 / self.samples.max(1) as f64
+    /// Online accuracy: the fraction of incoming samples predicted right on arrival (`None`
+    /// without samples).
+    pub fn online_acc(&self) -> Option<f64> {
+        (self.samples > 0).then(|| self.correct as f64 / self.samples as f64)
     }
 
     /// Mean relative cost of a trained step.

@@ -410,8 +410,8 @@ pub fn metrics_csv(outcome: &RunOutcome) -> String {
             let r = outcome.realtime.get(i).copied().unwrap_or_default();
             let _ = write!(
                 s,
-                ",{:.6},{},{},{},{}",
-                r.online_acc(),
+                ",{},{},{},{},{}",
+                opt(r.online_acc()),
                 r.batches,
                 r.trained,
                 opt(r.mean_cost()),

@@ -921,10 +921,28 @@ impl Trainer {
                 // Arrived batches whose labels are not yet used: batch i − Δ … i.
                 let mut queue = std::collections::VecDeque::new();
                 let mut busy_until = 0.0;
+                // While a step is still running, the weights from before it predict.
+                let mut deployed: Option<Snapshot> = None;
+                let fixed = match rt.cost {
+                    StepCostRule::Fixed(c) => Some(c),
+                    StepCostRule::Rule(_) => None,
+                };
                 self.epochs(&mut order, epochs, stop, progress, log, |s, e, i, b| {
                     task.batches += 1;
                     task.samples += b.incoming;
-                    task.correct += s.online_correct(t, &b)?;
+                    if (i as f64) >= busy_until {
+                        deployed = None;
+                    }
+                    task.correct += match &deployed {
+                        Some(w) => {
+                            let trained = s.model.params().snapshot()?;
+                            s.model.params().restore(w)?;
+                            let correct = s.online_correct(t, &b);
+                            s.model.params().restore(&trained)?;
+                            correct?
+                        }
+                        None => s.online_correct(t, &b)?,
+                    };
                     queue.push_back(b);
                     if queue.len() > rt.label_delay + 1 {
                         queue.pop_front();
@@ -935,16 +953,21 @@ impl Trainer {
                     let Some(b) = queue.pop_front() else {
                         return Ok(None);
                     };
+                    // Only a step that outlasts the next arrival needs the weights before it.
+                    let before = match fixed {
+                        Some(c) if c <= 1.0 => None,
+                        _ => Some(s.model.params().snapshot()?),
+                    };
                     let start = Instant::now();
                     let (value, out) = s.step(t, e, i, &b)?;
                     task.step_s += start.elapsed().as_secs_f64();
-                    let c = match rt.cost {
-                        StepCostRule::Fixed(c) => c,
-                        StepCostRule::Rule(_) => s.last_cost.relative(b.len()),
-                    };
+                    let c = fixed.unwrap_or_else(|| s.last_cost.relative(b.len()));
                     task.cost_sum += c;
                     task.trained += 1;
                     busy_until = i as f64 + c;
+                    if busy_until > (i + 1) as f64 {
+                        deployed = before;
+                    }
                     Ok(Some((value, out, b)))
                 })?;
                 (task.trained, Some(task))
