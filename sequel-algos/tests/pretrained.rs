@@ -482,9 +482,9 @@ fn file_sha256_is_the_standard_digest() {
     );
 }
 
-/// summary.json names the `init_from` file by its digest, and a resume refuses a different file
-/// under the same path (the weights the run started from would silently change), then accepts
-/// the original again.
+/// summary.json names the `init_from` file by its digest; a resume refuses a different file
+/// under the same path, and without the file resumes from the checkpoint's weights, writing the
+/// uninterrupted run's results and the original digest.
 #[test]
 fn init_from_is_recorded_by_its_sha256_and_a_resume_refuses_another_file() {
     use sequel_algos::run::execute_with;
@@ -506,7 +506,6 @@ fn init_from_is_recorded_by_its_sha256_and_a_resume_refuses_another_file() {
         &other,
         str::to_string,
     );
-    let original = std::fs::read(&file).unwrap();
     let text = run_config(
         tmp.path(),
         &format!("{{kind: mlp, hidden: [16], init_from: {}}}", file.display()),
@@ -526,6 +525,7 @@ fn init_from_is_recorded_by_its_sha256_and_a_resume_refuses_another_file() {
         sha,
         sequel_core::model::pretrained::file_sha256(&other).unwrap()
     );
+    let matrix = std::fs::read(full.join("accuracy_matrix.csv")).unwrap();
     std::fs::remove_dir_all(&full).unwrap();
     let stop = RunOptions {
         stop_after_task: Some(1),
@@ -543,6 +543,18 @@ fn init_from_is_recorded_by_its_sha256_and_a_resume_refuses_another_file() {
     let e = run(&resume).err().unwrap().to_string();
     assert!(e.contains("model.init_from: the file differs"), "{e}");
     assert_eq!(e.lines().count(), 1, "{e}");
-    std::fs::write(&file, original).unwrap();
-    run(&resume).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    let resumed = run(&resume).unwrap().dir;
+    assert_eq!(
+        std::fs::read(resumed.join("accuracy_matrix.csv")).unwrap(),
+        matrix
+    );
+    let summary: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(resumed.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["protocol"]["init_from"]["sha256"], sha.as_str());
+    // A fresh run still needs the file.
+    std::fs::remove_dir_all(&resumed).unwrap();
+    let e = run(&RunOptions::default()).err().unwrap().to_string();
+    assert!(e.contains("model.init_from"), "{e}");
 }

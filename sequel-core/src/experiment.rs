@@ -315,14 +315,25 @@ pub fn config_fingerprint(resolved_yaml: &str) -> Result<String> {
 /// tasks' results, then returns the error. A run stopped on request (`opts`) leaves its staging
 /// folder with the checkpoints and returns [`Error::Stopped`] naming how to continue.
 pub fn run_experiment(
-    p: Prepared,
+    mut p: Prepared,
     progress: &mut dyn Progress,
     git_hash: Option<String>,
     opts: &RunOptions,
 ) -> Result<Finished> {
     let start = Instant::now();
+    // A resumed run takes every weight from its checkpoint: the `init_from` file only identifies
+    // what the run started from, and may be gone by now.
+    let init_from_gone = opts.resume.is_some()
+        && p.config
+            .model
+            .init_from
+            .as_ref()
+            .is_some_and(|f| !f.is_file());
     let cfg = p.config.clone();
     let cfg = &cfg;
+    if init_from_gone {
+        p.config.model.init_from = None;
+    }
     let resolved_yaml = p.resolved_yaml.clone();
     let resolved_yaml = resolved_yaml.as_str();
     let algo_name = cfg
@@ -339,11 +350,10 @@ pub fn run_experiment(
     // output folder is still reported before any training.
     let mut trainer = p.trainer()?;
     trainer.config_hash = config_fingerprint(resolved_yaml)?;
-    let init_sha = match &cfg.model.init_from {
-        Some(path) => Some(crate::model::pretrained::file_sha256(path)?),
-        None => None,
+    trainer.init_from_sha256 = match &cfg.model.init_from {
+        Some(path) if !init_from_gone => Some(crate::model::pretrained::file_sha256(path)?),
+        _ => None,
     };
-    trainer.init_from_sha256 = init_sha.clone();
     trainer.stop_after_task = opts.stop_after_task;
     trainer.interrupt = opts.interrupt.clone();
     let dir = match &opts.resume {
@@ -378,12 +388,21 @@ pub fn run_experiment(
                     )))
                 }
             };
-            trainer.restore(checkpoint::load(&ckpt_dir, t)?)?;
+            let ckpt = checkpoint::load(&ckpt_dir, t)?;
+            if init_from_gone {
+                tracing::warn!(
+                    "model.init_from is missing; resuming from the checkpoint's weights (sha256 of \
+                     the original file kept)"
+                );
+                trainer.init_from_sha256 = ckpt.meta.init_from_sha256.clone();
+            }
+            trainer.restore(ckpt)?;
             tracing::info!(after_task = t, "resuming");
             dir
         }
     };
     trainer.checkpoint_dir = Some(dir.staging().join("checkpoints"));
+    let init_sha = trainer.init_from_sha256.clone();
     let mut outcome = trainer.run(progress)?;
     if let Some(Error::Stopped(why)) = &outcome.failure {
         if outcome.matrix.rows.is_empty() {
