@@ -335,3 +335,31 @@ fn methods_that_do_not_train_on_the_stream_are_refused() {
         assert!(!tmp.path().join("rt").exists(), "a run folder was created");
     }
 }
+
+/// A label delay as long as a task's stream would train on nothing: refused before the run.
+#[test]
+fn a_label_delay_longer_than_a_task_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        "name: rt\nseed: 0\n\
+         benchmark: {{ dataset: fmnist-mini, kind: split, tasks: 2, classes_per_task: 2, scenario: class-il, train_subset: 20 }}\n\
+         model: {{ kind: mlp, hidden: [8] }}\n\
+         training: {{ batch_size: 10, realtime: {{ label_delay: 2 }} }}\n\
+         algorithm: naive\n\
+         output: {{ dir: {} }}\n",
+        tmp.path().display()
+    );
+    let p = sequel_algos::run::prepare(&text, "t.yaml", &[], &Registry::builtin()).unwrap();
+    let e = sequel_algos::run::execute(p, &mut sequel_core::trainer::Silent, None)
+        .err()
+        .expect("a delay of 2 on 2-batch tasks was accepted")
+        .to_string();
+    assert!(
+        e.starts_with("t.yaml: training.realtime.label_delay"),
+        "{e}"
+    );
+    assert!(!tmp.path().join("rt").exists());
+    let ok = text.replace("label_delay: 2", "label_delay: 1");
+    let p = sequel_algos::run::prepare(&ok, "t.yaml", &[], &Registry::builtin()).unwrap();
+    sequel_algos::run::execute(p, &mut sequel_core::trainer::Silent, None).unwrap();
+}

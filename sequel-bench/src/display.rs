@@ -125,6 +125,16 @@ pub fn report(outcome: &RunOutcome) -> String {
                 r.learning_acc * 100.0
             );
         }
+        if !outcome.realtime.is_empty() {
+            let r = &outcome.realtime;
+            let trained: usize = r.iter().map(|t| t.trained).sum();
+            let batches: usize = r.iter().map(|t| t.batches).sum();
+            let _ = writeln!(
+                s,
+                "online accuracy    {}  (real-time: trained on {trained} of {batches} batches)",
+                pct(outcome.online_acc(r.len()))
+            );
+        }
         let train: f64 = outcome.times.iter().map(|x| x.train_s).sum();
         let eval: f64 = outcome.init_eval_s + outcome.times.iter().map(|x| x.eval_s).sum::<f64>();
         let rss = outcome

@@ -1293,6 +1293,27 @@ impl ExperimentConfig {
                     "adapts the hidden layers, and `model.hidden` is empty".into(),
                 ));
             }
+            if l.freeze_backbone_after
+                .is_some_and(|n| n >= self.benchmark.tasks)
+            {
+                return Err(err(
+                    "model.lora.freeze_backbone_after",
+                    format!(
+                        "freezes after that many tasks, and the stream has {}: the backbone would \
+                         never freeze; set it below benchmark.tasks or leave it out",
+                        self.benchmark.tasks
+                    ),
+                ));
+            }
+            if self.consolidation.is_some() {
+                // The strategies merge tensors one by one: averaging the factors Aₜ, Bₜ is not
+                // averaging the adapters' updates BₜAₜ.
+                return Err(err(
+                    "model.lora",
+                    "a consolidation strategy would merge the adapters' factors A and B one by                      one, not their products BₜAₜ; remove model.lora or consolidation"
+                        .into(),
+                ));
+            }
         }
         if m.kind == ModelKind::Cnn && (m.channels.is_empty() || m.channels.contains(&0)) {
             return Err(err(
@@ -1500,6 +1521,11 @@ mod tests {
             "model.lora.freeze_backbone_after",
         );
         bad(&["model.hidden=[]", "model.lora={}"], "model.lora");
+        bad(
+            &["benchmark.tasks=2", "model.lora={freeze_backbone_after: 2}"],
+            "model.lora.freeze_backbone_after",
+        );
+        bad(&["model.lora={}", "consolidation=lines"], "model.lora");
         let e = parse_config(MIN, "x", &["model.lora={ranks: 2}".to_string()])
             .unwrap_err()
             .to_string();

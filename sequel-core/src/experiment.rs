@@ -82,13 +82,41 @@ pub fn preflight(
             ),
         }));
     }
-    if cfg.training.realtime.is_some() && !algorithm.trains_on_the_stream() {
-        return Err(in_file(Error::Config {
-            file: String::new(),
-            path: "training.realtime".into(),
-            message: "this algorithm trains on its own sample list (exemplars mixed in, the tasks                       seen so far, or a re-fit), not on the stream's batches as they arrive;                       remove training.realtime or choose a method that learns from the stream"
-                .into(),
-        }));
+    if let Some(rt) = &cfg.training.realtime {
+        let refuse = |path: &str, message: String| {
+            Err(in_file(Error::Config {
+                file: String::new(),
+                path: path.into(),
+                message,
+            }))
+        };
+        if !algorithm.trains_on_the_stream() {
+            let name = cfg.algorithm.get("name").and_then(|n| n.as_str());
+            return refuse(
+                "training.realtime",
+                format!(
+                    "`{}` trains on its own sample list (exemplars mixed in, the tasks seen so \
+                     far, or a re-fit), not on the stream's batches as they arrive; remove \
+                     training.realtime or choose a method that learns from the stream",
+                    name.unwrap_or("this algorithm")
+                ),
+            );
+        }
+        let bs = cfg.training.batch_size.max(1);
+        let fewest = (stream.first()..stream.len())
+            .map(|t| stream.tasks[t].train.len().div_ceil(bs))
+            .min()
+            .unwrap_or(0);
+        if rt.label_delay >= fewest {
+            return refuse(
+                "training.realtime.label_delay",
+                format!(
+                    "{} batches, and a task has only {fewest}: its labels would never arrive and \
+                     nothing would be trained; set it below {fewest}",
+                    rt.label_delay
+                ),
+            );
+        }
     }
     algorithm.check_stream(stream).map_err(&in_file)?;
     if let Some(m) = algorithm.memory() {

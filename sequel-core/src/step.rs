@@ -68,14 +68,18 @@ pub fn optimize_with(
             }
         }
     }
-    if model.adapters().is_some_and(|a| a.backbone_frozen()) {
-        // PaLoRA with a frozen backbone: only adapters and heads move.
-        for p in model.params().iter() {
-            if p.role == crate::model::Role::Body && p.adapter.is_none() {
-                grads.remove(p.var.as_tensor());
+    // PaLoRA with a frozen backbone: only adapters and heads move.
+    let frozen = model.adapters().is_some_and(|a| a.backbone_frozen());
+    let drop_backbone = |grads: &mut GradStore| {
+        if frozen {
+            for p in model.params().iter() {
+                if p.role == crate::model::Role::Body && p.adapter.is_none() {
+                    grads.remove(p.var.as_tensor());
+                }
             }
         }
-    }
+    };
+    drop_backbone(&mut grads);
     let joined;
     let params = match own.filter(|o| !o.is_empty()) {
         Some(o) => {
@@ -88,6 +92,8 @@ pub fn optimize_with(
         clip_grad_norm(params, &mut grads, max)?;
     }
     edit(&mut grads)?;
+    // A projection (A-GEM, GEM) mixes in a reference gradient that reaches the backbone.
+    drop_backbone(&mut grads);
     optimizer.step(params, &grads)
 }
 

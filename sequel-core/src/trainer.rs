@@ -570,7 +570,8 @@ impl Trainer {
         if meta.init_from_sha256 != self.init_from_sha256 {
             let sha = |s: &Option<String>| s.clone().unwrap_or_else(|| "none".into());
             return Err(Error::msg(format!(
-                "model.init_from: the file differs from the one the run started from (sha256 {}                  then, {} now); put the original file back or start a new run",
+                "model.init_from: the file differs from the one the run started from (sha256 {} \
+                 then, {} now); put the original file back or start a new run",
                 sha(&meta.init_from_sha256),
                 sha(&self.init_from_sha256)
             )));
