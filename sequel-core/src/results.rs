@@ -190,6 +190,8 @@ pub struct GroupSummary {
     /// The same metrics of the trained weights before consolidation, when the runs had a
     /// consolidator.
     pub raw: Option<RawSummary>,
+    /// With `training.realtime`: the online accuracy over the whole stream.
+    pub online_acc: Option<Stat>,
 }
 
 /// Final metrics of the raw (unconsolidated) matrix.
@@ -402,6 +404,11 @@ pub fn compare(runs: &[RunRecord], by: &[String]) -> Result<Vec<GroupSummary>> {
                 fwt: stat("fwt"),
                 learning_acc: stat("learning_acc"),
                 raw,
+                online_acc: Stat::of(
+                    &ok.iter()
+                        .filter_map(|r| r.summary["realtime"]["online_acc"].as_f64())
+                        .collect::<Vec<_>>(),
+                ),
                 train_s: Stat::of(
                     &ok.iter()
                         .filter_map(|r| r.summary["train_s"].as_f64())
@@ -447,12 +454,16 @@ pub fn format_table(rows: &[GroupSummary], csv: bool) -> String {
             pct(&raw.learning_acc),
         ]
     };
+    let with_online = rows.iter().any(|r| r.online_acc.is_some());
     let sep = if csv { "," } else { " | " };
     let mut out = String::new();
     if csv {
         out.push_str("run,n,failed,avg_acc,avg_acc_std,forgetting,forgetting_std,bwt,bwt_std,fwt,fwt_std,train_s");
         if with_raw {
             out.push_str(",learning_acc,learning_acc_std,avg_acc_raw,avg_acc_raw_std,forgetting_raw,forgetting_raw_std,learning_acc_raw,learning_acc_raw_std");
+        }
+        if with_online {
+            out.push_str(",online_acc,online_acc_std");
         }
         out.push('\n');
         for r in rows {
@@ -471,6 +482,10 @@ pub fn format_table(rows: &[GroupSummary], csv: bool) -> String {
                 out.push_str(sep);
                 out.push_str(&raw_cells(r).join(sep));
             }
+            if with_online {
+                out.push_str(sep);
+                out.push_str(&pct(&r.online_acc));
+            }
             out.push('\n');
         }
     } else {
@@ -481,6 +496,10 @@ pub fn format_table(rows: &[GroupSummary], csv: bool) -> String {
                 " learning acc (%) | raw avg acc (%) | raw forgetting (%) | raw learning acc (%) |",
             );
             rule.push_str("---|---|---|---|");
+        }
+        if with_online {
+            out.push_str(" online acc (%) |");
+            rule.push_str("---|");
         }
         out.push('\n');
         out.push_str(&rule);
@@ -505,6 +524,9 @@ pub fn format_table(rows: &[GroupSummary], csv: bool) -> String {
                 out.push(' ');
                 out.push_str(&raw_cells(r).join(sep));
                 out.push_str(" |");
+            }
+            if with_online {
+                out.push_str(&format!(" {} |", pct(&r.online_acc)));
             }
             out.push('\n');
         }
@@ -581,6 +603,40 @@ mod tests {
         }
         fs::write(&p, "after_task,task_1\n1,50.0\n").unwrap();
         assert!(read_matrix(&p).unwrap_err().to_string().contains("init"));
+    }
+
+    #[test]
+    fn realtime_runs_add_an_online_accuracy_column() {
+        let tmp = tempfile::tempdir().unwrap();
+        fake(tmp.path(), "plain", 0, 0.1, 0.5, "completed");
+        for (seed, online) in [(0, 0.8), (1, 0.9)] {
+            fake(tmp.path(), "rt", seed, 0.1, 0.6, "completed");
+            let d = tmp.path().join(format!("rt/seed-{seed}/summary.json"));
+            let mut s: serde_json::Value =
+                serde_json::from_str(&fs::read_to_string(&d).unwrap()).unwrap();
+            s["realtime"] = serde_json::json!({ "online_acc": online });
+            fs::write(&d, s.to_string()).unwrap();
+        }
+        let rows = compare(&find_runs(&[tmp.path().to_path_buf()]).unwrap(), &[]).unwrap();
+        let md = format_table(&rows, false);
+        assert!(
+            md.lines().next().unwrap().ends_with(" online acc (%) |"),
+            "{md}"
+        );
+        // Mean and sample std of 80 % and 90 %.
+        assert!(md.contains("| 85.00 ± 7.07 |"), "{md}");
+        assert!(
+            md.contains("| plain | 1 | 50.00 ± 0.00 |") && md.contains("n/a |"),
+            "{md}"
+        );
+        let csv = format_table(&rows, true);
+        assert!(
+            csv.lines()
+                .next()
+                .unwrap()
+                .ends_with(",online_acc,online_acc_std"),
+            "{csv}"
+        );
     }
 
     #[test]
