@@ -329,11 +329,13 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<()> {
             if stop_after_task == Some(0) {
                 anyhow::bail!("--stop-after-task must be at least 1 (the first checkpoint is written after task 1)");
             }
-            if let Some(dir) = &resume {
-                // Before its config.yaml is read: a finished run has none left there.
-                sequel_core::run::RunDir::check_resumable(dir)?;
-            }
-            let config = match (config, &resume) {
+            // Before its config.yaml is read: a finished run has none left there, and the final
+            // name of an unfinished one leads to its staging folder.
+            let staging = match &resume {
+                Some(dir) => Some(sequel_core::run::RunDir::check_resumable(dir)?),
+                None => None,
+            };
+            let config = match (config, &staging) {
                 (Some(c), _) => c,
                 (None, Some(dir)) => dir.join("config.yaml"),
                 (None, None) => anyhow::bail!("give a config file (or --resume RUN_DIR)"),

@@ -440,10 +440,12 @@ fn a_killed_run_resumes_to_the_uninterrupted_result() {
     let cfg = slow_config(tmp.path());
     let killed = interrupt_during_task_3(tmp.path(), &cfg, "-KILL");
     assert!(!killed.status.success());
-    let partial = tmp.path().join("runs/slow/.seed-4.partial");
-    assert!(!tmp.path().join("runs/slow/seed-4").exists());
+    assert!(tmp.path().join("runs/slow/.seed-4.partial").is_dir());
+    // The run's final name, which does not exist yet, leads to its staging folder too.
+    let final_name = tmp.path().join("runs/slow/seed-4");
+    assert!(!final_name.exists());
     let resumed = sequel(
-        &["run", "--resume", partial.to_str().unwrap(), "--quiet"],
+        &["run", "--resume", final_name.to_str().unwrap(), "--quiet"],
         tmp.path(),
     );
     assert!(resumed.status.success(), "{}", stderr(&resumed));

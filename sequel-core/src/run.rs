@@ -130,10 +130,11 @@ impl RunDir {
         Ok((staging, final_dir, lock))
     }
 
-    /// Whether `path` names an unfinished run that `--resume` can continue; the error says why
-    /// not (asked before the run's own config.yaml is read).
-    pub fn check_resumable(path: &Path) -> Result<()> {
-        Self::locate(path).map(|_| ())
+    /// Whether `path` names an unfinished run that `--resume` can continue (its staging folder,
+    /// or that folder's final name); returns the staging folder, which holds the run's
+    /// config.yaml. The error says why not (asked before the config is read).
+    pub fn check_resumable(path: &Path) -> Result<PathBuf> {
+        Self::locate(path).map(|(staging, _, _)| staging)
     }
 
     /// Reopen the staging folder of an unfinished run (`<name>/.seed-<s>.partial`, or its
