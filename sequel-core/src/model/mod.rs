@@ -112,6 +112,23 @@ pub fn build_model(
     build_model_for(cfg, input, heads, heads.len(), seed, device)
 }
 
+/// A forward pass over `batch` that tells the model its rows' tasks: with PaLoRA adapters in
+/// per-row mode ([`Adapters::set_per_row`], task-IL training) each row goes through its own
+/// task's adapter; otherwise exactly `model.forward(&batch.x, train)`.
+///
+/// # Errors
+/// Model errors.
+pub fn forward_batch(
+    model: &dyn Model,
+    batch: &crate::data::Batch,
+    train: bool,
+) -> Result<ModelOutput> {
+    match model.adapters() {
+        Some(a) if a.per_row() => a.with_rows(&batch.tasks, || model.forward(&batch.x, train))?,
+        _ => model.forward(&batch.x, train),
+    }
+}
+
 /// [`build_model`] for a stream of `tasks` tasks (the PaLoRA adapters per layer).
 pub fn build_model_for(
     cfg: &ModelConfig,
