@@ -76,7 +76,7 @@ pub trait Model: Send + Sync {
     }
     /// The model's PaLoRA adapters ([`lora`]), if it has any: the trainer sets their preference
     /// `λ` before training and evaluating a task (`one-hot(t)`, or the merge without task
-    /// identity) and freezes the backbone where `model.lora.freeze_backbone_after` says; the
+    /// identity), in task-IL their per-row mode ([`forward_batch`]), and freezes the backbone where `model.lora.freeze_backbone_after` says; the
     /// step drops the backbone's gradients while it is frozen. Default: none.
     fn adapters(&self) -> Option<&Adapters> {
         None
