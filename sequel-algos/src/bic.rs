@@ -276,7 +276,9 @@ impl Algorithm for Bic {
         let Some(teacher) = self.teacher.as_ref().filter(|_| old > 0) else {
             return Ok(ce);
         };
-        let mut zt = teacher.forward(&batch.x, false)?.logits.detach();
+        let mut zt = sequel_core::model::forward_batch(teacher.as_ref(), batch, false)?
+            .logits
+            .detach();
         ctx.charge(batch.len(), 0);
         if let Some(b) = &self.bias {
             zt = correct(&zt, b)?;

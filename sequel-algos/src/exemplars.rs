@@ -143,8 +143,7 @@ pub fn features_of(
     let mut units = Vec::with_capacity(refs.len());
     for chunk in refs.chunks(CHUNK) {
         let batch = stream.gather(chunk, Split::Train, buf, device)?;
-        let f = model
-            .forward(&batch.x, false)?
+        let f = sequel_core::model::forward_batch(model, &batch, false)?
             .features
             .flatten_from(1)?
             .to_dtype(DType::F32)?

@@ -96,7 +96,7 @@ pub fn write_back(params: &ParamSet, grads: &mut GradStore, flat: &Tensor) -> Re
 /// current weights. The forward pass is in training mode, like the one that produced the
 /// gradient it will be compared with.
 pub fn loss_gradient(model: &dyn Model, stream: &TaskStream, batch: &Batch) -> Result<Tensor> {
-    let out = model.forward(&batch.x, true)?;
+    let out = sequel_core::model::forward_batch(model, batch, true)?;
     let l = loss::task_loss(&out.logits, batch, stream)?;
     flatten(model.params(), &l.backward()?)
 }

@@ -196,7 +196,9 @@ impl BceDistillation {
         let onehot = Tensor::from_vec(onehot, shape, dev)?;
         let (targets, teacher_rows) = match &self.teacher {
             Some(teacher) if distil.iter().any(|&d| d > 0.0) => {
-                let old = teacher.forward(&batch.x, false)?.logits.detach();
+                let old = sequel_core::model::forward_batch(teacher.as_ref(), batch, false)?
+                    .logits
+                    .detach();
                 let soft = candle_nn::ops::sigmoid(&old)?;
                 let distil = Tensor::from_vec(distil, shape, dev)?;
                 ((&onehot + distil.mul(&(soft - &onehot)?)?)?, rows)

@@ -111,7 +111,7 @@ pub fn mean_gradient_statistic(
             vec![gathered]
         };
         for batch in parts {
-            let out = model.forward(&batch.x, false)?;
+            let out = sequel_core::model::forward_batch(model, &batch, false)?;
             for (w, loss) in objective(&out, &batch)? {
                 if w == 0.0 {
                     continue;

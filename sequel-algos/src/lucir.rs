@@ -380,7 +380,9 @@ impl Lucir {
                 let b = ctx
                     .stream
                     .gather(chunk, Split::Train, &mut self.gather, ctx.device)?;
-                let feats = ctx.model.forward(&b.x, false)?.features.detach();
+                let feats = sequel_core::model::forward_batch(ctx.model, &b, false)?
+                    .features
+                    .detach();
                 let loss = self.classifier_loss(cls, &feats, &b, ctx.stream, ctx.task, 0)?;
                 finite_loss(&loss, (ctx.task + 1, epoch + 1, step + 1))?;
                 optimize_with(

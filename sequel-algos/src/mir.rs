@@ -172,12 +172,12 @@ pub fn loss_increase(
     let rngs = model.rng_states();
     let scored = (|| -> Result<Vec<f32>> {
         let before = per_sample_ce(
-            &model.forward(&candidates.x, true)?.logits,
+            &sequel_core::model::forward_batch(model, candidates, true)?.logits,
             candidates,
             stream,
         )?;
         model.set_rng_states(&rngs)?;
-        let out = model.forward(&incoming.x, true)?;
+        let out = sequel_core::model::forward_batch(model, incoming, true)?;
         let grads = task_loss(&out.logits, incoming, stream)?.backward()?;
         for (p, g) in params.grads(&grads) {
             if let Some(g) = g {
@@ -187,7 +187,7 @@ pub fn loss_increase(
         // The same dropout masks as the first scoring pass: the increase is the virtual step's.
         model.set_rng_states(&rngs)?;
         let after = per_sample_ce(
-            &model.forward(&candidates.x, true)?.logits,
+            &sequel_core::model::forward_batch(model, candidates, true)?.logits,
             candidates,
             stream,
         )?;

@@ -289,7 +289,9 @@ impl Algorithm for Xder {
         for chunk in past.chunks(256) {
             let refs: Vec<_> = chunk.iter().map(|&i| buffer.sample(i as usize)).collect();
             let b = s.gather(&refs, Split::Train, &mut gather, ctx.device)?;
-            let z = ctx.model.forward(&b.x, false)?.logits.to_vec2::<f32>()?;
+            let z = sequel_core::model::forward_batch(ctx.model, &b, false)?
+                .logits
+                .to_vec2::<f32>()?;
             rewrite(buffer, chunk, &z, r.start..s.num_units, gamma)?;
         }
         Ok(())

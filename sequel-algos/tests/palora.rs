@@ -5,12 +5,14 @@
 use std::sync::Mutex;
 
 use candle_core::Tensor;
+use sequel_algos::er::{Er, ErConfig};
 use sequel_algos::naive::Naive;
 use sequel_algos::testing::mini_trainer;
 use sequel_core::algorithm::{Algorithm, EvalCtx};
 use sequel_core::data::GatherBuf;
 use sequel_core::model::ModelOutput;
 use sequel_core::trainer::{Silent, Trainer};
+use sequel_core::MemoryConfig;
 use sequel_core::Result;
 
 /// Every tensor of the model by name, as bits.
@@ -214,6 +216,94 @@ fn a_frozen_backbone_stays_frozen_under_a_gradient_projection() {
             assert_eq!(moved, 0, "a frozen backbone tensor moved");
         } else {
             assert!(moved > 0, "the backbone trains without the freeze");
+        }
+    }
+}
+
+/// Task-IL ER with adapters: replayed samples of task 0, fused with task 1's incoming batch in
+/// one `StepCtx::forward`, go through adapter 0, so adapter 0's `B` moves while task 1 trains
+/// (plain SGD: a tensor without gradient stays bit-identical); the adapters of tasks not yet
+/// seen never move. In class-IL every row of task 1's steps goes through adapter 1, so
+/// adapter 0 stays as task 0 left it (the check is not vacuous).
+#[test]
+fn task_il_replay_trains_each_replayed_task_adapter() {
+    for scenario in ["task-il", "class-il"] {
+        let er = ErConfig {
+            memory: MemoryConfig {
+                buffer_size: 50,
+                ..MemoryConfig::default()
+            },
+            ..ErConfig::default()
+        };
+        let mut t = mini_trainer(
+            Box::new(Er::new(er).unwrap()),
+            &["model.lora={}", &format!("benchmark.scenario={scenario}")],
+        );
+        train(&mut t, 0);
+        let after1 = tensors(&t);
+        train(&mut t, 1);
+        let after2 = tensors(&t);
+        for ((name, a), (_, b)) in after1.iter().zip(&after2) {
+            if !name.contains(".lora_b.") {
+                continue;
+            }
+            let task: usize = name.rsplit('.').next().unwrap().parse().unwrap();
+            let moved = a != b;
+            let expected = task == 1 || (task == 0 && scenario == "task-il");
+            assert_eq!(moved, expected, "{scenario}: {name}");
+        }
+        let a = t.model.adapters().unwrap();
+        assert_eq!(a.per_row(), scenario == "task-il");
+    }
+}
+
+/// Naive fine-tuning that records, in `before_eval`, the adapters' per-row mode and `λ`.
+#[derive(Default)]
+struct HookSpy {
+    seen: Mutex<Vec<(bool, Vec<f32>)>>,
+}
+
+impl Algorithm for HookSpy {
+    fn before_eval(&mut self, ctx: &EvalCtx) -> Result<()> {
+        let a = ctx.model.adapters().expect("adapters");
+        self.seen
+            .lock()
+            .unwrap()
+            .push((a.per_row(), a.preference()));
+        Ok(())
+    }
+}
+
+/// `before_eval` sees the evaluation state: in task-IL per-row mode (λ one-hot of the last
+/// trained task for plain forwards), in class-IL the merge of the tasks trained so far.
+#[test]
+fn before_eval_sees_the_evaluation_state() {
+    for scenario in ["task-il", "class-il"] {
+        let mut t = mini_trainer(
+            Box::new(HookSpy::default()),
+            &["model.lora={}", &format!("benchmark.scenario={scenario}")],
+        );
+        t.run(&mut Silent).unwrap();
+        let seen = t
+            .algorithm::<HookSpy>()
+            .unwrap()
+            .seen
+            .lock()
+            .unwrap()
+            .clone();
+        assert_eq!(seen.len(), 6, "{seen:?}");
+        for (row, (per_row, lambda)) in seen.into_iter().enumerate() {
+            let expected: Vec<f32> = if scenario == "task-il" {
+                (0..5)
+                    .map(|u| f32::from(u == row.saturating_sub(1)))
+                    .collect()
+            } else {
+                (0..5)
+                    .map(|u| if u < row { 1.0 / row as f32 } else { 0.0 })
+                    .collect()
+            };
+            assert_eq!(per_row, scenario == "task-il", "{scenario} row {row}");
+            assert_eq!(lambda, expected, "{scenario} row {row}");
         }
     }
 }

@@ -248,6 +248,34 @@ fn model_extension_parameters_survive_a_resume() {
     }
 }
 
+/// PaLoRA's per-row selection in task-IL (replayed rows through their own adapters, ER and
+/// DER++): a run stopped after task 2 and resumed writes the same files as an uninterrupted one.
+#[test]
+fn per_row_adapters_in_task_il_survive_a_resume() {
+    for algorithm in [
+        "{ name: er, buffer_size: 30 }",
+        "{ name: derpp, buffer_size: 30 }",
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let text = config(tmp.path(), algorithm, "")
+            .replace("scenario: class-il", "scenario: task-il")
+            .replace(
+                "{ kind: mlp, hidden: [16] }",
+                "{ kind: mlp, hidden: [16], lora: { rank: 2 } }",
+            );
+        assert!(text.contains("task-il") && text.contains("lora"));
+        let full = run(&text, "full", &RunOptions::default()).unwrap();
+        stopped_after(&text, "part", 2);
+        let resumed = resume(tmp.path(), "part", &text, None).unwrap();
+        for ((name, x), (_, y)) in results(&full).iter().zip(&results(&resumed)) {
+            if name != "config.yaml" {
+                assert!(x == y, "{algorithm}: {name} differs after resume");
+            }
+        }
+        assert_eq!(log(&full), log(&resumed), "{algorithm}");
+    }
+}
+
 #[test]
 fn a_changed_config_is_refused_naming_the_keys() {
     let tmp = tempfile::tempdir().unwrap();

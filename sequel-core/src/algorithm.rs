@@ -158,7 +158,9 @@ impl<'a> StepCtx<'a> {
     /// of a single batch of `Σ |part|` rows; with batch normalisation the statistics span every
     /// part). The incoming batch of the step is recognised by reference: pass the `batch` that
     /// [`Algorithm::loss`] received, and its rows are what the trainer logs and hands to
-    /// [`Algorithm::after_step`].
+    /// [`Algorithm::after_step`]. The rows' tasks go to the model ([`crate::model::forward_batch`]):
+    /// with PaLoRA adapters in task-IL each row, replayed or incoming, goes through its own
+    /// task's adapter.
     ///
     /// # Errors
     /// Model errors; shape mismatches between parts.
@@ -184,7 +186,7 @@ impl<'a> StepCtx<'a> {
                 joined
             }
         };
-        let out = self.model.forward(&batch.x, true)?;
+        let out = crate::model::forward_batch(self.model, &batch, true)?;
         for &t in &batch.tasks {
             if let Some(p) = self.present.get_mut(t as usize) {
                 *p = true;

@@ -204,7 +204,7 @@ impl Memory {
         for chunk in samples.chunks(CHUNK) {
             let batch = stream.gather(chunk, Split::Train, &mut self.gather, device)?;
             let logits = if self.store_logits {
-                Some(model.forward(&batch.x, false)?.logits)
+                Some(crate::model::forward_batch(model, &batch, false)?.logits)
             } else {
                 None
             };

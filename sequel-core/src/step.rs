@@ -107,7 +107,7 @@ pub fn train_step(
     clip: Option<f64>,
     at: At,
 ) -> Result<f32> {
-    let out = model.forward(&batch.x, true)?;
+    let out = crate::model::forward_batch(model, batch, true)?;
     let loss = crate::loss::task_loss(&out.logits, batch, stream)?;
     let value = finite_loss(&loss, at)?;
     let mut forwarded = vec![false; stream.len()];

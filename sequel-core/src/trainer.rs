@@ -838,6 +838,7 @@ impl Trainer {
             model: self.model.as_ref(),
             device: &self.device,
         };
+        self.adapt_for_eval_hooks()?;
         self.algorithm.before_eval(&ctx)?;
         let accs = tasks
             .iter()
@@ -1110,6 +1111,7 @@ impl Trainer {
             model: self.model.as_ref(),
             device: &self.device,
         };
+        self.adapt_for_eval_hooks()?;
         self.algorithm.before_eval(&ctx)?;
         let row = (0..self.stream.len()).map(|j| self.evaluate(j)).collect();
         self.algorithm.after_eval(&ctx)?;
@@ -1155,15 +1157,20 @@ impl Trainer {
 
 impl Trainer {
     /// PaLoRA (`model.lora`): train stream task `t` through its own adapter, `λ = one-hot(t)`,
-    /// with the backbone frozen once `freeze_backbone_after` stream tasks are done. Every
-    /// forward pass of the task uses this `λ`, replayed samples included. Stateless (a function
-    /// of `t`), so a resumed run sets the same. No-op without adapters.
+    /// with the backbone frozen once `freeze_backbone_after` stream tasks are done. In task-IL
+    /// the adapters are in per-row mode: a forward pass that knows its rows' tasks
+    /// ([`crate::algorithm::StepCtx::forward`], [`crate::model::forward_batch`]) sends each row,
+    /// replayed ones included, through its own task's adapter; other forwards use `one-hot(t)`.
+    /// In class-IL every forward of the task uses `one-hot(t)`, replayed rows included (the
+    /// evaluated model is the merge, so each adapter trains on what the merge will see).
+    /// Stateless (a function of `t`), so a resumed run sets the same. No-op without adapters.
     fn adapt_for_training(&mut self, t: usize) -> Result<()> {
         self.seen = t + 1;
         let Some(a) = self.model.adapters() else {
             return Ok(());
         };
         a.select(t)?;
+        a.set_per_row(self.stream.mask_in_eval());
         let done = t.saturating_sub(self.stream.first());
         let frozen =
             t >= self.stream.first() && a.config().freeze_backbone_after.is_some_and(|n| done >= n);
@@ -1179,10 +1186,23 @@ impl Trainer {
             return Ok(());
         };
         if self.stream.mask_in_eval() {
+            a.set_per_row(true);
             a.select(j)
         } else {
+            a.set_per_row(false);
             a.merged(self.seen)
         }
+    }
+
+    /// PaLoRA: what [`Algorithm::before_eval`] sees (set before it is called). Task-IL: per-row
+    /// mode, so a hook's [`crate::model::forward_batch`] over memory sends each row through its
+    /// own task's adapter, as evaluation will; a plain `Model::forward` uses `one-hot` of the
+    /// last trained task. Class-IL: the merge evaluation uses. No-op without adapters.
+    fn adapt_for_eval_hooks(&self) -> Result<()> {
+        if self.model.adapters().is_none() {
+            return Ok(());
+        }
+        self.adapt_for_evaluation(self.seen.saturating_sub(1))
     }
 }
 

@@ -12,7 +12,16 @@
 //! layer as it was. In a stream the adapter of task `t` is `(Aₜ, Bₜ)`: the trainer selects
 //! `λ = one-hot(t)` while training task `t` and, in task-IL, while evaluating task `t`; without
 //! task identity at test time it evaluates the merge `λ` uniform over the tasks trained so far
-//! ([`Adapters::merged`]). Adapter tensors are ordinary model parameters (`fc<i>.lora_a.<t>`,
+//! ([`Adapters::merged`]).
+//!
+//! **Per-row selection.** One `λ` for a whole forward pass would send a replayed sample of task
+//! `j`, forwarded together with the incoming batch of task `t`, through adapter `t`. In
+//! *per-row* mode ([`Adapters::set_per_row`], which the trainer switches on in task-IL) a
+//! forward pass whose rows' tasks are known ([`crate::model::forward_batch`], used by
+//! [`crate::algorithm::StepCtx::forward`]) adds `s·(x·Aⱼᵀ)·Bⱼᵀ` to the rows of task `j` only,
+//! for every task `j` present (a 0/1 row mask per adapter; a row whose task has no adapter gets
+//! none): each row sees `λ = one-hot(its task)`, and only its own adapter gets its gradient. A
+//! forward pass without row tasks (a plain `Model::forward`) uses the shared `λ`. Adapter tensors are ordinary model parameters (`fc<i>.lora_a.<t>`,
 //! `fc<i>.lora_b.<t>`, at the depth of `fc<i>`, tagged [`crate::model::Param::adapter`]), so
 //! optimizers, checkpoints and consolidation see them like any other tensor.
 
@@ -45,6 +54,10 @@ pub struct Adapters {
     layers: Vec<LayerAdapters>,
     lambda: RwLock<Vec<f32>>,
     frozen: AtomicBool,
+    /// Per-row mode: forwards given their rows' tasks use `one-hot(row task)` per row.
+    per_row: AtomicBool,
+    /// The task of each row of the forward pass under way ([`Adapters::with_rows`]).
+    rows: RwLock<Option<Vec<u32>>>,
 }
 
 /// The stream the adapters' `A` are drawn from: a sub-stream of `init` (same seed, stream id
@@ -71,6 +84,8 @@ impl Adapters {
             layers: Vec::new(),
             lambda: RwLock::new(lambda),
             frozen: AtomicBool::new(false),
+            per_row: AtomicBool::new(false),
+            rows: RwLock::new(None),
         }
     }
 
@@ -177,16 +192,59 @@ impl Adapters {
         self.frozen.store(frozen, Ordering::Relaxed);
     }
 
-    /// Copy `λ` and the frozen flag from `other` (a fork keeps the model's state).
+    /// Whether forwards given their rows' tasks select each row's own adapter.
+    pub fn per_row(&self) -> bool {
+        self.per_row.load(Ordering::Relaxed)
+    }
+
+    /// Switch per-row selection on or off (see the module documentation).
+    pub fn set_per_row(&self, per_row: bool) {
+        self.per_row.store(per_row, Ordering::Relaxed);
+    }
+
+    /// Run `f` (a forward pass over rows of tasks `tasks`) with each row through its own
+    /// adapter when in per-row mode; otherwise (or for a pass of another number of rows) `f`
+    /// uses the shared `λ`. The rows are forgotten afterwards, on error too.
+    pub fn with_rows<R>(&self, tasks: &[u32], f: impl FnOnce() -> R) -> Result<R> {
+        if !self.per_row() {
+            return Ok(f());
+        }
+        let set = |rows: Option<Vec<u32>>| -> Result<()> {
+            *self
+                .rows
+                .write()
+                .map_err(|_| Error::msg("the adapters' row lock is poisoned"))? = rows;
+            Ok(())
+        };
+        set(Some(tasks.to_vec()))?;
+        let r = f();
+        set(None)?;
+        Ok(r)
+    }
+
+    /// Copy `λ`, the per-row mode and the frozen flag from `other` (a fork keeps the model's
+    /// state).
     pub fn copy_state(&self, other: &Adapters) -> Result<()> {
         self.set_preference(&other.preference())?;
         self.set_backbone_frozen(other.backbone_frozen());
+        self.set_per_row(other.per_row());
         Ok(())
     }
 
     /// `z + s·Σₜ λₜ (x·Aₜᵀ)·Bₜᵀ` for layer `layer` with input `x` and output `z = x·Wᵀ + b`.
-    /// Adapters with `λₜ = 0` are skipped: they cost nothing and get no gradient.
+    /// Adapters with `λₜ = 0` are skipped: they cost nothing and get no gradient. Inside
+    /// [`Adapters::with_rows`] in per-row mode, each row's own adapter instead.
     pub fn forward(&self, layer: usize, x: &Tensor, z: Tensor) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let rows = self
+            .rows
+            .read()
+            .ok()
+            .and_then(|r| r.clone())
+            .filter(|r| r.len() == n);
+        if let Some(rows) = rows {
+            return self.forward_rows(layer, x, z, &rows);
+        }
         let l = &self.layers[layer];
         let mut out = z;
         for (t, &w) in self.preference().iter().enumerate() {
@@ -197,6 +255,37 @@ impl Adapters {
                 .matmul(&l.a[t].as_tensor().t()?)?
                 .matmul(&l.b[t].as_tensor().t()?)?;
             out = (out + (d * (self.scale() * f64::from(w)))?)?;
+        }
+        Ok(out)
+    }
+
+    /// `z + s·(x·Aⱼᵀ)·Bⱼᵀ` on the rows of task `j`, for each task `j` in `rows`. A pass of one
+    /// task computes exactly what `λ = one-hot(j)` does; with several, adapter `j`'s term is
+    /// multiplied by the 0/1 mask of its rows (exact: the other rows add zeros and send no
+    /// gradient to it).
+    fn forward_rows(&self, layer: usize, x: &Tensor, z: Tensor, rows: &[u32]) -> Result<Tensor> {
+        let l = &self.layers[layer];
+        let mut present: Vec<u32> = rows.to_vec();
+        present.sort_unstable();
+        present.dedup();
+        let mut out = z;
+        for &j in &present {
+            let t = j as usize;
+            if t >= self.tasks() {
+                continue;
+            }
+            let d = x
+                .matmul(&l.a[t].as_tensor().t()?)?
+                .matmul(&l.b[t].as_tensor().t()?)?;
+            let d = (d * self.scale())?;
+            out = if present.len() == 1 {
+                (out + d)?
+            } else {
+                let mask: Vec<f32> = rows.iter().map(|&r| f32::from(r == j)).collect();
+                let mask =
+                    Tensor::from_vec(mask, (rows.len(), 1), x.device())?.to_dtype(d.dtype())?;
+                (out + d.broadcast_mul(&mask)?)?
+            };
         }
         Ok(out)
     }

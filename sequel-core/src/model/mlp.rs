@@ -591,6 +591,85 @@ mod tests {
         assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
     }
 
+    /// Per-row mode: a fused pass over rows of several tasks gives each row, bit for bit, what
+    /// a pass with `λ = one-hot(its task)` gives it (a task index without an adapter: the
+    /// backbone alone), whatever the shared `λ`; the loss of one task's rows reaches only that
+    /// task's adapter. Out of per-row mode the shared `λ` applies to every row.
+    #[test]
+    fn per_row_mode_sends_each_row_through_its_own_adapter() {
+        let x = input();
+        let m = mlp(ActivationKind::Tanh, lora(3, 2), 0.0);
+        train_b(&m);
+        let a = m.adapters().unwrap();
+        let rows = [2u32, 0, 2, 7];
+        let bit_rows = |t: &Tensor| -> Vec<Vec<u32>> {
+            host(t)
+                .iter()
+                .map(|r| r.iter().map(|v| v.to_bits()).collect())
+                .collect()
+        };
+        let one_hot = |t: u32| {
+            if t < 3 {
+                a.select(t as usize).unwrap();
+            } else {
+                a.merged(0).unwrap();
+            }
+            bit_rows(&m.forward(&x, false).unwrap().logits)
+        };
+        a.set_per_row(true);
+        a.select(1).unwrap();
+        let fused = a
+            .with_rows(&rows, || m.forward(&x, false))
+            .unwrap()
+            .unwrap();
+        let got = bit_rows(&fused.logits);
+        for (i, &t) in rows.iter().enumerate() {
+            assert_eq!(got[i], one_hot(t)[i], "row {i} of task {t}");
+        }
+        // Not vacuous: the adapters give the rows different outputs, and the shared λ = one-hot(1)
+        // is not what the fused pass used.
+        assert_ne!(one_hot(0)[1], one_hot(2)[1]);
+        assert_ne!(got[0], one_hot(1)[0]);
+        // Without rows the shared λ applies again.
+        a.select(1).unwrap();
+        assert_eq!(bit_rows(&m.forward(&x, false).unwrap().logits), one_hot(1));
+        // Gradients: the rows of task 0 reach adapter 0 alone (adapter 2's term is masked there).
+        a.select(1).unwrap();
+        let out = a.with_rows(&rows, || m.forward(&x, true)).unwrap().unwrap();
+        let g = out
+            .logits
+            .narrow(0, 1, 1)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for p in m.params().iter().filter(|p| p.adapter.is_some()) {
+            let norm = g.get(p.var.as_tensor()).map_or(0.0, |g| {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            });
+            assert_eq!(norm > 0.0, p.adapter == Some(0), "{}: {norm}", p.name);
+        }
+        // Out of per-row mode the rows are ignored: every row through the shared λ.
+        a.set_per_row(false);
+        a.select(1).unwrap();
+        let shared = a
+            .with_rows(&rows, || m.forward(&x, false))
+            .unwrap()
+            .unwrap();
+        assert_eq!(bit_rows(&shared.logits), one_hot(1));
+        // A fork keeps the mode.
+        a.set_per_row(true);
+        assert!(m.fork().unwrap().adapters().unwrap().per_row());
+    }
+
     /// Adapter `t` as a task vector: added to the backbone's weights (adapter off), it gives a
     /// model whose output equals the adapted model's with `λ = one-hot(t)`; it is zero outside
     /// the adapted weights, and a fork keeps `λ`.

@@ -76,7 +76,7 @@ pub trait Model: Send + Sync {
     }
     /// The model's PaLoRA adapters ([`lora`]), if it has any: the trainer sets their preference
     /// `λ` before training and evaluating a task (`one-hot(t)`, or the merge without task
-    /// identity) and freezes the backbone where `model.lora.freeze_backbone_after` says; the
+    /// identity), in task-IL their per-row mode ([`forward_batch`]), and freezes the backbone where `model.lora.freeze_backbone_after` says; the
     /// step drops the backbone's gradients while it is frozen. Default: none.
     fn adapters(&self) -> Option<&Adapters> {
         None
@@ -110,6 +110,23 @@ pub fn build_model(
     device: &Device,
 ) -> Result<Box<dyn Model>> {
     build_model_for(cfg, input, heads, heads.len(), seed, device)
+}
+
+/// A forward pass over `batch` that tells the model its rows' tasks: with PaLoRA adapters in
+/// per-row mode ([`Adapters::set_per_row`], task-IL training) each row goes through its own
+/// task's adapter; otherwise exactly `model.forward(&batch.x, train)`.
+///
+/// # Errors
+/// Model errors.
+pub fn forward_batch(
+    model: &dyn Model,
+    batch: &crate::data::Batch,
+    train: bool,
+) -> Result<ModelOutput> {
+    match model.adapters() {
+        Some(a) if a.per_row() => a.with_rows(&batch.tasks, || model.forward(&batch.x, train))?,
+        _ => model.forward(&batch.x, train),
+    }
 }
 
 /// [`build_model`] for a stream of `tasks` tasks (the PaLoRA adapters per layer).
