@@ -227,24 +227,29 @@ fn run_registry(spec: &str, overrides: &[&str]) -> RunOutcome {
     out
 }
 
-#[test]
-fn bad_realtime_settings_are_one_line_naming_the_key_before_a_run_folder_exists() {
-    let tmp = tempfile::tempdir().unwrap();
-    let base = format!(
+/// A 2-task fmnist-mini config writing under `dir`, with `training` and `algorithm` given.
+fn small_config(dir: &std::path::Path, training: &str, algorithm: &str) -> String {
+    format!(
         "name: rt\nseed: 0\n\
          benchmark: {{ dataset: fmnist-mini, kind: split, tasks: 2, classes_per_task: 2, scenario: class-il, train_subset: 20 }}\n\
          model: {{ kind: mlp, hidden: [8] }}\n\
-         algorithm: naive\n\
+         training: {training}\n\
+         algorithm: {algorithm}\n\
          output: {{ dir: {} }}\n",
-        tmp.path().display()
-    );
+        dir.display()
+    )
+}
+
+#[test]
+fn bad_realtime_settings_are_one_line_naming_the_key_before_a_run_folder_exists() {
+    let tmp = tempfile::tempdir().unwrap();
     for (training, key) in [
         ("{ epochs: 2, realtime: {} }", "training.realtime"),
         ("{ realtime: { cost: 0.5 } }", "training.realtime.cost"),
         ("{ realtime: { cost: fast } }", "training.realtime.cost"),
         ("{ realtime: { delay: 1 } }", "training.realtime"),
     ] {
-        let text = format!("{base}training: {training}\n");
+        let text = small_config(tmp.path(), training, "naive");
         let e = sequel_algos::run::prepare(&text, "t.yaml", &[], &Registry::builtin())
             .err()
             .unwrap_or_else(|| panic!("{training} was accepted"))
@@ -316,15 +321,7 @@ fn arrivals_while_a_step_runs_are_predicted_with_the_weights_from_before_it() {
 fn methods_that_do_not_train_on_the_stream_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     for algo in ["icarl", "lucir", "bic", "gdumb", "joint"] {
-        let text = format!(
-            "name: rt\nseed: 0\n\
-             benchmark: {{ dataset: fmnist-mini, kind: split, tasks: 2, classes_per_task: 2, scenario: class-il, train_subset: 20 }}\n\
-             model: {{ kind: mlp, hidden: [8] }}\n\
-             training: {{ realtime: {{}} }}\n\
-             algorithm: {algo}\n\
-             output: {{ dir: {} }}\n",
-            tmp.path().display()
-        );
+        let text = small_config(tmp.path(), "{ realtime: {} }", algo);
         let p = sequel_algos::run::prepare(&text, "t.yaml", &[], &Registry::builtin()).unwrap();
         let e = sequel_algos::run::execute(p, &mut sequel_core::trainer::Silent, None)
             .err()
@@ -340,14 +337,10 @@ fn methods_that_do_not_train_on_the_stream_are_refused() {
 #[test]
 fn a_label_delay_longer_than_a_task_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let text = format!(
-        "name: rt\nseed: 0\n\
-         benchmark: {{ dataset: fmnist-mini, kind: split, tasks: 2, classes_per_task: 2, scenario: class-il, train_subset: 20 }}\n\
-         model: {{ kind: mlp, hidden: [8] }}\n\
-         training: {{ batch_size: 10, realtime: {{ label_delay: 2 }} }}\n\
-         algorithm: naive\n\
-         output: {{ dir: {} }}\n",
-        tmp.path().display()
+    let text = small_config(
+        tmp.path(),
+        "{ batch_size: 10, realtime: { label_delay: 2 } }",
+        "naive",
     );
     let p = sequel_algos::run::prepare(&text, "t.yaml", &[], &Registry::builtin()).unwrap();
     let e = sequel_algos::run::execute(p, &mut sequel_core::trainer::Silent, None)

@@ -315,6 +315,18 @@ impl Model for Mlp {
 mod tests {
     use super::*;
 
+    /// The largest absolute difference between two tensors of one shape.
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     fn mlp(activation: ActivationKind, options: MlpOptions, dropout: f32) -> Mlp {
         Mlp::with_options(
             6,
@@ -545,14 +557,7 @@ mod tests {
                     .unwrap();
             }
             let by_hand = plain.forward(&x, false).unwrap().logits;
-            let d = (&out.logits - &by_hand)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&out.logits, &by_hand);
             assert!(d < 1e-5, "adapter {t}: {d}");
             // The other adapters: no gradient, and changing them changes nothing.
             let g = out
@@ -587,8 +592,7 @@ mod tests {
         };
         let mix = z(&[0.5, 0.5, 0.0]);
         let mean = ((z(&[1.0, 0.0, 0.0]) + z(&[0.0, 1.0, 0.0])).unwrap() * 0.5).unwrap();
-        let d = (mix - mean).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(max_abs_diff(&mix, &mean) < 1e-5);
     }
 
     /// Per-row mode: a fused pass over rows of several tasks gives each row, bit for bit, what
@@ -701,14 +705,7 @@ mod tests {
             // Adapters off: the merged backbone alone.
             f.adapters().unwrap().merged(0).unwrap();
             let merged = f.forward(&x, false).unwrap().logits;
-            let d = (&merged - &adapted)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&merged, &adapted);
             assert!(d < 1e-5, "adapter {t}: {d}");
         }
         assert!(a.task_vector(m.params(), 2).is_err());
