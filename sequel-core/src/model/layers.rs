@@ -191,27 +191,6 @@ pub enum BnScale {
     Lipschitz(Var),
 }
 
-/// Register a normalisation layer's four tensors under `name.<suffix>` with one frozen flag for
-/// the layer: freezing any of them by name freezes it all alike.
-fn push_norm(
-    params: &mut ParamSet,
-    name: &str,
-    depth: usize,
-    tensors: [(&str, Role, &Var); 4],
-) -> Arc<AtomicBool> {
-    let frozen = Arc::new(AtomicBool::new(false));
-    for (suffix, role, var) in tensors {
-        params.push_with_flag(
-            format!("{name}.{suffix}"),
-            depth,
-            role,
-            var.clone(),
-            frozen.clone(),
-        );
-    }
-    frozen
-}
-
 impl BatchNorm2d {
     pub fn new(
         params: &mut ParamSet,
@@ -221,29 +200,7 @@ impl BatchNorm2d {
         device: &Device,
     ) -> Result<Self> {
         let gamma = init::constant(c, 1.0, device)?;
-        let beta = init::constant(c, 0.0, device)?;
-        let running_mean = init::constant(c, 0.0, device)?;
-        let running_var = init::constant(c, 1.0, device)?;
-        let frozen = push_norm(
-            params,
-            name,
-            depth,
-            [
-                ("weight", Role::Body, &gamma),
-                ("bias", Role::Body, &beta),
-                ("running_mean", Role::NormStat, &running_mean),
-                ("running_var", Role::NormStat, &running_var),
-            ],
-        );
-        Ok(Self {
-            scale: BnScale::Affine(gamma),
-            beta,
-            running_mean,
-            running_var,
-            momentum: 0.1,
-            eps: 1e-5,
-            frozen,
-        })
+        Self::with_scale(params, name, depth, c, BnScale::Affine(gamma), device)
     }
 
     /// γ-Lipschitz batch normalisation (Srinivas et al., NeurIPS 2022): with the per-channel
@@ -265,22 +222,51 @@ impl BatchNorm2d {
         device: &Device,
     ) -> Result<Self> {
         let log_gamma = init::constant(1, 0.0, device)?;
-        let beta = init::constant(c, 0.0, device)?;
-        let running_mean = init::constant(c, 0.0, device)?;
-        let running_var = init::constant(c, 1.0, device)?;
-        let frozen = push_norm(
+        Self::with_scale(
             params,
             name,
             depth,
-            [
-                ("log_gamma", Role::Body, &log_gamma),
-                ("bias", Role::Body, &beta),
-                ("running_mean", Role::NormStat, &running_mean),
-                ("running_var", Role::NormStat, &running_var),
-            ],
-        );
+            c,
+            BnScale::Lipschitz(log_gamma),
+            device,
+        )
+    }
+
+    /// The layer with `scale`, its shift and running statistics registered under
+    /// `name.<suffix>` with one frozen flag for the layer: freezing any of them by name freezes
+    /// it all alike.
+    fn with_scale(
+        params: &mut ParamSet,
+        name: &str,
+        depth: usize,
+        c: usize,
+        scale: BnScale,
+        device: &Device,
+    ) -> Result<Self> {
+        let beta = init::constant(c, 0.0, device)?;
+        let running_mean = init::constant(c, 0.0, device)?;
+        let running_var = init::constant(c, 1.0, device)?;
+        let (scale_name, scale_var) = match &scale {
+            BnScale::Affine(g) => ("weight", g),
+            BnScale::Lipschitz(g) => ("log_gamma", g),
+        };
+        let frozen = Arc::new(AtomicBool::new(false));
+        for (suffix, role, var) in [
+            (scale_name, Role::Body, scale_var),
+            ("bias", Role::Body, &beta),
+            ("running_mean", Role::NormStat, &running_mean),
+            ("running_var", Role::NormStat, &running_var),
+        ] {
+            params.push_with_flag(
+                format!("{name}.{suffix}"),
+                depth,
+                role,
+                var.clone(),
+                frozen.clone(),
+            );
+        }
         Ok(Self {
-            scale: BnScale::Lipschitz(log_gamma),
+            scale,
             beta,
             running_mean,
             running_var,
